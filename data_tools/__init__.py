@@ -1,0 +1,1 @@
+"""Command-line tools that turn domain corpora into megadrp's indexed shards."""

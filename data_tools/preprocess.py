@@ -1,0 +1,244 @@
+"""Domain corpora → Megatron indexed shards (train + eval per domain) + manifest.json.
+
+    python data_tools/preprocess.py --input NAME=PATH [--input NAME=PATH ...] \\
+        --tokenizer DIR --out DATA_DIR [--workers N] [--eval-docs N] [--json-key text] \\
+        [--overwrite] [--skip-bad] [--seed N]
+
+PATH is a file or a glob of .jsonl / .jsonl.gz / .txt files. Streaming: the main process
+reads raw lines and writes shards; N worker processes parse and tokenize chunks in order,
+so the output is identical for any N and memory does not grow with the corpus.
+
+Eval hold-out: --eval-docs documents per domain, chosen by a seeded draw over the
+domain's non-blank lines (a cheap first pass counts them), so the split is deterministic
+and not biased toward the start of the corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_tools.corpus_io import CorpusError, expand_inputs, iter_raw_lines, kind_of, parse_line  # noqa: E402
+from megadrp.data.indexed import IndexedDatasetWriter, dtype_for_vocab  # noqa: E402
+from megadrp.data.manifest import MANIFEST, write_manifest  # noqa: E402
+from megadrp.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer  # noqa: E402
+
+log = logging.getLogger("megadrp.preprocess")
+CHUNK = 256  # lines per worker task: large enough to amortise IPC, small enough to stream
+
+
+@dataclass
+class Chunk:
+    path: str
+    kind: str
+    lines: list[tuple[int, bytes]]
+
+
+_TOK: Tokenizer | None = None
+_ARGS: tuple[str, bool] = ("text", False)
+
+
+def _init_worker(tokenizer_dir: str, json_key: str, skip_bad: bool) -> None:
+    global _TOK, _ARGS
+    _TOK = load_tokenizer(tokenizer_dir)
+    _ARGS = (json_key, skip_bad)
+
+
+def _encode_chunk(chunk: Chunk) -> tuple[list[np.ndarray | None], list[str]]:
+    """Parse and tokenize one chunk; a bad line becomes None (with --skip-bad) or raises."""
+    json_key, skip_bad = _ARGS
+    assert _TOK is not None
+    texts: list[str | None] = []
+    bad: list[str] = []
+    for line, raw in chunk.lines:
+        try:
+            texts.append(parse_line(chunk.path, line, raw, chunk.kind, json_key))
+        except CorpusError as e:
+            if not skip_bad:
+                raise
+            texts.append(None)
+            bad.append(str(e))
+    good = [t for t in texts if t is not None]
+    encoded = iter(_TOK.encode_batch(good)) if good else iter(())
+    dtype = np.int32
+    out = [None if t is None else np.asarray(next(encoded), dtype=dtype) for t in texts]
+    return out, bad
+
+
+def _chunks(files: list[Path]) -> Iterator[Chunk]:
+    for path in files:
+        kind = kind_of(path)
+        buf: list[tuple[int, bytes]] = []
+        for item in iter_raw_lines(path):
+            buf.append(item)
+            if len(buf) == CHUNK:
+                yield Chunk(str(path), kind, buf)
+                buf = []
+        if buf:
+            yield Chunk(str(path), kind, buf)
+
+
+def _eval_ordinals(name: str, n_docs: int, eval_docs: int, seed: int) -> np.ndarray:
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    rng = np.random.default_rng(h)
+    return np.sort(rng.choice(n_docs, size=eval_docs, replace=False))
+
+
+def parse_inputs(specs: list[str]) -> dict[str, list[Path]]:
+    domains: dict[str, list[Path]] = {}
+    for spec in specs:
+        name, sep, pattern = spec.partition("=")
+        if not sep or not name or not pattern:
+            raise CorpusError(f"--input {spec!r}: expected NAME=PATH (for example web=data/web/*.jsonl)")
+        if name in domains:
+            raise CorpusError(f"--input {spec!r}: domain {name!r} given twice")
+        domains[name] = expand_inputs(pattern)
+    return domains
+
+
+class _Progress:
+    """One progress bar over all domains: documents/s and tokens/s."""
+
+    def __init__(self, total_docs: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_docs, unit="doc", dynamic_ncols=True, mininterval=1.0,
+                        disable=None, file=sys.stderr)
+        self.t0 = time.time()
+        self.tokens = 0
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(docs)
+        self.bar.set_postfix_str(f"{self.tokens / max(time.time() - self.t0, 1e-9):,.0f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, workers: int = 1,
+               eval_docs: int = 100, json_key: str = "text", overwrite: bool = False,
+               skip_bad: bool = False, seed: int = 0) -> dict:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace its shards")
+    tok = load_tokenizer(tokenizer_dir)
+    vocab, eod = tok.vocab_size, tok.eod_id
+    dtype = dtype_for_vocab(vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a half-replaced DATA_DIR must never look complete
+
+    counts = {name: sum(1 for f in files for _ in iter_raw_lines(f)) for name, files in domains.items()}
+    for name, n in counts.items():
+        if n == 0:
+            raise CorpusError(f"domain {name!r} ({', '.join(map(str, domains[name]))}): no documents")
+        if n <= eval_docs:
+            raise CorpusError(f"domain {name!r}: {n} documents, need more than --eval-docs={eval_docs} "
+                              "(lower --eval-docs or add data)")
+
+    manifest: dict = {"tokenizer": "tokenizer", "vocab_size": vocab, "eod_id": eod,
+                      "dtype": np.dtype(dtype).name, "domains": {}}
+    progress = _Progress(sum(counts.values()))
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ctx.Pool(max(1, workers), initializer=_init_worker, initargs=(str(tokenizer_dir), json_key, skip_bad))
+    skipped_total = 0
+    try:
+        for name, files in domains.items():
+            held_out = set(_eval_ordinals(name, counts[name], eval_docs, seed).tolist())
+            writers = {s: IndexedDatasetWriter(out / f"{name}_{s}", dtype, vocab) for s in ("train", "eval")}
+            stats = {"train_tokens": 0, "eval_tokens": 0, "train_docs": 0, "eval_docs": 0}
+            ordinal = skipped = 0
+            try:
+                for docs, bad in pool.imap(_encode_chunk, _chunks(files), chunksize=1):
+                    tokens = 0
+                    for arr in docs:
+                        split = "eval" if ordinal in held_out else "train"
+                        ordinal += 1
+                        if arr is None:
+                            continue
+                        doc = np.append(arr, eod)
+                        writers[split].add_document(doc)
+                        stats[f"{split}_tokens"] += doc.size
+                        stats[f"{split}_docs"] += 1
+                        tokens += doc.size
+                    for msg in bad:
+                        log.warning("skipped: %s", msg)
+                    skipped += len(bad)
+                    progress.update(len(docs), tokens)
+                if stats["train_docs"] == 0 or stats["eval_docs"] == 0:
+                    raise CorpusError(f"domain {name!r}: no usable documents left in the "
+                                      f"{'train' if stats['train_docs'] == 0 else 'eval'} split after skipping bad lines")
+                for w in writers.values():
+                    w.finalize()
+            except BaseException:
+                for w in writers.values():
+                    w.abort()
+                raise
+            skipped_total += skipped
+            manifest["domains"][name] = {"train": f"{name}_train", "eval": f"{name}_eval", **stats,
+                                         "skipped_docs": skipped, "sources": [str(f) for f in files]}
+    finally:
+        pool.terminate()
+        pool.join()
+        progress.close()
+    tok_dir = out / "tokenizer"
+    if tok_dir.resolve() != Path(tokenizer_dir).resolve():
+        staged = out / ".tokenizer.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        tok.hf.save_pretrained(str(staged))
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        staged.rename(tok_dir)
+    manifest["skipped_docs"] = skipped_total
+    write_manifest(out, manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
+                    help="a domain and its file or glob; repeat for every domain")
+    ap.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (Hugging Face format)")
+    ap.add_argument("--out", required=True, type=Path, help="DATA_DIR to create")
+    ap.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
+    ap.add_argument("--eval-docs", type=int, default=100, help="documents held out per domain (default 100)")
+    ap.add_argument("--json-key", default="text", help="JSON key that holds the text (default 'text')")
+    ap.add_argument("--overwrite", action="store_true", help="replace the shards of an existing DATA_DIR")
+    ap.add_argument("--skip-bad", action="store_true", help="skip malformed lines, counting them, instead of stopping")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the eval hold-out draw")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.workers < 1:
+        ap.error("--workers must be at least 1")
+    if args.eval_docs < 1:
+        ap.error("--eval-docs must be at least 1")
+    t0 = time.time()
+    try:
+        domains = parse_inputs(args.input)
+        manifest = preprocess(domains, args.tokenizer, args.out, args.workers, args.eval_docs,
+                              args.json_key, args.overwrite, args.skip_bad, args.seed)
+    except (CorpusError, TokenizerError, FileExistsError, ValueError) as e:
+        print(f"preprocess: error: {e}", file=sys.stderr)
+        return 2
+    dt = time.time() - t0
+    total = sum(d["train_tokens"] + d["eval_tokens"] for d in manifest["domains"].values())
+    for name, d in manifest["domains"].items():
+        print(f"{name:>14}: train {d['train_docs']:,} docs / {d['train_tokens']:,} tokens, "
+              f"eval {d['eval_docs']:,} docs / {d['eval_tokens']:,} tokens"
+              + (f", skipped {d['skipped_docs']}" if d["skipped_docs"] else ""))
+    print(f"preprocess: wrote {args.out / MANIFEST} ({total:,} tokens, {manifest['dtype']}) in {dt:.1f}s "
+          f"({total / max(dt, 1e-9):,.0f} tokens/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""DATA_DIR/manifest.json: what preprocessing produced, read by every later stage."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, malformed or does not match what a run asks for."""
+
+
+@dataclass(frozen=True)
+class DomainShards:
+    name: str
+    train: Path  # absolute prefix (no .bin/.idx)
+    eval: Path
+    train_tokens: int
+    eval_tokens: int
+    train_docs: int
+    eval_docs: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    data_dir: Path
+    tokenizer: Path
+    vocab_size: int
+    eod_id: int
+    dtype: str
+    domains: dict[str, DomainShards]
+
+    def select(self, names: list[str] | None) -> list[DomainShards]:
+        """The domains a run uses, in the run's order; unknown names are an error."""
+        if not names:
+            return list(self.domains.values())
+        missing = [n for n in names if n not in self.domains]
+        if missing:
+            raise ManifestError(f"{self.data_dir / MANIFEST}: no domain {', '.join(map(repr, missing))}; "
+                                f"it has {', '.join(self.domains)}")
+        return [self.domains[n] for n in names]
+
+
+def write_manifest(data_dir: Path, content: dict[str, Any]) -> Path:
+    path = data_dir / MANIFEST
+    tmp = data_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(data_dir: str | os.PathLike) -> Manifest:
+    d = Path(data_dir)
+    path = d / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: not found; create DATA_DIR with data_tools/preprocess.py")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+    for key, typ in (("tokenizer", str), ("vocab_size", int), ("eod_id", int), ("dtype", str), ("domains", dict)):
+        if not isinstance(raw.get(key), typ):
+            raise ManifestError(f"{path}: key {key!r} missing or not a {typ.__name__}")
+    if not raw["domains"]:
+        raise ManifestError(f"{path}: no domains")
+    domains = {}
+    for name, v in raw["domains"].items():
+        try:
+            domains[name] = DomainShards(
+                name=name, train=d / v["train"], eval=d / v["eval"],
+                train_tokens=int(v["train_tokens"]), eval_tokens=int(v["eval_tokens"]),
+                train_docs=int(v["train_docs"]), eval_docs=int(v["eval_docs"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{path}: domain {name!r} entry is incomplete ({e!r})") from e
+    tok = Path(raw["tokenizer"])
+    return Manifest(d, tok if tok.is_absolute() else d / tok, raw["vocab_size"], raw["eod_id"], raw["dtype"], domains)

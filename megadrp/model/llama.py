@@ -1,0 +1,221 @@
+"""A Llama decoder you can read top to bottom, with L0 mask hooks.
+
+Parameter names and shapes are those of transformers' `LlamaForCausalLM`, so a Hugging
+Face checkpoint loads directly and a state dict goes back out unchanged. Unmasked, its
+logits equal transformers' (tested to 1e-4 in fp32).
+
+Where masks multiply (SPEC §2): head-group outputs before o_proj; intermediate
+activations before down_proj; each block's attention and MLP outputs by the layer gate
+and the hidden mask; the embedding output by the hidden mask. The norms average over the
+kept hidden dimensions only, so the physically pruned model computes the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megadrp.model.masks import L0Masks, Shape
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def shape_of(config) -> Shape:
+    return Shape(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
+                 kv_heads=config.num_key_value_heads or config.num_attention_heads,
+                 intermediate=config.intermediate_size)
+
+
+def rope_frequencies(config) -> tuple[torch.Tensor, float]:
+    """inv_freq and attention scaling, with transformers' own rope types (llama3, ...)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        return inv_freq.float(), float(scaling)
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    dim = head_dim_of(config)
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """`kept`: number of unpruned hidden dims; pruned dims of x are zero, so the sum of
+        squares over all dims equals the sum over kept ones."""
+        xf = x.float()
+        ss = xf.pow(2).sum(-1, keepdim=True)
+        var = ss / (kept if kept is not None else x.shape[-1])
+        return self.weight * (xf * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, head_dim_of(config)
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                head_z: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        if head_z is not None:  # one gate per kv group, shared by the group's query heads
+            y = y * head_z.to(y.dtype).repeat_interleave(self.n_heads // self.n_kv)[None, :, None, None]
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(d, i, bias=bias)
+        self.up_proj = nn.Linear(d, i, bias=bias)
+        self.down_proj = nn.Linear(i, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, int_z: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if int_z is not None:
+            h = h * int_z.to(h.dtype)
+        return self.down_proj(h)
+
+
+@dataclass
+class LayerMasks:
+    """The masks one block sees (None where that set is not pruned)."""
+
+    head: torch.Tensor | None = None
+    intermediate: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None  # layer gate × hidden mask, on residual writes
+    kept: torch.Tensor | None = None  # kept hidden dims, for the norms
+
+
+class Block(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, m: LayerMasks) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(h, m.kept), cos, sin, m.head)
+        h = h + (a if m.out_scale is None else a * m.out_scale.to(a.dtype))
+        f = self.mlp(self.post_attention_layernorm(h, m.kept), m.intermediate)
+        return h + (f if m.out_scale is None else f * m.out_scale.to(f.dtype))
+
+
+class Decoder(nn.Module):
+    """Holds what HF keeps under `model.` (embed_tokens, layers, norm)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MaskedLlama(nn.Module):
+    """`LlamaForCausalLM`-compatible decoder; `l0` (optional) holds the pruning masks."""
+
+    def __init__(self, config, target: Shape | None = None, ramp_steps: int = 1,
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.l0 = L0Masks(shape_of(config), target, ramp_steps) if target is not None else None
+        inv_freq, self.attention_scaling = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.activation_checkpointing = activation_checkpointing
+
+    def init_weights(self, std: float | None = None) -> None:
+        """HF's init: normal(0, initializer_range) for linears and embeddings, ones for norms."""
+        std = std if std is not None else getattr(self.config, "initializer_range", 0.02)
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, 0.0, std)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, RMSNorm):
+                nn.init.ones_(mod.weight)
+
+    def rope(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(t, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(device))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, z: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [B, T, V]; `z` the masks of this forward (from `self.l0`), or None."""
+        z = z or {}
+        h = self.model.embed_tokens(input_ids)
+        hidden = z.get("hidden")
+        kept = None
+        if hidden is not None:
+            h = h * hidden.to(h.dtype)
+            kept = (hidden != 0).sum().to(torch.float32)
+        cos, sin = self.rope(input_ids.shape[1], h.device, h.dtype)
+        for i, block in enumerate(self.model.layers):
+            scale = hidden
+            if "layer" in z:
+                scale = z["layer"][i] if scale is None else z["layer"][i] * scale
+            m = LayerMasks(head=z["head"][i] if "head" in z else None,
+                           intermediate=z["intermediate"][i] if "intermediate" in z else None,
+                           out_scale=scale, kept=kept)
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(block, h, cos, sin, m, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, m)
+        return self.lm_head(self.model.norm(h, kept))
+
+    def masks(self, step: int, mode: str, generator: torch.Generator | None = None):
+        """(z, lagrangian, expected shape) from the L0 module; empty when not pruning."""
+        if self.l0 is None:
+            return {}, torch.zeros(()), None
+        return self.l0(step, mode, generator)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32, [B, T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+
+
+def count_parameters(config) -> int:
+    """Parameters of a standard Llama of this config (for reports)."""
+    d, i, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    hd, h, kv = head_dim_of(config), config.num_attention_heads, config.num_key_value_heads
+    per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * i + 2 * d
+    emb = v * d * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return L * per_layer + emb + d
+
+

@@ -1,0 +1,32 @@
+"""megadrp: DRPruning (distributionally robust structured pruning) on DeepSpeed ZeRO-3.
+
+torch is left unpinned on purpose: install the build for your machine first (the Makefile
+installs the CPU wheel; on a GPU cluster install the CUDA build your drivers need), so
+that pip never swaps it for a multi-GB build you did not ask for.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megadrp",
+    version="0.1.0",
+    description="DRPruning: L0 structured pruning of Llama models with distributionally robust domain weights",
+    packages=find_packages(include=["megadrp", "megadrp.*", "data_tools", "data_tools.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "transformers>=4.45",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "wandb>=0.16",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],
+        "test": ["pytest>=7", "megatron-core>=0.9"],
+    },
+)
