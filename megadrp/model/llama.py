@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megadrp.model.masks import L0Masks, Shape
+
+
+SHAPE_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 
 
 def head_dim_of(config) -> int:
@@ -175,7 +179,7 @@ class MaskedLlama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
-    def forward(self, input_ids: torch.Tensor, z: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, z: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [B, T, V]; `z` the masks of this forward (from `self.l0`), or None."""
         z = z or {}
         h = self.model.embed_tokens(input_ids)
@@ -198,11 +202,34 @@ class MaskedLlama(nn.Module):
                 h = block(h, cos, sin, m)
         return self.lm_head(self.model.norm(h, kept))
 
-    def masks(self, step: int, mode: str, generator: torch.Generator | None = None):
-        """(z, lagrangian, expected shape) from the L0 module; empty when not pruning."""
-        if self.l0 is None:
-            return {}, torch.zeros(()), None
-        return self.l0(step, mode, generator)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, step: int = 0,
+                mask_mode: str | None = None, mask_seed: int = 0) -> torch.Tensor | ForwardOutput:
+        """Logits when `labels` is None; else per-token losses and the L0 terms.
+
+        The masks are computed inside this forward (not by the caller) so that under ZeRO-3
+        the mask parameters are gathered and their gradients reduced like any other.
+        `mask_mode`: None (no masks), 'sample' (hard concrete, seeded by (mask_seed, step)
+        so every rank and micro-batch of a step shares one draw), 'expected' or 'final'.
+        """
+        z, lag, shape = {}, None, None
+        if mask_mode is not None and self.l0 is not None:
+            gen = None
+            if mask_mode == "sample":
+                gen = torch.Generator().manual_seed(mask_seed * 1_000_003 + step)
+            z, lag, shape = self.l0(step, mask_mode, gen)
+        logits = self.logits(input_ids, z)
+        if labels is None:
+            return logits
+        shape_t = None if shape is None else torch.tensor([shape[k] for k in SHAPE_KEYS], dtype=torch.float64)
+        return ForwardOutput(token_losses(logits, labels), lag, shape_t)
+
+
+class ForwardOutput(NamedTuple):
+    """A tuple of tensors, so DeepSpeed's ZeRO-3 hooks can see every output."""
+
+    losses: torch.Tensor  # [B, T] fp32
+    lagrangian: torch.Tensor | None
+    expected_shape: torch.Tensor | None  # [layers, hidden, heads, kv_heads, intermediate]
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -125,8 +125,14 @@ class L0Masks(nn.Module):
         r = min(1.0, step / self.ramp_steps)
         return 1.0 - (1.0 - self.final_fraction[m]) * r
 
+    def clamped(self, m: str) -> torch.Tensor:
+        """log α in [log 0.01, log 100] in value, with the gradient passed straight through
+        (the optimizer's master copy is clamped after each step, see `clamp_`)."""
+        la = self.log_alpha[m].float()
+        return la + (la.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX) - la).detach()
+
     def probs(self) -> dict[str, torch.Tensor]:
-        return {m: prob_nonzero(self.log_alpha[m].float()) for m in self.active}
+        return {m: prob_nonzero(self.clamped(m)) for m in self.active}
 
     def expected_fractions(self, probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Expected kept fraction of each active set; heads and channels nest in layers."""
@@ -173,9 +179,9 @@ class L0Masks(nn.Module):
     def sample(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         z = {}
         for m in self.active:
-            la = self.log_alpha[m]
+            la = self.clamped(m)
             u = torch.rand(la.shape, generator=generator, dtype=torch.float32).clamp_(EPS, 1 - EPS).to(la.device)
-            z[m] = sample_z(la.float(), u)
+            z[m] = sample_z(la, u)
         return z
 
     def deterministic(self, final: bool = True) -> dict[str, torch.Tensor]:
@@ -183,7 +189,7 @@ class L0Masks(nn.Module):
         expected count, never fewer than the target: the model as it stands now."""
         z = {}
         for m in self.active:
-            la = self.log_alpha[m].float()
+            la = self.clamped(m)
             keep = self.keep[m]
             if not final:
                 keep = max(keep, int(round(prob_nonzero(la).sum(-1).mean().item())))

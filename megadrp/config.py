@@ -1,0 +1,277 @@
+"""Typed run configuration: YAML → dataclasses, dotted `key=value` overrides, validation.
+
+Unknown keys and wrong types are errors that name the key (and the file), so a typo never
+silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what to do."""
+
+
+@dataclass
+class ModelShapeConfig:
+    """A model built from scratch (stage `pretrain`)."""
+
+    num_hidden_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 688
+    head_dim: int | None = None
+    vocab_size: int | None = None  # None: the manifest's vocabulary
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+
+
+@dataclass
+class ModelConfig:
+    init: str | None = None  # Hugging Face directory (prune, continue)
+    shape: ModelShapeConfig | None = None  # pretrain
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class PruneTarget:
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+@dataclass
+class PruneConfig:
+    target: PruneTarget | None = None
+    mask_lr: float = 1.0
+    lambda_lr: float = 1.0
+    ramp_fraction: float = 0.2  # target ramps from source to target over this share of steps
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch: int = 8
+    micro_batch: int = 2
+    seq_len: int = 128
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    log_interval: int = 1
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 50
+    tokens_per_domain: int = 16384
+    micro_batch: int = 4
+    at_start: bool = True
+
+
+@dataclass
+class SaveConfig:
+    interval: int = 0  # 0: only at the end
+    keep: int = 2
+
+
+@dataclass
+class DROConfig:
+    mode: Literal["constant", "sheared", "dro", "dro_dyloss", "drpruning"] = "drpruning"
+    initial_proportion: list[float] | dict[str, float] | str | None = None  # None: ∝ tokens^0.3
+    reference_loss: list[float] | dict[str, float] | str = "auto"
+    signal: Literal["eval", "train_ema"] = "eval"
+    update_lag: int = 1  # evaluations between a fit's input and its weights taking effect
+    rho: float = 0.1
+    min_prob: float = 0.2
+    sheared_eta: float = 1.0
+    sheared_c: float = 1e-4
+    history_start: float = 0.02
+    fit_start: float = 0.1
+    ratio_start: float = 0.2
+    max_points: int = 64
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "megadrp"
+    name: str | None = None
+
+
+@dataclass
+class Config:
+    run_dir: str
+    data_dir: str
+    stage: Literal["pretrain", "prune", "continue"]
+    seed: int = 1234
+    domains: list[str] | None = None  # None: every domain in the manifest
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    resume: str = "auto"
+    deepspeed: str = "ds_configs/zero3_cpu.json"
+    dro: DROConfig = field(default_factory=DROConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# ---- conversion ---------------------------------------------------------------------------
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _convert(value: Any, t: Any, key: str) -> Any:
+    origin = typing.get_origin(t)
+    if t is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(t):
+            return None
+        errors = []
+        for arg in typing.get_args(t):
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {key!r}: {value!r} is not a {_type_name(t)}")
+    if origin is Literal:
+        if value not in typing.get_args(t):
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, typing.get_args(t)))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(t)
+        return [_convert(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(t)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return _build(t, value, key)
+    if t is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key {key!r}: unsupported type {t}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in raw:
+            kwargs[f.name] = _convert(raw[f.name], hints[f.name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            raise ConfigError(f"config key {key!r} is required")
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b.c=value`, value parsed as YAML (so numbers, lists, null work)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node = node[p]
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        cfg = _build(Config, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    validate(cfg, str(path) if path else "config")
+    return cfg
+
+
+def validate(cfg: Config, where: str) -> None:
+    """Checks that need no files beyond the config itself (the trainer checks paths)."""
+    t = cfg.train
+    for key, v in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
+                   ("train.micro_batch", t.micro_batch), ("train.seq_len", t.seq_len),
+                   ("eval.interval", cfg.eval.interval), ("eval.tokens_per_domain", cfg.eval.tokens_per_domain)):
+        if v < 1:
+            raise ConfigError(f"{where}: {key}={v} must be at least 1")
+    if t.lr <= 0:
+        raise ConfigError(f"{where}: train.lr must be positive")
+    if cfg.stage == "pretrain" and cfg.model.shape is None:
+        raise ConfigError(f"{where}: stage pretrain needs model.shape")
+    if cfg.stage in ("prune", "continue") and not cfg.model.init:
+        raise ConfigError(f"{where}: stage {cfg.stage} needs model.init (a Hugging Face model directory)")
+    if cfg.stage == "prune" and cfg.prune.target is None:
+        raise ConfigError(f"{where}: stage prune needs prune.target")
+    if cfg.dro.update_lag not in (0, 1):
+        raise ConfigError(f"{where}: dro.update_lag must be 0 or 1")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,98 @@
+"""What a run reports: metrics.jsonl (one object per evaluation), a console progress
+line, and wandb (offline by default). Rank 0 only."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("megadrp")
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, lines past the resumed step are dropped so a
+    resumed run's file equals a straight run's."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is None:
+            if path.exists():
+                path.unlink()
+        elif path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+class Progress:
+    """One line per log interval: step, loss, tokens/s, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, tokens_per_step: int) -> None:
+        self.total, self.start, self.tps = total_steps, start_step, tokens_per_step
+        self.t0 = time.time()
+
+    def line(self, step: int, loss: float, extra: str = "") -> str:
+        dt = max(time.time() - self.t0, 1e-9)
+        done = step - self.start
+        rate = done * self.tps / dt
+        eta = (self.total - step) * dt / max(done, 1)
+        return (f"step {step:>6}/{self.total} | loss {loss:.4f} | {rate:,.0f} tok/s | "
+                f"ETA {_fmt(eta)}{' | ' + extra if extra else ''}")
+
+
+def _fmt(sec: float) -> str:
+    if not math.isfinite(sec):
+        return "?"
+    m, s = divmod(int(sec), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class Wandb:
+    def __init__(self, mode: str, project: str, name: str | None, run_dir: Path, config: dict) -> None:
+        self.run = None
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(project=project, name=name, mode=mode, dir=str(run_dir), config=config,
+                                  reinit=True)
+        except Exception as e:  # wandb must never stop training
+            print(f"wandb disabled: {e}", file=sys.stderr)
+
+    def log(self, data: dict, step: int) -> None:
+        if self.run is not None:
+            flat = {}
+            for k, v in data.items():
+                if isinstance(v, dict):
+                    flat.update({f"{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
+                elif isinstance(v, (int, float)):
+                    flat[k] = v
+            self.run.log(flat, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
