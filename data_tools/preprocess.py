@@ -14,6 +14,14 @@ and not biased toward the start of the corpus.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, sys.path[0] is data_tools/, whose inspect.py would shadow the standard
+# library's; put the repository root there instead.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import hashlib
 import logging
@@ -27,7 +35,6 @@ from typing import Iterator
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_tools.corpus_io import CorpusError, expand_inputs, iter_raw_lines, kind_of, parse_line  # noqa: E402
 from megadrp.data.indexed import IndexedDatasetWriter, dtype_for_vocab  # noqa: E402

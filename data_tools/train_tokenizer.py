@@ -10,13 +10,20 @@ DIR then holds `tokenizer.model` (loads with `sentencepiece`) and the files
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, sys.path[0] is data_tools/, whose inspect.py would shadow the standard
+# library's; put the repository root there instead.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_tools.corpus_io import iter_documents  # noqa: E402
 

@@ -17,6 +17,22 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / s
 
 
+def apply_floor(q: np.ndarray, floor: float) -> np.ndarray:
+    """The distribution closest in ratio to q with every entry >= floor (water-filling:
+    entries below the floor are fixed at it, the rest share what is left in proportion).
+    Needs len(q)·floor <= 1, which holds for floor = min p."""
+    q = normalise(q)
+    fixed = np.zeros(len(q), dtype=bool)
+    while True:
+        out = np.full(len(q), floor)
+        free = ~fixed
+        out[free] = q[free] / q[free].sum() * (1.0 - floor * fixed.sum())
+        newly = free & (out < floor)
+        if not newly.any():
+            return out
+        fixed |= newly
+
+
 def chi2(q: np.ndarray, p: np.ndarray) -> float:
     """½·Σ p_i·(q_i/p_i − 1)²."""
     return float(0.5 * np.sum(p * (q / p - 1.0) ** 2))
@@ -24,7 +40,7 @@ def chi2(q: np.ndarray, p: np.ndarray) -> float:
 
 @dataclass
 class DROResult:
-    q: np.ndarray  # final sampling weights (after the floor)
+    q: np.ndarray  # final sampling weights: every q_i >= min p
     q_raw: np.ndarray  # worst case before the floor (its χ² is ρ when converged)
     eta: float | None
     converged: bool
@@ -78,7 +94,7 @@ def dro_weights(loss: np.ndarray, ref: np.ndarray, p: np.ndarray, rho: float = 0
     f_lo, f_hi = f(lo), f(hi)
     if not (f_lo <= 0 <= f_hi):
         reasons.append(f"bisection failed (χ² reachable in [{f_lo + rho:.3g}, {f_hi + rho:.3g}], ρ={rho}): keeping q = p")
-        return DROResult(normalise(np.maximum(p, floor)), p.copy(), None, False, scale, "; ".join(reasons))
+        return DROResult(p.copy(), p.copy(), None, False, scale, "; ".join(reasons))
     eta = lo
     converged = False
     for _ in range(max_iter):
@@ -95,16 +111,40 @@ def dro_weights(loss: np.ndarray, ref: np.ndarray, p: np.ndarray, rho: float = 0
         reasons.append(f"bisection did not reach tolerance {tol} in {max_iter} steps: keeping q = p")
         return DROResult(p.copy(), p.copy(), None, False, scale, "; ".join(reasons))
     q_raw = _worst_case(p, excess, eta, min_prob)
-    q = normalise(np.maximum(q_raw, floor))
+    q = apply_floor(q_raw, floor)
     return DROResult(q, q_raw, eta, True, scale, "; ".join(reasons))
 
 
+def box_normalise(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 200) -> np.ndarray:
+    """Σ clip(s·x, lo, hi) = 1 for the scale s found by bisection: "clamp, then normalise"
+    done so that the result really lies inside the box (a plain renormalisation after a
+    clamp can push entries back out). Needs Σlo <= 1 <= Σhi."""
+    x = np.asarray(x, dtype=np.float64)
+    if lo.sum() > 1 + 1e-12 or hi.sum() < 1 - 1e-12:
+        raise ValueError("box does not contain a distribution")
+    a, b = 0.0, 1.0
+    while np.clip(b * x, lo, hi).sum() < 1:
+        b *= 2
+        if b > 1e300:
+            break
+    for _ in range(iters):
+        m = 0.5 * (a + b)
+        if np.clip(m * x, lo, hi).sum() < 1:
+            a = m
+        else:
+            b = m
+    out = np.clip(b * x, lo, hi)
+    return out / out.sum()
+
+
 def update_ratio(p: np.ndarray, q: np.ndarray, p0: np.ndarray, momentum: float = 0.9) -> np.ndarray:
-    """Move the reference ratio toward q, inside [p0/2, 2·p0] and [min p0, max p0]."""
+    """Move the reference ratio toward q, keeping it inside [p0/2, 2·p0] and [min p0, max p0]
+    (both clamps of SPEC §3.3 at once, so neither is undone by the other's normalisation)."""
     p0 = normalise(p0)
     new = normalise(momentum * np.asarray(p) + (1 - momentum) * np.asarray(q))
-    new = normalise(np.clip(new, p0 / 2, 2 * p0))
-    return normalise(np.clip(new, p0.min(), p0.max()))
+    lo = np.maximum(p0 / 2, p0.min())
+    hi = np.minimum(2 * p0, p0.max())
+    return box_normalise(new, lo, hi)
 
 
 def sheared_update(w: np.ndarray, loss: np.ndarray, ref: np.ndarray, eta: float = 1.0, c: float = 1e-4) -> np.ndarray:

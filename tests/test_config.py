@@ -1,0 +1,40 @@
+"""Config: YAML → typed config, overrides, and errors that name the key."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT
+from megadrp.config import ConfigError, load_config
+
+
+def test_recipes_load():
+    for f in sorted((ROOT / "configs").rglob("*.yaml")):
+        cfg = load_config(f)
+        assert cfg.stage in ("pretrain", "prune", "continue")
+
+
+def test_overrides_and_types(tmp_path):
+    cfg = load_config(ROOT / "configs/tiny/prune.yaml", ["train.steps=7", "dro.mode=sheared", "train.lr=0.5",
+                                                         "dro.reference_loss=[1, 2]"])
+    assert cfg.train.steps == 7 and cfg.dro.mode == "sheared" and cfg.train.lr == 0.5
+    assert cfg.dro.reference_loss == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("train.stepz=3", "unknown config key train.'stepz'"),
+    ("train.steps=many", "'train.steps': expected an integer"),
+    ("dro.mode=best", "'dro.mode': 'best' is not one of"),
+    ("eval.interval=0", "eval.interval=0 must be at least 1"),
+    ("model.init=null", "needs model.init"),
+    ("bogus=1", "unknown config key 'bogus'"),
+])
+def test_bad_keys_are_named(override, msg):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny/prune.yaml", [override])
+    assert msg in str(e.value).replace('"', "'")
+    assert "prune.yaml" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")

@@ -1,0 +1,149 @@
+"""The controller's math: χ² DRO, the reference ratio, Sheared's update, scaling-law fits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megadrp.dro import scaling_law
+from megadrp.dro.controller import Controller, ControllerSettings, Observation
+from megadrp.dro.weights import chi2, dro_weights, sheared_update, update_ratio
+
+
+def test_dro_hand_computed_two_domains():
+    # p uniform, only domain 0 has excess (1, 0). For η < 0, p' ∝ (1−η, −η) and (while c_1 ≥ min_prob)
+    # q_raw = p'. χ² = ½(2·q0 − 1)² = ρ = 0.1 gives q0 = (1 + √0.2)/2 = 0.7236.
+    res = dro_weights(np.array([2.0, 1.0]), np.array([1.0, 1.0]), np.array([0.5, 0.5]), rho=0.1, min_prob=0.2)
+    assert res.converged and res.eta < 0
+    assert abs(res.q_raw[0] - (1 + np.sqrt(0.2)) / 2) < 1e-4
+    # The final floor q_i >= min p = 0.5 pins a uniform p in place (SPEC §3.2).
+    assert np.allclose(res.q, [0.5, 0.5])
+    skewed = dro_weights(np.array([2.0, 1.0, 1.0]), np.array([1.0, 1.0, 1.0]), np.array([0.2, 0.4, 0.4]))
+    assert skewed.q[0] > 0.2 and (skewed.q >= 0.2 - 1e-12).all() and abs(skewed.q.sum() - 1) < 1e-12
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dro_invariants(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 9))
+    p = rng.dirichlet(np.ones(k))
+    loss = rng.uniform(1, 4, k)
+    ref = loss - rng.normal(0, 0.5, k)
+    res = dro_weights(loss, ref, p, rho=0.1)
+    assert abs(res.q.sum() - 1) < 1e-12 and (res.q >= 0).all()
+    assert (res.q >= p.min() - 1e-12).all()
+    if res.converged and res.eta is not None:
+        assert abs(chi2(res.q_raw, p) - 0.1) <= 1e-4
+    else:
+        assert res.reason
+
+
+def test_dro_no_positive_excess_scales_reference():
+    res = dro_weights(np.array([1.0, 2.0]), np.array([1.5, 2.5]), np.array([0.5, 0.5]))
+    assert res.ref_scale < 1 and "reference scaled" in res.reason and abs(res.q.sum() - 1) < 1e-12
+
+
+def test_dro_degenerate():
+    one = dro_weights(np.array([2.0]), np.array([1.0]), np.array([1.0]))
+    assert one.q.tolist() == [1.0] and "one domain" in one.reason
+    nan = dro_weights(np.array([np.nan, 1.0]), np.array([1.0, 1.0]), np.array([0.5, 0.5]))
+    assert nan.q.tolist() == [0.5, 0.5] and "non-finite" in nan.reason
+
+
+def test_update_ratio_clamps():
+    p0 = np.array([0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15])
+    p = p0.copy()
+    for _ in range(200):
+        p = update_ratio(p, np.array([0, 0, 0, 1.0, 0, 0, 0]), p0)
+        assert abs(p.sum() - 1) < 1e-12
+        assert (p >= p0.min() - 1e-9).all() and (p <= p0.max() + 1e-9).all()
+        assert (p >= p0 / 2 - 1e-9).all() and (p <= 2 * p0 + 1e-9).all()
+    assert abs(p[3] - 2 * p0[3]) < 1e-9  # pushed to its bound
+
+
+def test_sheared_update():
+    w = sheared_update(np.array([0.5, 0.5]), np.array([2.0, 1.0]), np.array([1.0, 1.0]), eta=1.0, c=1e-4)
+    e = np.exp(1.0)
+    want = np.array([e, 1.0]) / (e + 1)
+    assert np.allclose(w, (1 - 1e-4) * want + 1e-4 / 2)
+
+
+def test_scaling_law_recovers_parameters():
+    rng = np.random.default_rng(0)
+    d = np.geomspace(1e6, 1e9, 50)
+    loss = np.exp(4.0) * d ** -0.3 + np.exp(0.6) + rng.normal(0, 1e-3, 50)
+    f, why = scaling_law.fit(d, loss)
+    assert f is not None and why == ""
+    assert abs(f.b - 0.3) / 0.3 < 0.05 and abs(np.exp(f.log_e) - np.exp(0.6)) / np.exp(0.6) < 0.03
+    s = rng.uniform(0.05, 0.6, 50)
+    loss2 = np.exp(4.0) * d ** -0.3 * s ** 0.5 + np.exp(0.6) + rng.normal(0, 1e-3, 50)
+    f2, _ = scaling_law.fit(d, loss2, s)
+    assert f2 is not None and abs(f2.b2 + 0.5) < 0.05 and abs(f2.b - 0.3) / 0.3 < 0.05
+
+
+def test_scaling_law_degenerate_inputs():
+    f, why = scaling_law.fit(np.array([1.0, 2.0]), np.array([3.0, 3.0]))
+    assert f is None and "usable points" in why
+    d = np.geomspace(1e5, 1e7, 20)
+    f, why = scaling_law.fit(d, np.full(20, 2.0))
+    assert f is not None and np.isfinite(float(f.predict(1e8)))  # constant: a defined (finite) result
+    loss = 2.0 + 1e-8 * d  # rising
+    loss[3] = np.nan
+    f, why = scaling_law.fit(d, loss)
+    assert "dropped 1" in why
+
+
+def _settings(mode, **kw):
+    base = dict(mode=mode, domains=["a", "b", "c"], p0=[0.5, 0.3, 0.2], total_steps=100,
+                reference_loss=[2.0, 1.0, 3.0], fit_start=0.1, history_start=0.0)
+    base.update(kw)
+    return ControllerSettings(**base)
+
+
+def _curve(step):
+    d = np.array([1e5, 1e5, 1e5]) * step
+    return (np.array([3.0, 1.5, 3.5]) * (1 + 5 * d ** -0.3)).tolist(), d.tolist()
+
+
+def test_controller_modes_and_invariants():
+    for mode in ("constant", "sheared", "dro", "dro_dyloss", "drpruning"):
+        c = Controller(_settings(mode))
+        prev_r, fitted = None, np.zeros(3, dtype=bool)
+        lows: list = []
+        for step in range(5, 101, 5):
+            loss, toks = _curve(step)
+            d = c.update(Observation(step, loss, toks))
+            q = np.array(d.q)
+            assert abs(q.sum() - 1) < 1e-9 and (q > 0).all()
+            if mode == "constant":
+                assert np.allclose(q, [0.5, 0.3, 0.2])
+            if prev_r is not None and mode in ("dro_dyloss", "drpruning"):
+                # the first fit sets r; from then on r never rises
+                assert all(a <= b + 1e-12 for a, b, f in zip(d.reference_loss, prev_r, fitted) if f)
+                assert all(r <= min(lo) + 1e-12 for r, lo, f in zip(d.reference_loss, lows, fitted) if f)
+            if mode in ("dro_dyloss", "drpruning"):
+                fitted |= np.array([v is not None for v in d.fits.values()]) if d.fits else False
+            lows = [lows[i] + [loss[i]] for i in range(3)] if prev_r is not None else [[x] for x in loss]
+            prev_r = d.reference_loss
+            if d.reference_ratio is not None:
+                p = np.array(d.reference_ratio)
+                assert (p >= 0.2 - 1e-9).all() and (p <= 0.5 + 1e-9).all()
+        if mode in ("dro_dyloss", "drpruning"):
+            assert any(v is not None for v in d.fits.values())
+
+
+def test_controller_state_round_trip():
+    a = Controller(_settings("drpruning"))
+    for step in range(5, 55, 5):
+        a.update(Observation(step, *_curve(step)))
+    b = Controller(_settings("drpruning"))
+    b.load_state_dict(a.state_dict())
+    for step in range(55, 101, 5):
+        da, db = a.update(Observation(step, *_curve(step))), b.update(Observation(step, *_curve(step)))
+        assert da.q == db.q and da.reference_loss == db.reference_loss
+
+
+def test_controller_history_is_bounded():
+    c = Controller(_settings("drpruning", max_points=16, fit_start=2.0))  # no fits: only the history
+    for step in range(1, 101):
+        c.update(Observation(step, *_curve(step)))
+    assert all(len(h) == 16 for h in c.history)

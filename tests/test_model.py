@@ -1,0 +1,137 @@
+"""The masked Llama: equal to transformers unmasked; exact export for every mask set."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from conftest import tiny_llama_config
+from megadrp.model.hf_io import CheckpointError, export_hf, load_hf_config, load_weights
+from megadrp.model.llama import MaskedLlama, shape_of
+from megadrp.model.masks import (BETA, LIMIT_L, LIMIT_R, L0Masks, Shape, TargetShapeError, check_target,
+                                 deterministic_z, prob_nonzero, sample_z)
+from megadrp.model.prune import prune_state_dict
+
+CASES = [dict(num_key_value_heads=4), dict(num_key_value_heads=2), dict(num_key_value_heads=4, tie_word_embeddings=True),
+         dict(num_key_value_heads=2, tie_word_embeddings=True)]
+
+
+def _pair(tmp_path, target=None, **kw):
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(vocab=300, **kw)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "src")
+    cfg = load_hf_config(tmp_path / "src")
+    ours = MaskedLlama(cfg, target, ramp_steps=10).eval()
+    load_weights(ours, tmp_path / "src")
+    return hf, ours, cfg
+
+
+@pytest.mark.parametrize("kw", CASES)
+def test_unmasked_equals_transformers(tmp_path, kw):
+    hf, ours, _ = _pair(tmp_path, **kw)
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+
+
+def test_llama3_rope_scaling_equals_transformers(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    hf, ours, _ = _pair(tmp_path, rope_parameters=rope)
+    ids = torch.randint(0, 300, (1, 100))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+
+
+def test_state_dict_round_trip(tmp_path):
+    hf, ours, _ = _pair(tmp_path, num_key_value_heads=2)
+    sd_hf, sd_ours = hf.state_dict(), ours.state_dict()
+    assert set(sd_hf) == set(sd_ours)
+    assert all(torch.equal(sd_hf[k], sd_ours[k]) for k in sd_hf)
+
+
+SETS = {"layer": dict(layers=2), "head": dict(kv_heads=1, heads=None), "intermediate": dict(intermediate=48),
+        "hidden": dict(hidden=40)}
+
+
+def _target(src: Shape, sets) -> Shape:
+    d = src.as_dict()
+    for s in sets:
+        for k, v in SETS[s].items():
+            if k == "kv_heads":
+                d["kv_heads"] = max(1, src.kv_heads // 2)
+                d["heads"] = d["kv_heads"] * (src.heads // src.kv_heads)
+            elif v is not None:
+                d[k] = v
+    return Shape(**d)
+
+
+@pytest.mark.parametrize("kw", CASES[:2] + CASES[3:])
+@pytest.mark.parametrize("sets", [("layer",), ("head",), ("intermediate",), ("hidden",),
+                                  ("layer", "head", "intermediate", "hidden")])
+def test_export_equals_masked_model(tmp_path, kw, sets):
+    cfg0 = tiny_llama_config(vocab=300, **kw)
+    target = _target(shape_of(cfg0), sets)
+    _, ours, cfg = _pair(tmp_path, target, **kw)
+    with torch.no_grad():
+        for p in ours.l0.log_alpha.values():
+            p.normal_(1.0, 2.0)
+    assert sorted(ours.l0.active) == sorted(sets)
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        masked = ours(ids, mask_mode="final")
+        z, _, _ = ours.l0(0, "final")
+        sd = {k: v for k, v in ours.state_dict().items() if not k.startswith("l0.")}
+        small, small_cfg = prune_state_dict(sd, cfg, z)
+    out = export_hf(small, small_cfg, tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (shape_of(exported.config).as_dict() == target.as_dict())
+    with torch.no_grad():
+        assert (exported(ids).logits - masked).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("target,msg", [
+    (Shape(4, 64, 4, 2, 128), "layers=4 is larger"),
+    (Shape(0, 64, 4, 2, 128), "layers=0"),
+    (Shape(2, 64, 3, 2, 128), "must be 4"),
+    (Shape(2, 64, 2, 2, 200), "intermediate=200 is larger"),
+])
+def test_unreachable_targets_refused(target, msg):
+    src = shape_of(tiny_llama_config())
+    with pytest.raises(TargetShapeError, match=msg):
+        check_target(src, target, 16)
+
+
+def test_hard_concrete_statistics():
+    la = torch.full((200000,), 0.7)
+    u = torch.rand(la.shape).clamp(1e-6, 1 - 1e-6)
+    z = sample_z(la, u)
+    assert 0 <= z.min() and z.max() <= 1
+    p = prob_nonzero(torch.tensor(0.7)).item()
+    assert abs((z > 0).float().mean().item() - p) < 5e-3
+    assert math.isclose(p, 1 / (1 + math.exp(-(0.7 - BETA * math.log(-LIMIT_L / LIMIT_R)))), rel_tol=1e-6)
+
+
+def test_deterministic_keeps_exact_count():
+    la = torch.randn(3, 10)
+    z = deterministic_z(la, 4)
+    assert ((z > 0).sum(-1) == 4).all()
+    score = torch.sigmoid(la / BETA * 0.8)
+    assert torch.equal(z > 0, score >= score.topk(4, -1).values[:, -1:])
+
+
+def test_lagrangian_ascent_and_ramp():
+    src, tgt = Shape(4, 32, 4, 4, 64), Shape(2, 16, 2, 2, 32)
+    m = L0Masks(src, tgt, ramp_steps=10)
+    assert m.target_fraction("layer", 0) == 1.0 and m.target_fraction("layer", 5) == 0.75
+    assert m.target_fraction("layer", 10) == m.target_fraction("layer", 100) == 0.5
+    with torch.no_grad():
+        m.lambdas.fill_(1.0)
+    lag = m.lagrangian(10, m.probs())
+    lag.backward()
+    # expected size is above target, so the λ1 gradient seen by the optimizer is negative: descent raises λ1
+    assert (m.lambdas.grad[:, 0] < 0).all()
+    assert (m.log_alpha["layer"].grad > 0).all()  # and the masks are pushed down
