@@ -365,7 +365,10 @@ class Trainer:
             worker_init_fn=_ignore_signals_in_worker if t.num_workers > 0 else None)
         batches = iter(loader)
         progress = Progress(t.steps, step, t.global_batch * t.seq_len)
+        # Fault injection for the reliability tests (documented in docs/reliability.md).
         fault_nan = {int(x) for x in os.environ.get("MEGADRP_FAULT_NAN_STEPS", "").split(",") if x}
+        fault_signal_at = int(os.environ.get("MEGADRP_FAULT_SIGNAL_AT", "0"))
+        fault_kill_controller_at = int(os.environ.get("MEGADRP_FAULT_KILL_CONTROLLER_AT", "0"))
         mode = "sample" if self.pruning else None
         self.engine.train()
         while step < t.steps:
@@ -412,6 +415,10 @@ class Trainer:
                 self.bad_run = 0
             if self.rank == 0 and (step % t.log_interval == 0 or step == t.steps) and losses:
                 print(progress.line(step, float(np.mean(losses))), file=sys.stderr, flush=True)
+            if step == fault_signal_at and self.rank == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if step == fault_kill_controller_at and self.controller is not None:
+                os.kill(self.controller._proc.pid, signal.SIGKILL)
             if step % cfg.eval.interval == 0 or step == t.steps:
                 self._evaluate_and_update(step, table, sampler)
             stop = self._allreduce(torch.tensor([float(self.stop_signal)]), dist.ReduceOp.MAX).item() > 0

@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import traceback
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ log = logging.getLogger("megadrp.dro")
 
 
 def _child(settings: ControllerSettings, state: dict | None, inq: mp.Queue, outq: mp.Queue) -> None:
+    # Job signals (Slurm's --signal, Ctrl-C) are for the trainer, which stops this process itself.
+    for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
     ctrl = Controller(settings)
     if state is not None:
         ctrl.load_state_dict(state)

@@ -1,0 +1,32 @@
+#!/bin/bash
+# Continued pretraining of a pruned model (SPEC §4: 48000 steps × 256 × 4096 tokens).
+#
+#   sbatch slurm/continue_7b.sh                    # from the repository root
+#
+# Environment (defaults in brackets):
+#   TARGET      1.3b | 2.7b                              [1.3b]
+#   MODEL_DIR   the pruned model                         [runs/prune_7b_$TARGET/hf]
+#   DATA_DIR    DATA_DIR from data_tools/preprocess.py   [data/redpajama]
+#   RUN_DIR     where the run writes                     [runs/continue_7b_$TARGET]
+#   CONFIG      recipe                                   [configs/continue_$TARGET.yaml]
+#   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]
+#   PYTHON, EXTRA as in prune_7b.sh
+#SBATCH --job-name=megadrp-continue
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --time=72:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=USR1@600
+source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
+TARGET=${TARGET:-1.3b}
+MODEL_DIR=${MODEL_DIR:-runs/prune_7b_$TARGET/hf}
+DATA_DIR=${DATA_DIR:-data/redpajama}
+RUN_DIR=${RUN_DIR:-runs/continue_7b_$TARGET}
+CONFIG=${CONFIG:-configs/continue_$TARGET.yaml}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
+mkdir -p logs "$RUN_DIR"
+# shellcheck disable=SC2086
+megadrp_train "$RUN_DIR" --config "$CONFIG" model.init="$MODEL_DIR" data_dir="$DATA_DIR" deepspeed="$DS_CONFIG" ${EXTRA:-}

@@ -1,0 +1,35 @@
+#!/bin/bash
+# DRPruning of Llama-2-7B to 1.3B (or 2.7B with TARGET=2.7b): SPEC §4's pruning recipe,
+# 3200 steps × 32 × 4096 tokens on one node of 8 GPUs.
+#
+#   sbatch slurm/prune_7b.sh                       # from the repository root
+#
+# Environment (defaults in brackets):
+#   MODEL_DIR   Hugging Face Llama-2-7B directory       [checkpoints/Llama-2-7b-hf]
+#   DATA_DIR    DATA_DIR from data_tools/preprocess.py   [data/redpajama]
+#   TARGET      1.3b | 2.7b                              [1.3b]
+#   RUN_DIR     where the run writes                     [runs/prune_7b_$TARGET]
+#   CONFIG      recipe                                   [configs/llama2_7b_to_$TARGET.yaml]
+#   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]
+#   PYTHON      interpreter with megadrp installed       [python]
+#   EXTRA       more dotted overrides, e.g. "dro.mode=sheared train.micro_batch=2"
+# Multi-node: sbatch --nodes=2 slurm/prune_7b.sh (global batch stays 32; accumulation adapts).
+#SBATCH --job-name=megadrp-prune
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --time=48:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --requeue
+#SBATCH --signal=USR1@600
+source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
+TARGET=${TARGET:-1.3b}
+MODEL_DIR=${MODEL_DIR:-checkpoints/Llama-2-7b-hf}
+DATA_DIR=${DATA_DIR:-data/redpajama}
+RUN_DIR=${RUN_DIR:-runs/prune_7b_$TARGET}
+CONFIG=${CONFIG:-configs/llama2_7b_to_$TARGET.yaml}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
+mkdir -p logs "$RUN_DIR"
+# shellcheck disable=SC2086
+megadrp_train "$RUN_DIR" --config "$CONFIG" model.init="$MODEL_DIR" data_dir="$DATA_DIR" deepspeed="$DS_CONFIG" ${EXTRA:-}

@@ -1,0 +1,123 @@
+"""Launchers for real: a single-node Slurm cluster (slurmctld, slurmd, munge) running
+slurm/smoke.sh, preemption by SIGUSR1 and resubmission, and mpirun with mpi4py.
+
+Where Slurm or OpenMPI is missing the tests skip with the reason; with
+MEGADRP_REQUIRE_CLUSTER=1 (set by .ci/run) a skip is a failure."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, ROOT, metrics, run
+from megadrp import testing_cluster
+
+pytestmark = pytest.mark.slow
+REQUIRED = os.environ.get("MEGADRP_REQUIRE_CLUSTER") == "1"
+
+
+def _skip(reason: str):
+    if REQUIRED:
+        pytest.fail(f"MEGADRP_REQUIRE_CLUSTER=1 but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    why = testing_cluster.available()
+    if why:
+        _skip(why)
+    d = tmp_path_factory.mktemp("slurm")
+    env = testing_cluster.start(d)
+    yield dict(os.environ, **env, PYTHON=PY, MEGADRP_REPO=str(ROOT), PYTHONWARNINGS="ignore")
+    testing_cluster.stop(d)
+
+
+def _sbatch(env, *args, wait=True) -> str:
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+@pytest.fixture(scope="module")
+def smoke(slurm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    out = root / "job.out"
+    _sbatch(dict(slurm, RUN_ROOT=str(root), STEPS="30"), "-o", str(out), "slurm/smoke.sh")
+    assert "megadrp smoke: done" in out.read_text(), out.read_text()[-3000:]
+    return root
+
+
+def test_smoke_job(smoke):
+    from transformers import AutoModelForCausalLM
+
+    for stage in ("pretrain", "prune", "continue"):
+        m = metrics(smoke / stage)
+        assert m[-1]["step"] == 30 and m[-1]["world_size"] == 2
+    model = AutoModelForCausalLM.from_pretrained(smoke / "continue" / "hf")
+    assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 48
+
+
+def test_sigusr1_checkpoint_and_resubmit(slurm, smoke, tmp_path):
+    """scancel --signal=USR1 mid-prune: the job leaves a complete checkpoint and stops; a
+    resubmitted job finishes with the same numbers and model as the uninterrupted run."""
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copytree(smoke / "data", root / "data")
+    shutil.copytree(smoke / "pretrain", root / "pretrain")
+    env = dict(slurm, RUN_ROOT=str(root), STEPS="30", MEGADRP_NO_REQUEUE="1")
+    job = _sbatch(env, "-o", str(tmp_path / "first.out"), "slurm/smoke.sh", wait=False)
+    metrics_file = root / "prune" / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        if metrics_file.exists() and any(json.loads(x)["step"] >= 5 for x in metrics_file.read_text().splitlines() if x):
+            break
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
+    while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
+        time.sleep(0.5)
+    first = (tmp_path / "first.out").read_text()
+    assert json.loads((root / "prune" / "status.json").read_text())["state"] == "interrupted", first[-3000:]
+    ckpts = sorted((root / "prune" / "checkpoints").glob("step*"))
+    assert ckpts and (ckpts[-1] / "megadrp_state.pt").is_file()
+    stopped_at = int(ckpts[-1].name[4:])
+    assert 5 <= stopped_at < 30 and not (root / "prune" / "hf").exists()
+    _sbatch(env, "-o", str(tmp_path / "second.out"), "slurm/smoke.sh")
+    assert "megadrp smoke: done" in (tmp_path / "second.out").read_text()
+    a, b = metrics(smoke / "prune"), metrics(root / "prune")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert x["weights"] == y["weights"]
+        for d in x["eval_loss"]:
+            assert math.isclose(x["eval_loss"][d], y["eval_loss"][d], rel_tol=1e-5, abs_tol=1e-6)
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(r / "continue" / "hf" / "model.safetensors")) for r in (smoke, root))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_mpirun_prune(smoke, tmp_path):
+    if shutil.which("mpirun") is None:
+        _skip("mpirun not installed (apt-get install openmpi-bin libopenmpi-dev)")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        _skip("mpi4py not installed (pip install mpi4py)")
+    cmd = ["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", "-x", "DS_ACCELERATOR=cpu",
+           PY, "megadrp/train.py", "--config", "configs/tiny/prune.yaml", f"data_dir={smoke / 'data'}",
+           f"model.init={smoke / 'pretrain' / 'hf'}", f"run_dir={tmp_path / 'mpi'}", "train.steps=6",
+           "train.seq_len=32", "train.global_batch=8", "train.micro_batch=2", "eval.interval=3",
+           "eval.tokens_per_domain=512", "prune.target.hidden_size=48", "prune.target.intermediate_size=64",
+           "prune.target.num_hidden_layers=1", "prune.target.num_attention_heads=2",
+           "prune.target.num_key_value_heads=1", "train.num_workers=1"]
+    run(cmd, timeout=600)
+    m = metrics(tmp_path / "mpi")
+    assert m[-1]["step"] == 6 and m[-1]["world_size"] == 2 and len(set(m[-1]["weights_digests"])) == 1
+    assert (tmp_path / "mpi" / "hf" / "config.json").is_file()

@@ -1,0 +1,190 @@
+"""End-to-end training on real DeepSpeed ZeRO-3 (CPU, gloo): one process and two ranks,
+all three stages, export checked by transformers and by megadrp.evaluate."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PY, ROOT, metrics, run, tiny_run_config, write_config
+
+pytestmark = pytest.mark.slow
+TARGET = {"num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "intermediate_size": 64}
+P0 = [0.4, 0.12, 0.12, 0.12, 0.12, 0.12]
+DS = [str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port"]
+_port = [29600]
+
+
+def train(cfg: dict, tmp: Path, ranks: int = 1, env: dict | None = None, check: bool = True, extra=()):
+    path = write_config(tmp / f"{Path(cfg['run_dir']).name}.yaml", **cfg)
+    if ranks == 1:
+        cmd = [PY, "megadrp/train.py", "--config", str(path), *extra]
+    else:
+        _port[0] += 1
+        cmd = [*DS, str(_port[0]), "megadrp/train.py", "--config", str(path), *extra]
+    return run(cmd, env=env, check=check, timeout=900)
+
+
+def evaluate(model: Path, data: Path, cfg: dict) -> dict:
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(model), "--data", str(data),
+             "--tokens-per-domain", str(cfg["eval"]["tokens_per_domain"]), "--seq-len", str(cfg["train"]["seq_len"])])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def prune_cfg(tmp, data_dir, base_model, name, **over):
+    return tiny_run_config(tmp, data_dir, "prune", name, model={"init": str(base_model)},
+                           prune={"target": TARGET, "mask_lr": 0.5, "lambda_lr": 0.5},
+                           dro={"mode": "drpruning", "reference_loss": "auto", "fit_start": 0.3,
+                                "history_start": 0.0, "initial_proportion": P0}, **over)
+
+
+@pytest.fixture(scope="module")
+def prune2(tmp_path_factory, data_dir, base_model):
+    """A 2-rank ZeRO-3 drpruning prune run, shared by several checks."""
+    tmp = tmp_path_factory.mktemp("prune2")
+    cfg = prune_cfg(tmp, data_dir, base_model, "prune2")
+    train(cfg, tmp, ranks=2)
+    return tmp, cfg
+
+
+def test_pretrain_one_process(tmp_path, data_dir):
+    cfg = tiny_run_config(tmp_path, data_dir, "pretrain", "pre",
+                          model={"shape": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                                           "num_key_value_heads": 2, "intermediate_size": 128,
+                                           "max_position_embeddings": 128}},
+                          dro={"mode": "constant"})
+    p = train(cfg, tmp_path)
+    assert "tok/s" in p.stderr and "ETA" in p.stderr
+    run_dir = Path(cfg["run_dir"])
+    m = metrics(run_dir)
+    assert [r["step"] for r in m] == [0, 4, 8, 12]
+    assert m[-1]["eval_loss"]["code"] < m[0]["eval_loss"]["code"]
+    assert (run_dir / "config.yaml").is_file() and json.loads((run_dir / "status.json").read_text())["state"] == "done"
+    ev = evaluate(run_dir / "hf", data_dir, cfg)
+    for d, v in m[-1]["eval_loss"].items():
+        assert abs(ev["domain_loss"][d] - v) / v < 0.01
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert AutoTokenizer.from_pretrained(run_dir / "hf").eos_token_id == 2
+
+
+def test_prune_two_ranks_metrics_and_export(prune2, data_dir):
+    tmp, cfg = prune2
+    run_dir = Path(cfg["run_dir"])
+    m = metrics(run_dir)
+    assert [r["step"] for r in m] == [0, 4, 8, 12]
+    for r in m:
+        for key in ("tokens", "eval_loss", "weights", "reference_loss", "reference_ratio", "lr", "world_size",
+                    "weights_digests", "expected_shape", "lagrangian"):
+            assert key in r, key
+        assert r["world_size"] == 2
+    for prev, cur in zip(m, m[1:]):
+        # every rank's workers read the same table, and it is what the trainer published
+        assert len(set(cur["weights_digests"])) == 1 and cur["weights_digests"][0] == prev["weights_digest"]
+    assert sum(m[-1]["tokens"].values()) == 12 * 8 * 32
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size) == tuple(TARGET.values())
+    ev = evaluate(run_dir / "hf", data_dir, cfg)
+    for d, v in m[-1]["eval_loss"].items():
+        assert abs(ev["domain_loss"][d] - v) / v < 0.01, (d, ev["domain_loss"][d], v)
+
+
+def test_dro_invariants_on_a_real_run(prune2):
+    _, cfg = prune2
+    m = metrics(Path(cfg["run_dir"]))
+    p0 = np.array(P0) / sum(P0)
+    fitted: dict[str, float] = {}
+    for r in m:
+        q = np.array(list(r["weights"].values()))
+        assert abs(q.sum() - 1) < 1e-9 and (q >= p0.min() - 1e-9).all()
+        if r["reference_ratio"]:
+            p = np.array(list(r["reference_ratio"].values()))
+            assert (p >= p0.min() - 1e-9).all() and (p <= p0.max() + 1e-9).all()
+            assert (p >= p0 / 2 - 1e-9).all() and (p <= 2 * p0 + 1e-9).all()
+        for d, v in (r["reference_loss"] or {}).items():
+            if d in fitted:
+                assert v <= fitted[d] + 1e-12
+        if r["controller"]:
+            for d, f in r["controller"]["fits"].items():
+                if f is not None:
+                    fitted[d] = r["reference_loss"][d]
+
+
+def test_per_domain_tokens_follow_weights(prune2):
+    """Tokens trained per domain between evaluations follow the weights in force."""
+    _, cfg = prune2
+    m = metrics(Path(cfg["run_dir"]))
+    names = list(m[0]["weights"])
+    total_expected, total_seen = np.zeros(len(names)), np.zeros(len(names))
+    for prev, cur in zip(m, m[1:]):
+        seen = np.array([cur["tokens"][n] - prev["tokens"][n] for n in names], dtype=float)
+        total_seen += seen
+        total_expected += np.array([prev["weights"][n] for n in names]) * seen.sum()
+    n = total_seen.sum() / 32  # samples
+    sd = np.sqrt(total_expected / 32 * (1 - total_expected / total_seen.sum())) * 32
+    assert (np.abs(total_seen - total_expected) <= 4 * sd + 32).all()
+
+
+def test_one_rank_equals_two_ranks(prune2, tmp_path, data_dir, base_model):
+    _, cfg2 = prune2
+    cfg1 = prune_cfg(tmp_path, data_dir, base_model, "prune1")
+    train(cfg1, tmp_path, ranks=1)
+    m1, m2 = metrics(Path(cfg1["run_dir"])), metrics(Path(cfg2["run_dir"]))
+    assert len(m1) == len(m2)
+    for a, b in zip(m1, m2):
+        assert a["tokens"] == b["tokens"]
+        for d in a["eval_loss"]:
+            assert math.isclose(a["eval_loss"][d], b["eval_loss"][d], rel_tol=2e-3), (a["step"], d)
+
+
+def test_continue_stage_two_ranks(prune2, tmp_path, data_dir):
+    _, pcfg = prune2
+    cfg = tiny_run_config(tmp_path, data_dir, "continue", "cont", model={"init": str(Path(pcfg["run_dir"]) / "hf")},
+                          dro={"mode": "drpruning", "initial_proportion": P0, "fit_start": 0.3, "history_start": 0.0})
+    train(cfg, tmp_path, ranks=2)
+    m = metrics(Path(cfg["run_dir"]))
+    assert m[-1]["eval_loss"]["code"] < m[0]["eval_loss"]["code"]
+    ev = evaluate(Path(cfg["run_dir"]) / "hf", data_dir, cfg)
+    for d, v in m[-1]["eval_loss"].items():
+        assert abs(ev["domain_loss"][d] - v) / v < 0.01
+
+
+def _hf_weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_resume_equals_straight_and_controller_kill(prune2, tmp_path, data_dir, base_model):
+    """Stop with SIGUSR1 at step 6, resume (resume=auto): the finished run equals the straight
+    2-rank run. The controller process is SIGKILLed at step 9: it is restarted and replays."""
+    _, straight = prune2
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "resumed")
+    train(cfg, tmp_path, ranks=2, env={"MEGADRP_FAULT_SIGNAL_AT": "6"})
+    run_dir = Path(cfg["run_dir"])
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert (run_dir / "checkpoints" / "step00000006" / "megadrp_state.pt").is_file()
+    assert not (run_dir / "hf").exists()
+    p = train(cfg, tmp_path, ranks=2, env={"MEGADRP_FAULT_KILL_CONTROLLER_AT": "9"})
+    assert "controller process" in p.stderr and "died" in p.stderr
+    a, b = metrics(Path(straight["run_dir"])), metrics(run_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert b[-1]["controller_restarts"] >= 1
+    for x, y in zip(a, b):
+        assert x["weights"] == y["weights"] and x["tokens"] == y["tokens"]
+        for d in x["eval_loss"]:
+            assert math.isclose(x["eval_loss"][d], y["eval_loss"][d], rel_tol=1e-5, abs_tol=1e-6)
+    wa, wb = _hf_weights(Path(straight["run_dir"]) / "hf"), _hf_weights(run_dir / "hf")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
