@@ -12,12 +12,9 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse
-import sys
-from pathlib import Path
+import argparse  # noqa: E402
 
-import numpy as np
-
+import numpy as np  # noqa: E402
 
 from megadrp.data.indexed import IndexedDataset, IndexedDatasetError  # noqa: E402
 from megadrp.data.manifest import MANIFEST, ManifestError, load_manifest  # noqa: E402

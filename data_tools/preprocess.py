@@ -22,19 +22,16 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse
-import hashlib
-import logging
-import multiprocessing as mp
-import shutil
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import logging  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Iterator  # noqa: E402
 
-import numpy as np
-
+import numpy as np  # noqa: E402
 
 from data_tools.corpus_io import CorpusError, expand_inputs, iter_raw_lines, kind_of, parse_line  # noqa: E402
 from megadrp.data.indexed import IndexedDatasetWriter, dtype_for_vocab  # noqa: E402

@@ -18,15 +18,13 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse
-import json
-import math
-import os
-import random
-import sys
-import time
-from pathlib import Path
-from typing import Callable
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
 
 _CONS = "bcdfghjklmnprstvwz"
 _VOW = "aeiou"

@@ -18,12 +18,9 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse
-import os
-import sys
-import tempfile
-from pathlib import Path
-
+import argparse  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
 
 from data_tools.corpus_io import iter_documents  # noqa: E402
 

@@ -59,6 +59,8 @@ def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    if os.environ.get("MEGADRP_FAULT_KILL_IN_SAVE") == str(step):  # reliability tests: die mid-save
+        os.kill(os.getpid(), 9)
     if rank == 0:
         f = tmp / f".{STATE_FILE}.tmp"
         torch.save(state, f)

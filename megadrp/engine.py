@@ -26,8 +26,15 @@ import torch.distributed as dist
 from megadrp import checkpoint
 from megadrp.config import Config, ConfigError, dump_yaml, to_dict
 from megadrp.data.manifest import load_manifest
-from megadrp.data.mixture import (BatchLayout, DomainSampler, EvalWindows, MixtureDataset, WeightsTable,
-                                  digest_hex, weights_digest)
+from megadrp.data.mixture import (
+    BatchLayout,
+    DomainSampler,
+    EvalWindows,
+    MixtureDataset,
+    WeightsTable,
+    digest_hex,
+    weights_digest,
+)
 from megadrp.distributed import DistInfo
 from megadrp.dro.controller import ControllerSettings, Decision, Observation
 from megadrp.dro.service import ControllerService
@@ -74,15 +81,37 @@ class Trainer:
         self.eval_sets = [EvalWindows(d.eval, cfg.train.seq_len, cfg.eval.tokens_per_domain, d.name) for d in self.domains]
 
     # ---- setup ------------------------------------------------------------------------------
-    def _check_run_dir(self) -> None:
+    def _on_rank0(self, check) -> None:
+        """Run `check` on rank 0 and raise its error on every rank, so that no rank is left
+        waiting in a collective for one that failed."""
+        msg = None
         if self.rank == 0:
+            try:
+                check()
+            except (OSError, ConfigError) as e:
+                msg = str(e)
+        box = [msg]
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise ConfigError(box[0])
+
+    def _check_run_dir(self) -> None:
+        def check() -> None:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 probe = self.run_dir / ".write-probe"
                 probe.write_text("ok")
                 probe.unlink()
             except OSError as e:
-                raise ConfigError(f"run_dir {self.run_dir}: cannot write there ({e.strerror}); choose a writable run_dir") from e
+                raise ConfigError(f"run_dir {self.run_dir}: cannot write there ({e.strerror}); "
+                                  "choose a writable run_dir") from e
+
+        self._on_rank0(check)
+
+    def _checkpoint_bytes(self) -> int:
+        per_param = 16 if "optimizer" in self.ds_config else 4  # fp32 weights, master and Adam moments
+        return self.source_params * per_param
 
     def _model_config(self):
         cfg = self.cfg
@@ -298,6 +327,7 @@ class Trainer:
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, self._on_signal)
         ckpt_root = self.run_dir / "checkpoints"
+        self._on_rank0(lambda: checkpoint.check_room(ckpt_root, self._checkpoint_bytes()))
         resume_from = self._resume_path(ckpt_root)
         saved = checkpoint.load(self.engine, resume_from) if resume_from else None
         step = saved["step"] if saved else 0
@@ -365,6 +395,7 @@ class Trainer:
             worker_init_fn=_ignore_signals_in_worker if t.num_workers > 0 else None)
         batches = iter(loader)
         progress = Progress(t.steps, step, t.global_batch * t.seq_len)
+        self._interval_t0, self._interval_steps = time.time(), 0
         # Fault injection for the reliability tests (documented in docs/reliability.md).
         fault_nan = {int(x) for x in os.environ.get("MEGADRP_FAULT_NAN_STEPS", "").split(",") if x}
         fault_signal_at = int(os.environ.get("MEGADRP_FAULT_SIGNAL_AT", "0"))
@@ -419,8 +450,11 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGUSR1)
             if step == fault_kill_controller_at and self.controller is not None:
                 os.kill(self.controller._proc.pid, signal.SIGKILL)
+            self._interval_steps += 1
             if step % cfg.eval.interval == 0 or step == t.steps:
+                self._train_seconds = time.time() - self._interval_t0
                 self._evaluate_and_update(step, table, sampler)
+                self._interval_t0, self._interval_steps = time.time(), 0
             stop = self._allreduce(torch.tensor([float(self.stop_signal)]), dist.ReduceOp.MAX).item() > 0
             if (cfg.save.interval and step % cfg.save.interval == 0) or step == t.steps or stop:
                 self._save(ckpt_root, step, table, sampler)
@@ -489,6 +523,11 @@ class Trainer:
             "bad_steps": self.bad_total,
             "eval_seconds": round(eval_time, 3),
         }
+        steps_done = getattr(self, "_interval_steps", 0)
+        if steps_done:
+            secs = self._train_seconds
+            rec["train_seconds"] = round(secs, 3)
+            rec["train_tokens_per_s"] = round(steps_done * self.cfg.train.global_batch * self.cfg.train.seq_len / secs, 1)
         if self.pruning:
             rec["expected_shape"] = shape
             rec["lagrangian"] = lagrangian
@@ -510,9 +549,7 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.tolist(),
             "last_decision": self.last_decision, "bad_total": self.bad_total, "world_size": self.world,
         }
-        if self.rank == 0:
-            per_param = 16 if "optimizer" in self.ds_config else 4  # fp32 weights + Adam moments + master
-            checkpoint.check_room(root, self.source_params * per_param)
+        self._on_rank0(lambda: checkpoint.check_room(root, self._checkpoint_bytes()))
         checkpoint.save(self.engine, root, step, state, self.cfg.save.keep)
 
     def _full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -11,11 +11,10 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-
 from conftest import PY, ROOT, metrics, run
+
 from megadrp import testing_cluster
 
 pytestmark = pytest.mark.slow

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ROOT
+
 from megadrp.config import ConfigError, load_config
 
 

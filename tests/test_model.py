@@ -5,13 +5,23 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from conftest import tiny_llama_config
-from megadrp.model.hf_io import CheckpointError, export_hf, load_hf_config, load_weights
+from megadrp.model.hf_io import export_hf, load_hf_config, load_weights
 from megadrp.model.llama import MaskedLlama, shape_of
-from megadrp.model.masks import (BETA, LIMIT_L, LIMIT_R, L0Masks, Shape, TargetShapeError, check_target,
-                                 deterministic_z, prob_nonzero, sample_z)
+from megadrp.model.masks import (
+    BETA,
+    LIMIT_L,
+    LIMIT_R,
+    L0Masks,
+    Shape,
+    TargetShapeError,
+    check_target,
+    deterministic_z,
+    prob_nonzero,
+    sample_z,
+)
 from megadrp.model.prune import prune_state_dict
 
 CASES = [dict(num_key_value_heads=4), dict(num_key_value_heads=2), dict(num_key_value_heads=4, tie_word_embeddings=True),

@@ -4,10 +4,8 @@ from __future__ import annotations
 import gzip
 import json
 
-import numpy as np
-import pytest
-
 from conftest import PY, run
+
 from megadrp.data.indexed import IndexedDataset
 from megadrp.data.manifest import load_manifest
 from megadrp.data.tokenizer import load_tokenizer

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
-from conftest import PY, ROOT, metrics, run, tiny_run_config, write_config
+from conftest import PY, metrics, run, tiny_run_config, write_config
 
 pytestmark = pytest.mark.slow
 TARGET = {"num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -131,7 +128,6 @@ def test_per_domain_tokens_follow_weights(prune2):
         seen = np.array([cur["tokens"][n] - prev["tokens"][n] for n in names], dtype=float)
         total_seen += seen
         total_expected += np.array([prev["weights"][n] for n in names]) * seen.sum()
-    n = total_seen.sum() / 32  # samples
     sd = np.sqrt(total_expected / 32 * (1 - total_expected / total_seen.sum())) * 32
     assert (np.abs(total_seen - total_expected) <= 4 * sd + 32).all()
 

@@ -139,9 +139,9 @@ class Controller:
             fits[name], preds[name] = None, None
             if len(h) <= s.min_fit_points:
                 continue
-            d, l, sp = (np.array(c) for c in zip(*h))
+            d, obs_loss, sp = (np.array(c) for c in zip(*h))
             try:
-                f, why = scaling_law.fit(d, l, sp if s.pruning else None)
+                f, why = scaling_law.fit(d, obs_loss, sp if s.pruning else None)
             except Exception as e:  # a fit must never stop training; say why and go on
                 f, why = None, f"{type(e).__name__}: {e}"
             if f is None:
@@ -154,7 +154,7 @@ class Controller:
             if not np.isfinite(pred):
                 reasons.append(f"{name}: prediction not finite; reference unchanged")
                 continue
-            pred = float(np.clip(pred, 0.0, float(np.min(l))))
+            pred = float(np.clip(pred, 0.0, float(np.min(obs_loss))))
             fits[name], preds[name] = f.as_dict(), pred
             self.r[i] = pred if not self.fitted[i] else min(self.r[i], pred)
             self.fitted[i] = True

@@ -11,7 +11,6 @@ kept hidden dimensions only, so the physically pruned model computes the same nu
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,7 +20,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megadrp.model.masks import L0Masks, Shape
-
 
 SHAPE_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 

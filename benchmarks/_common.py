@@ -1,0 +1,39 @@
+"""Shared by the benchmarks: results as JSON + Markdown, with the command that made them."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def save(name: str, data: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"command": " ".join(["python", *sys.argv]), "machine": machine(), **data}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    md = f"# {name}\n\nCommand: `{data['command']}`  \nMachine: {data['machine']}\n\n{markdown}\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    """Minimum wall time of `repeats` calls: the least noisy estimate on a shared machine."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

@@ -1,0 +1,93 @@
+"""Running the stages as a user would, from Python: data preparation and training stages
+as subprocesses under the DeepSpeed launcher. Shared by `megadrp.demo` and the benchmarks.
+A stage whose `RUN_DIR/hf` is complete is reused, so reruns only do what is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(msg: str) -> None:
+    print(f"[megadrp] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd: list[str], env: dict | None = None, quiet: bool = False) -> None:
+    e = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), **(env or {}))
+    out = subprocess.DEVNULL if quiet else None
+    p = subprocess.run(cmd, cwd=ROOT, env=e, stdout=out)
+    if p.returncode != 0:
+        raise SystemExit(f"megadrp: command failed ({p.returncode}): {' '.join(cmd)}")
+
+
+def prepare_data(out: Path, corpus: Path | None = None, vocab: int = 4096, docs_per_domain: int = 2000,
+                 eval_docs: int = 50, seed: int = 0) -> Path:
+    """Corpus (the embedded one unless `corpus` is a directory of NAME.jsonl files) →
+    tokenizer → shards. Returns DATA_DIR."""
+    data = out / "data"
+    if (data / "manifest.json").is_file():
+        log(f"data: reusing {data}")
+        return data
+    py = sys.executable
+    if corpus is None:
+        corpus = out / "corpus"
+        log("data: writing the embedded corpus")
+        sh([py, "data_tools/synth_corpus.py", "--out", str(corpus), "--seed", str(seed),
+            "--docs-per-domain", str(docs_per_domain)])
+    files = sorted(list(corpus.glob("*.jsonl")) + list(corpus.glob("*.jsonl.gz")))
+    if not files:
+        raise SystemExit(f"megadrp: {corpus} has no NAME.jsonl files (one file a domain)")
+    log("data: training the tokenizer")
+    sh([py, "data_tools/train_tokenizer.py", "--input", *map(str, files), "--vocab-size", str(vocab),
+        "--out", str(out / "tokenizer")])
+    inputs = [a for f in files for a in ("--input", f"{f.name.split('.')[0]}={f}")]
+    log("data: tokenizing into shards")
+    sh([py, "data_tools/preprocess.py", *inputs, "--tokenizer", str(out / "tokenizer"), "--out", str(data),
+        "--workers", str(min(2, os.cpu_count() or 1)), "--eval-docs", str(eval_docs), "--overwrite"])
+    return data
+
+
+def stage_done(run_dir: Path) -> bool:
+    status = run_dir / "status.json"
+    return (run_dir / "hf" / "config.json").is_file() and status.is_file() and \
+        json.loads(status.read_text()).get("state") == "done"
+
+
+def train_stage(config: str, run_dir: Path, overrides: list[str], ranks: int = 2, quiet: bool = False) -> float:
+    """Runs one stage to completion (resuming a partial run); returns seconds taken."""
+    if stage_done(run_dir):
+        log(f"{run_dir.name}: reusing {run_dir / 'hf'}")
+        return 0.0
+    t0 = time.time()
+    launcher = Path(sys.executable).parent / "deepspeed"
+    args = ["megadrp/train.py", "--config", config, f"run_dir={run_dir}", "resume=auto", *overrides]
+    if ranks > 1:
+        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()), *args]
+    else:
+        cmd = [sys.executable, *args]
+    log(f"{run_dir.name}: training ({ranks} rank{'s' if ranks > 1 else ''}, ZeRO-3)")
+    sh(cmd, quiet=quiet)
+    if not stage_done(run_dir):
+        raise SystemExit(f"megadrp: {run_dir} did not finish (see its status.json)")
+    return time.time() - t0
+
+
+def evaluate(model: Path, data: Path, tokens: int, seq_len: int, out: Path) -> dict:
+    if out.is_file():
+        return json.loads(out.read_text())
+    sh([sys.executable, "-m", "megadrp.evaluate", "--model", str(model), "--data", str(data),
+        "--tokens-per-domain", str(tokens), "--seq-len", str(seq_len), "--out", str(out)], quiet=True)
+    return json.loads(out.read_text())

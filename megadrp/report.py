@@ -1,0 +1,164 @@
+"""RUN report: tables and plots from metrics.jsonl files (Markdown + PNG).
+
+    python -m megadrp.report --out runs/demo --prune runs/demo/prune --continue runs/demo/continue
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+
+from megadrp.dro.scaling_law import predict
+from megadrp.metrics import read_metrics
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(runs: dict[str, list[dict]], out: Path) -> Path:
+    """Per-domain eval loss over steps, the fitted scaling-law curves and the reference losses."""
+    plt = _plt()
+    names = list(next(iter(runs.values()))[0]["eval_loss"])
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    offset = 0
+    for stage, m in runs.items():
+        steps = np.array([r["step"] for r in m]) + offset
+        for i, n in enumerate(names):
+            ax = axes[i // cols][i % cols]
+            ax.plot(steps, [r["eval_loss"][n] for r in m], "o-", ms=2, label=f"{stage} eval loss")
+            ref = [(s, r["reference_loss"][n]) for s, r in zip(steps, m) if r.get("reference_loss")]
+            if ref:
+                ax.plot(*zip(*ref), "--", label=f"{stage} reference")
+            fit = next((r for r in reversed(m) if r.get("controller") and r["controller"]["fits"].get(n)), None)
+            if fit is not None:
+                f = fit["controller"]["fits"][n]
+                theta = np.array([f["log_A"], f["b"], f["log_E"]] + ([f["b2"]] if "b2" in f else []))
+                toks = np.array([max(r["tokens"][n], 1) for r in m])
+                sp = np.array([r.get("expected_sparsity") or 1e-3 for r in m]) if "b2" in f else None
+                ax.plot(steps, predict(theta, toks, sp), ":", label=f"{stage} fitted law")
+            ax.set_title(n)
+            ax.set_xlabel("step (stages back to back)")
+        offset = steps[-1]
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "eval_loss.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_weights(runs: dict[str, list[dict]], out: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.5), squeeze=False)
+    for ax, (stage, m) in zip(axes[0], runs.items()):
+        steps = [r["step"] for r in m]
+        for n in m[0]["weights"]:
+            ax.plot(steps, [r["weights"][n] for r in m], label=n)
+        ax.set_title(f"{stage}: domain weights q")
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "weights.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_shape(m: list[dict], out: Path) -> Path:
+    plt = _plt()
+    keys = ["layers", "hidden", "heads", "intermediate"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3))
+    steps = [r["step"] for r in m if r.get("expected_shape")]
+    for ax, k in zip(axes, keys):
+        ax.plot(steps, [r["expected_shape"][k] for r in m if r.get("expected_shape")])
+        ax.set_title(f"expected {k}")
+        ax.set_xlabel("prune step")
+    fig.tight_layout()
+    path = out / "expected_shape.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_ppl(evals: dict[str, dict], out: Path) -> Path:
+    plt = _plt()
+    names = list(next(iter(evals.values()))["domain_ppl"])
+    x = np.arange(len(names))
+    w = 0.8 / len(evals)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 3.5))
+    for i, (label, ev) in enumerate(evals.items()):
+        ax.bar(x + i * w, [ev["domain_ppl"][n] for n in names], w, label=label)
+    ax.set_xticks(x + w * (len(evals) - 1) / 2, names)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "perplexity.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def ppl_table(evals: dict[str, dict]) -> str:
+    names = list(next(iter(evals.values()))["domain_ppl"])
+    lines = ["| model | " + " | ".join(names) + " | mean | worst |", "|---" * (len(names) + 3) + "|"]
+    for label, ev in evals.items():
+        lines.append(f"| {label} | " + " | ".join(f"{ev['domain_ppl'][n]:.2f}" for n in names)
+                     + f" | {ev['mean_ppl']:.2f} | {ev['worst_ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], extra: str = "") -> Path:
+    runs = {k: read_metrics(v / "metrics.jsonl") for k, v in stages.items() if (v / "metrics.jsonl").is_file()}
+    parts = ["# megadrp report", "", extra, "", "## Per-domain perplexity (megadrp.evaluate, transformers)", "",
+             ppl_table(evals), "", "![perplexity](perplexity.png)", ""]
+    plot_ppl(evals, out)
+    if runs:
+        plot_losses({k: v for k, v in runs.items() if k != "pretrain"} or runs, out)
+        plot_weights({k: v for k, v in runs.items() if k != "pretrain"} or runs, out)
+        parts += ["## Eval loss, fitted scaling laws and reference losses", "", "![eval loss](eval_loss.png)", "",
+                  "## Domain weights", "", "![weights](weights.png)", ""]
+    if "prune" in runs:
+        plot_shape(runs["prune"], out)
+        last = runs["prune"][-1]
+        parts += ["## Expected shape while pruning", "", "![shape](expected_shape.png)", "",
+                  f"Final expected shape: {', '.join(f'{k} {v:.1f}' for k, v in last['expected_shape'].items())}", ""]
+        final_w = " | ".join(f"{n} {v:.3f}" for n, v in last["weights"].items())
+        parts += [f"Final domain weights of pruning: {final_w}", ""]
+    path = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(parts))
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--prune", type=Path)
+    ap.add_argument("--continue", dest="cont", type=Path)
+    args = ap.parse_args(argv)
+    stages = {k: v for k, v in (("prune", args.prune), ("continue", args.cont)) if v}
+    evals = {}
+    for k, v in stages.items():
+        f = v / "eval.json"
+        if f.is_file():
+            import json
+
+            evals[k] = json.loads(f.read_text())
+    print(write_report(args.out, stages, evals))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

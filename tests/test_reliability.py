@@ -1,0 +1,169 @@
+"""Faults: SIGKILL at random moments (also inside a save), SIGTERM, non-finite losses, a
+run directory that cannot be written or has no room, and bad inputs of every kind — each a
+clear message, a non-zero exit and nothing half-written."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PY, ROOT, metrics, write_config
+from test_train import DS, _hf_weights, prune_cfg, train
+
+pytestmark = pytest.mark.slow
+
+
+def _popen(cfg: dict, tmp: Path, env: dict | None = None) -> subprocess.Popen:
+    path = write_config(tmp / f"{Path(cfg['run_dir']).name}.yaml", **cfg)
+    port = str(29700 + random.randint(0, 200))
+    cmd = [*DS, port, "megadrp/train.py", "--config", str(path)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
+    time.sleep(1.0)  # let the orphaned workers and the controller notice and go
+
+
+def test_sigkill_many_times_then_equal_to_straight(tmp_path, data_dir, base_model):
+    straight = prune_cfg(tmp_path, data_dir, base_model, "straight", save={"interval": 2, "keep": 2})
+    train(straight, tmp_path, ranks=2)
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "killed", save={"interval": 2, "keep": 2})
+    run_dir = Path(cfg["run_dir"])
+    rng = random.Random(11)
+    kills = 0
+    # a kill inside a save (after DeepSpeed wrote its files, before the rename) ...
+    p = _popen(cfg, tmp_path, env={"MEGADRP_FAULT_KILL_IN_SAVE": "4"})
+    p.wait(timeout=600)
+    _kill_tree(p)
+    kills += 1
+    assert (run_dir / "checkpoints" / ".tmp-step00000004").is_dir()
+    assert not (run_dir / "checkpoints" / "step00000004").exists()
+    # ... then SIGKILLs of the whole job at random moments
+    for _ in range(3):
+        p = _popen(cfg, tmp_path)
+        time.sleep(rng.uniform(12, 25))
+        if p.poll() is not None:
+            break
+        _kill_tree(p)
+        kills += 1
+        for d in (run_dir / "checkpoints").glob("step*"):
+            assert (d / "megadrp_state.pt").is_file()  # nothing visible is incomplete
+    train(cfg, tmp_path, ranks=2)
+    a, b = metrics(Path(straight["run_dir"])), metrics(run_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert x["weights"] == y["weights"] and x["tokens"] == y["tokens"]
+        for d in x["eval_loss"]:
+            assert math.isclose(x["eval_loss"][d], y["eval_loss"][d], rel_tol=1e-5, abs_tol=1e-6)
+    wa, wb = _hf_weights(Path(straight["run_dir"]) / "hf"), _hf_weights(run_dir / "hf")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert kills >= 2
+    (tmp_path.parent / "kills.txt").write_text(str(kills))
+
+
+def test_sigterm_saves_and_exits(tmp_path, data_dir, base_model):
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "term", train={"steps": 40}, save={"interval": 0})
+    path = write_config(tmp_path / "term.yaml", **cfg)
+    p = subprocess.Popen([PY, "megadrp/train.py", "--config", str(path)], cwd=ROOT, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    mfile = Path(cfg["run_dir"]) / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 300 and not (mfile.exists() and len(mfile.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "received signal 15" in err
+    status = json.loads((Path(cfg["run_dir"]) / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    ckpts = list((Path(cfg["run_dir"]) / "checkpoints").glob("step*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "megadrp_state.pt").is_file()
+
+
+def test_nan_steps_skipped_then_stop(tmp_path, data_dir, base_model):
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "nan")
+    train(cfg, tmp_path, env={"MEGADRP_FAULT_NAN_STEPS": "3,7"})
+    m = metrics(Path(cfg["run_dir"]))
+    assert m[-1]["bad_steps"] == 2 and m[-1]["step"] == 12
+    assert all(math.isfinite(v) for v in m[-1]["eval_loss"].values())
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "nanstop", train={"max_bad_steps": 3})
+    p = train(cfg, tmp_path, env={"MEGADRP_FAULT_NAN_STEPS": "6,7,8,9,10"}, check=False)
+    assert p.returncode == 2 and "3 non-finite steps in a row at step 8" in p.stderr
+    assert (Path(cfg["run_dir"]) / "checkpoints" / "step00000004" / "megadrp_state.pt").is_file()
+    assert not (Path(cfg["run_dir"]) / "hf").exists()
+
+
+def test_unwritable_run_dir_and_no_room(tmp_path, data_dir, base_model):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "x", run_dir=str(blocker / "run"))
+    p = train(cfg, tmp_path, check=False)
+    assert p.returncode == 2 and "cannot write there" in p.stderr and str(blocker) in p.stderr
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        cfg = prune_cfg(tmp_path, data_dir, base_model, "y", run_dir=str(small / "run"))
+        p = train(cfg, tmp_path, check=False)
+        assert p.returncode == 2 and "a checkpoint needs about" in p.stderr
+        assert not (small / "run" / "checkpoints" / "step00000004").exists()
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+def _expect_error(cfg, tmp, *needles, extra=()):
+    p = train(cfg, tmp, check=False, extra=extra)
+    assert p.returncode == 2, p.stderr[-2000:]
+    for n in needles:
+        assert n in p.stderr, (n, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_configs_and_inputs(tmp_path, data_dir, base_model):
+    good = prune_cfg(tmp_path, data_dir, base_model, "bad")
+    _expect_error(good, tmp_path, "unknown config key train.'stepz'", extra=["train.stepz=3"])
+    _expect_error(good, tmp_path, "'train.steps': expected an integer", extra=["train.steps=ten"])
+    _expect_error(good, tmp_path, "num_attention_heads=3", extra=["prune.target.num_attention_heads=3"])
+    _expect_error(good, tmp_path, "layers=9 is larger", extra=["prune.target.num_hidden_layers=9"])
+    _expect_error(good, tmp_path, "does not exist", extra=[f"model.init={tmp_path / 'nowhere'}"])
+    _expect_error(good, tmp_path, "manifest.json: not found", extra=[f"data_dir={tmp_path}"])
+    _expect_error(good, tmp_path, "no domain 'wiki'", extra=["domains=[code, wiki]"])
+    empty = tmp_path / "noweights"
+    empty.mkdir()
+    (empty / "config.json").write_text((base_model / "config.json").read_text())
+    _expect_error(good, tmp_path, "no weights", extra=[f"model.init={empty}"])
+    other = tmp_path / "other"
+    other.mkdir()
+    cfgj = json.loads((base_model / "config.json").read_text())
+    cfgj["intermediate_size"] = 96
+    (other / "config.json").write_text(json.dumps(cfgj))
+    (other / "model.safetensors").write_bytes((base_model / "model.safetensors").read_bytes())
+    _expect_error(good, tmp_path, "has shape", "does not match config.json", extra=[f"model.init={other}"])
+
+
+def test_truncated_and_corrupt_shards_fail_before_training(tmp_path, data_dir, base_model):
+    import shutil
+
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    b = bad / "code_train.bin"
+    b.write_bytes(b.read_bytes()[:-10])
+    cfg = prune_cfg(tmp_path, bad, base_model, "trunc")
+    _expect_error(cfg, tmp_path, "code_train.bin", "truncated")
+    shutil.copy(data_dir / "code_train.bin", b)
+    i = bad / "math_eval.idx"
+    i.write_bytes(b"XX" + i.read_bytes()[2:])
+    _expect_error(cfg, tmp_path, "math_eval.idx", "wrong magic")
