@@ -81,9 +81,14 @@ def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
 
 def load(engine, path: Path) -> dict:
     """Collective. Returns megadrp's own state; the engine's is loaded in place."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    world = dist.get_world_size()
+    if state.get("world_size", world) != world:
+        raise ValueError(f"{path}: written by {state['world_size']} ranks, resuming with {world}; ZeRO-3 partitions "
+                         "are per rank: resume with the same number of ranks (or start fresh with resume=none)")
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                            load_optimizer_states=True, load_lr_scheduler_states=False)
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    return state
 
 
 def _fsync_dir(d: Path) -> None:

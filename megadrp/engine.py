@@ -329,7 +329,10 @@ class Trainer:
         ckpt_root = self.run_dir / "checkpoints"
         self._on_rank0(lambda: checkpoint.check_room(ckpt_root, self._checkpoint_bytes()))
         resume_from = self._resume_path(ckpt_root)
-        saved = checkpoint.load(self.engine, resume_from) if resume_from else None
+        try:
+            saved = checkpoint.load(self.engine, resume_from) if resume_from else None
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         step = saved["step"] if saved else 0
         if self.rank == 0:
             tmp = self.run_dir / ".config.yaml.tmp"

@@ -48,6 +48,9 @@ def plot_losses(runs: dict[str, list[dict]], out: Path) -> Path:
                 ax.plot(steps, predict(theta, toks, sp), ":", label=f"{stage} fitted law")
             ax.set_title(n)
             ax.set_xlabel("step (stages back to back)")
+            seen = [r["eval_loss"][n] for mm in runs.values() for r in mm]
+            pad = 0.1 * (max(seen) - min(seen) + 1e-3)
+            ax.set_ylim(min(seen) - 4 * pad, max(seen) + pad)  # fitted curves can start far off-scale
         offset = steps[-1]
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -145,18 +148,16 @@ def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], ext
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--pretrain", type=Path)
     ap.add_argument("--prune", type=Path)
     ap.add_argument("--continue", dest="cont", type=Path)
     args = ap.parse_args(argv)
-    stages = {k: v for k, v in (("prune", args.prune), ("continue", args.cont)) if v}
-    evals = {}
-    for k, v in stages.items():
-        f = v / "eval.json"
-        if f.is_file():
-            import json
+    import json
 
-            evals[k] = json.loads(f.read_text())
-    print(write_report(args.out, stages, evals))
+    labels = {"pretrain": "base", "prune": "pruned", "continue": "continued"}
+    dirs = {k: v for k, v in (("pretrain", args.pretrain), ("prune", args.prune), ("continue", args.cont)) if v}
+    evals = {labels[k]: json.loads((v / "eval.json").read_text()) for k, v in dirs.items() if (v / "eval.json").is_file()}
+    print(write_report(args.out, {k: v for k, v in dirs.items() if k != "pretrain"}, evals))
     return 0
 
 

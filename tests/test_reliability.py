@@ -37,9 +37,10 @@ def _kill_tree(p: subprocess.Popen) -> None:
 
 
 def test_sigkill_many_times_then_equal_to_straight(tmp_path, data_dir, base_model):
-    straight = prune_cfg(tmp_path, data_dir, base_model, "straight", save={"interval": 2, "keep": 2})
+    longer = {"save": {"interval": 2, "keep": 2}, "train": {"steps": 24}}
+    straight = prune_cfg(tmp_path, data_dir, base_model, "straight", **longer)
     train(straight, tmp_path, ranks=2)
-    cfg = prune_cfg(tmp_path, data_dir, base_model, "killed", save={"interval": 2, "keep": 2})
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "killed", **longer)
     run_dir = Path(cfg["run_dir"])
     rng = random.Random(11)
     kills = 0
@@ -50,10 +51,18 @@ def test_sigkill_many_times_then_equal_to_straight(tmp_path, data_dir, base_mode
     kills += 1
     assert (run_dir / "checkpoints" / ".tmp-step00000004").is_dir()
     assert not (run_dir / "checkpoints" / "step00000004").exists()
-    # ... then SIGKILLs of the whole job at random moments
+    # ... then SIGKILLs of the whole job at random moments once it is training again
+    mfile = run_dir / "metrics.jsonl"
     for _ in range(3):
+        resumed_at = max(int(c.name[4:]) for c in (run_dir / "checkpoints").glob("step*"))
         p = _popen(cfg, tmp_path)
-        time.sleep(rng.uniform(12, 25))
+        t0 = time.time()
+        while time.time() - t0 < 300 and p.poll() is None:
+            steps = [json.loads(x)["step"] for x in mfile.read_text().splitlines() if x] if mfile.exists() else []
+            if steps and max(steps) > resumed_at:
+                break
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0, 3))
         if p.poll() is not None:
             break
         _kill_tree(p)
@@ -69,8 +78,8 @@ def test_sigkill_many_times_then_equal_to_straight(tmp_path, data_dir, base_mode
             assert math.isclose(x["eval_loss"][d], y["eval_loss"][d], rel_tol=1e-5, abs_tol=1e-6)
     wa, wb = _hf_weights(Path(straight["run_dir"]) / "hf"), _hf_weights(run_dir / "hf")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
-    assert kills >= 2
-    (tmp_path.parent / "kills.txt").write_text(str(kills))
+    assert kills >= 3
+    print(f"kills survived: {kills}")
 
 
 def test_sigterm_saves_and_exits(tmp_path, data_dir, base_model):
