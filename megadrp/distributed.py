@@ -21,7 +21,8 @@ class DistInfo:
     launcher: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host right now (for rendezvous and test clusters)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -58,7 +59,7 @@ def discover() -> DistInfo:
         comm = MPI.COMM_WORLD
         rank, size = comm.Get_rank(), comm.Get_size()
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", rank)))
-        addr, port = (socket.gethostname(), _free_port()) if rank == 0 else (None, None)
+        addr, port = (socket.gethostname(), free_port()) if rank == 0 else (None, None)
         if "MASTER_ADDR" in env:
             addr = env["MASTER_ADDR"]
         addr, port = comm.bcast((addr, port), root=0)
@@ -69,7 +70,7 @@ def discover() -> DistInfo:
         launcher = "single"
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     return DistInfo(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), launcher)
 
 

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from megadrp.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log(msg: str) -> None:
@@ -75,7 +71,7 @@ def train_stage(config: str, run_dir: Path, overrides: list[str], ranks: int = 2
     launcher = Path(sys.executable).parent / "deepspeed"
     args = ["megadrp/train.py", "--config", config, f"run_dir={run_dir}", "resume=auto", *overrides]
     if ranks > 1:
-        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()), *args]
+        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
     else:
         cmd = [sys.executable, *args]
     log(f"{run_dir.name}: training ({ranks} rank{'s' if ranks > 1 else ''}, ZeRO-3)")

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from megadrp.distributed import free_port
+
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "sinfo")
 
 
@@ -31,11 +33,6 @@ def available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def write_conf(d: Path) -> Path:
     host = socket.gethostname().split(".")[0]
@@ -46,8 +43,8 @@ def write_conf(d: Path) -> Path:
     conf = d / "slurm.conf"
     conf.write_text(f"""ClusterName=megadrp
 SlurmctldHost={host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
