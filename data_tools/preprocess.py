@@ -50,34 +50,42 @@ class Chunk:
 
 
 _TOK: Tokenizer | None = None
-_ARGS: tuple[str, bool] = ("text", False)
+_ARGS: tuple[str, bool, int, type] = ("text", False, 0, np.int32)
 
 
-def _init_worker(tokenizer_dir: str, json_key: str, skip_bad: bool) -> None:
+def _init_worker(tokenizer_dir: str, json_key: str, skip_bad: bool, eod: int, dtype: type) -> None:
     global _TOK, _ARGS
     _TOK = load_tokenizer(tokenizer_dir)
-    _ARGS = (json_key, skip_bad)
+    _ARGS = (json_key, skip_bad, eod, dtype)
 
 
-def _encode_chunk(chunk: Chunk) -> tuple[list[np.ndarray | None], list[str]]:
-    """Parse and tokenize one chunk; a bad line becomes None (with --skip-bad) or raises."""
-    json_key, skip_bad = _ARGS
+def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Parse and tokenize one chunk. Returns the chunk's documents back to back (each with
+    its end-of-document id, already in the shard dtype: one buffer to pickle, not one per
+    document), their lengths (-1 for a bad line skipped with --skip-bad), and the skip reasons."""
+    json_key, skip_bad, eod, dtype = _ARGS
     assert _TOK is not None
-    texts: list[str | None] = []
+    texts: list[str] = []
+    lengths = np.full(len(chunk.lines), -1, dtype=np.int64)
+    good_rows: list[int] = []
     bad: list[str] = []
-    for line, raw in chunk.lines:
+    for row, (line, raw) in enumerate(chunk.lines):
         try:
             texts.append(parse_line(chunk.path, line, raw, chunk.kind, json_key))
+            good_rows.append(row)
         except CorpusError as e:
             if not skip_bad:
                 raise
-            texts.append(None)
             bad.append(str(e))
-    good = [t for t in texts if t is not None]
-    encoded = iter(_TOK.encode_batch(good)) if good else iter(())
-    dtype = np.int32
-    out = [None if t is None else np.asarray(next(encoded), dtype=dtype) for t in texts]
-    return out, bad
+    encoded = _TOK.encode_batch(texts) if texts else []
+    flat = np.fromiter((t for ids in encoded for t in (*ids, eod)), dtype=np.int64,
+                       count=sum(len(ids) + 1 for ids in encoded))
+    if flat.size and int(flat.max()) > np.iinfo(dtype).max:
+        raise CorpusError(f"{chunk.path}: token id {int(flat.max())} does not fit the shard dtype "
+                          f"{np.dtype(dtype).name}; the tokenizer's vocabulary is larger than it reports")
+    for row, ids in zip(good_rows, encoded):
+        lengths[row] = len(ids) + 1
+    return flat.astype(dtype), lengths, bad
 
 
 def _chunks(files: list[Path]) -> Iterator[Chunk]:
@@ -154,7 +162,8 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
                       "dtype": np.dtype(dtype).name, "domains": {}}
     progress = _Progress(sum(counts.values()))
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ctx.Pool(max(1, workers), initializer=_init_worker, initargs=(str(tokenizer_dir), json_key, skip_bad))
+    pool = ctx.Pool(max(1, workers), initializer=_init_worker,
+                    initargs=(str(tokenizer_dir), json_key, skip_bad, eod, dtype))
     skipped_total = 0
     try:
         for name, files in domains.items():
@@ -163,22 +172,21 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
             stats = {"train_tokens": 0, "eval_tokens": 0, "train_docs": 0, "eval_docs": 0}
             ordinal = skipped = 0
             try:
-                for docs, bad in pool.imap(_encode_chunk, _chunks(files), chunksize=1):
-                    tokens = 0
-                    for arr in docs:
+                for flat, lengths, bad in pool.imap(_encode_chunk, _chunks(files), chunksize=1):
+                    offset = 0
+                    for n in lengths.tolist():
                         split = "eval" if ordinal in held_out else "train"
                         ordinal += 1
-                        if arr is None:
+                        if n < 0:
                             continue
-                        doc = np.append(arr, eod)
-                        writers[split].add_document(doc)
-                        stats[f"{split}_tokens"] += doc.size
+                        writers[split].add_document(flat[offset:offset + n])
+                        offset += n
+                        stats[f"{split}_tokens"] += n
                         stats[f"{split}_docs"] += 1
-                        tokens += doc.size
                     for msg in bad:
                         log.warning("skipped: %s", msg)
                     skipped += len(bad)
-                    progress.update(len(docs), tokens)
+                    progress.update(len(lengths), int(flat.size))
                 if stats["train_docs"] == 0 or stats["eval_docs"] == 0:
                     raise CorpusError(f"domain {name!r}: no usable documents left in the "
                                       f"{'train' if stats['train_docs'] == 0 else 'eval'} split after skipping bad lines")

@@ -145,3 +145,19 @@ def test_lagrangian_ascent_and_ramp():
     # expected size is above target, so the λ1 gradient seen by the optimizer is negative: descent raises λ1
     assert (m.lambdas.grad[:, 0] < 0).all()
     assert (m.log_alpha["layer"].grad > 0).all()  # and the masks are pushed down
+
+
+def test_activation_checkpointing_same_loss_and_grads(tmp_path):
+    _, ours, cfg = _pair(tmp_path, target=Shape(2, 48, 2, 1, 64), num_key_value_heads=2)
+    ckpt = MaskedLlama(cfg, Shape(2, 48, 2, 1, 64), ramp_steps=10, activation_checkpointing=True)
+    ckpt.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 300, (2, 20))
+    grads = []
+    for m in (ours, ckpt):
+        m.train()
+        out = m(ids[:, :-1], ids[:, 1:], step=3, mask_mode="sample", mask_seed=1)
+        (out.losses.mean() + out.lagrangian).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

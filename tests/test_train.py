@@ -184,3 +184,20 @@ def test_resume_equals_straight_and_controller_kill(prune2, tmp_path, data_dir, 
     wa, wb = _hf_weights(Path(straight["run_dir"]) / "hf"), _hf_weights(run_dir / "hf")
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_zero_to_fp32_consolidates_our_checkpoint(prune2, tmp_path):
+    """DeepSpeed's own zero_to_fp32 script reads our tagged checkpoints."""
+    _, cfg = prune2
+    ckpts = Path(cfg["run_dir"]) / "checkpoints"
+    run([PY, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(tmp_path / "fp32"), "--tag", "step00000012"])
+    from safetensors.torch import load_file
+
+    files = list((tmp_path / "fp32").glob("*.safetensors")) or list((tmp_path / "fp32").glob("*.bin"))
+    assert files, list((tmp_path / "fp32").iterdir())
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu"))
+    assert sd["model.embed_tokens.weight"].shape == (1024, 64)  # full, unpartitioned source shapes
+    assert sd["model.layers.2.mlp.down_proj.weight"].shape == (64, 128)
+    assert "l0.log_alpha.hidden" in sd and sd["l0.lambdas"].shape[1] == 2
