@@ -52,6 +52,19 @@ class TrainingStopped(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is kept."""
 
 
+def _stop_loader(batches) -> None:
+    """Shut the DataLoader's workers down on any exit path. They ignore SIGTERM (job signals
+    are the trainer's), so the DataLoader's own shutdown, which ends in SIGTERM, cannot stop
+    one that is still busy: such a worker is killed."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in getattr(batches, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
 def _ignore_signals_in_worker(_: int) -> None:
     # The trainer handles SIGTERM/SIGUSR1 (checkpoint, then exit); workers must not die first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -397,6 +410,14 @@ class Trainer:
             prefetch_factor=t.prefetch_factor if t.num_workers > 0 else None,
             worker_init_fn=_ignore_signals_in_worker if t.num_workers > 0 else None)
         batches = iter(loader)
+        try:
+            return self._loop(step, batches, table, sampler, ckpt_root)
+        finally:
+            table.close()
+            _stop_loader(batches)
+
+    def _loop(self, step: int, batches, table: WeightsTable, sampler: DomainSampler, ckpt_root: Path) -> str:
+        cfg, t = self.cfg, self.cfg.train
         progress = Progress(t.steps, step, t.global_batch * t.seq_len)
         self._interval_t0, self._interval_steps = time.time(), 0
         # Fault injection for the reliability tests (documented in docs/reliability.md).

@@ -57,7 +57,7 @@ class WeightsTable:
         initial = np.asarray(initial, dtype=np.float64)
         self.n_domains = len(initial)
         self.rows = torch.zeros(max_rows, self.n_domains + 1, dtype=torch.float64).share_memory_()
-        self.meta = torch.zeros(2, dtype=torch.int64).share_memory_()  # [row count, final-through step]
+        self.meta = torch.zeros(3, dtype=torch.int64).share_memory_()  # [row count, final-through step, closed]
         self.lock = mp.get_context("fork").Lock()
         self._append(1, initial)
 
@@ -86,6 +86,8 @@ class WeightsTable:
         if wait:
             t0 = time.monotonic()
             while int(self.meta[1]) < step:
+                if int(self.meta[2]):
+                    raise RuntimeError("weights table closed: the trainer is shutting down")
                 if time.monotonic() - t0 > timeout:
                     raise TimeoutError(f"no domain weights published for step {step} after {timeout:.0f}s")
                 time.sleep(0.002)
@@ -96,6 +98,10 @@ class WeightsTable:
         rows = self.rows[: int(self.meta[0])].numpy()
         i = int(np.searchsorted(rows[:, 0], step, side="right")) - 1
         return rows[max(i, 0), 1:].copy()
+
+    def close(self) -> None:
+        """Wake every worker waiting for weights that will never come (the run is ending)."""
+        self.meta[2] = 1
 
     def state_dict(self) -> dict:
         with self.lock:

@@ -117,8 +117,9 @@ class L0Masks(nn.Module):
             m: nn.Parameter(torch.full(shapes[m], LOG_ALPHA_INIT).clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX))
             for m in self.active
         })
-        # λ1, λ2 per active set, maximised (see _ReverseGrad).
-        self.lambdas = nn.Parameter(torch.zeros(len(self.active), 2))
+        # λ1, λ2 per active set, maximised (see _ReverseGrad). At least one row: ZeRO-3 does not
+        # partition empty parameters (a target equal to the source leaves no set active).
+        self.lambdas = nn.Parameter(torch.zeros(max(1, len(self.active)), 2))
 
     # ---- targets and expectations -------------------------------------------------------
     def target_fraction(self, m: str, step: int) -> float:
