@@ -160,7 +160,7 @@ def test_bad_configs_and_inputs(tmp_path, data_dir, base_model):
     cfgj["intermediate_size"] = 96
     (other / "config.json").write_text(json.dumps(cfgj))
     (other / "model.safetensors").write_bytes((base_model / "model.safetensors").read_bytes())
-    _expect_error(good, tmp_path, "has shape", "does not match config.json", extra=[f"model.init={other}"])
+    _expect_error(good, tmp_path, "has shape", "do not match config.json", extra=[f"model.init={other}"])
 
 
 def test_truncated_and_corrupt_shards_fail_before_training(tmp_path, data_dir, base_model):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import PY, metrics, run, tiny_run_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -197,7 +198,7 @@ def test_zero_to_fp32_consolidates_our_checkpoint(prune2, tmp_path):
     assert files, list((tmp_path / "fp32").iterdir())
     sd = {}
     for f in files:
-        sd.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu"))
+        sd.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True))
     assert sd["model.embed_tokens.weight"].shape == (1024, 64)  # full, unpartitioned source shapes
     assert sd["model.layers.2.mlp.down_proj.weight"].shape == (64, 128)
     assert "l0.log_alpha.hidden" in sd and sd["l0.lambdas"].shape[1] == 2
