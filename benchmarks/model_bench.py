@@ -3,18 +3,30 @@ with masks sampling, megadrp's model without masks, and transformers' LlamaForCa
 the same shape — side by side in one run; and the pruned export against a freshly built
 model of the target shape.
 
-    python benchmarks/model_bench.py
+    python benchmarks/model_bench.py [--rounds 15] [--threads N]
+
+Variants run interleaved, one step each per round, so machine noise hits each alike; a
+ratio is the median over rounds of the two variants' same-round ratio.
 """
 from __future__ import annotations
 
+import argparse
+import statistics
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
-from _common import best_of, save
+from _common import save
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of one step per variant")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from megadrp.model.hf_io import export_hf
@@ -59,23 +71,34 @@ def main() -> None:
            "fresh model of the target shape (transformers)": step_hf(fresh)}
     for f in fns.values():
         f()
-    times = {k: 0.0 for k in fns}
-    for _ in range(3):  # interleave rounds so machine noise hits every variant alike
-        for k, f in fns.items():
-            t = best_of(f, repeats=2)
-            times[k] = t if times[k] == 0 else min(times[k], t)
-    r = {k: round(v * 1000, 1) for k, v in times.items()}
-    ratios = {"masked / unmasked": round(times["megadrp, masks sampling"] / times["megadrp, no masks"], 3),
-              "ours unmasked / transformers": round(times["megadrp, no masks"] / times["transformers LlamaForCausalLM"], 3),
-              "pruned export / fresh target-shape model": round(times["pruned export (transformers)"] /
-                                                               times["fresh model of the target shape (transformers)"], 3)}
-    md = ["| model | step ms (min of 6) |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r.items()]
-    md += ["", "| ratio | value | goal |", "|---|---|---|",
-           f"| masked / unmasked | {ratios['masked / unmasked']} | ≤ 1.10 |",
-           f"| ours unmasked / transformers | {ratios['ours unmasked / transformers']} | ≤ 1.00 |",
-           f"| pruned export / fresh target-shape model | {ratios['pruned export / fresh target-shape model']} | ≈ 1.00 |",
-           "", f"Source model {n:,} parameters (batch 4 × 256 tokens); target {count_parameters(small_cfg):,}."]
-    save("model_step", {"step_ms": r, "ratios": ratios, "parameters": n}, "\n".join(md))
+    names = list(fns)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(args.rounds):  # one step of each variant per round, in rotated order
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            samples[k].append(time.perf_counter() - t0)
+    pairs = {"masked / unmasked": ("megadrp, masks sampling", "megadrp, no masks", "≤ 1.10"),
+             "ours unmasked / transformers": ("megadrp, no masks", "transformers LlamaForCausalLM", "≤ 1.00"),
+             "pruned export / fresh target-shape model": ("pruned export (transformers)",
+                                                          "fresh model of the target shape (transformers)", "≈ 1.00")}
+    # The machine's speed drifts over seconds: a ratio of two steps of the same round
+    # cancels the drift, and the median of those ratios ignores the rounds a spike hit.
+    ratios = {name: round(statistics.median(x / y for x, y in zip(samples[a], samples[b])), 3)
+              for name, (a, b, _) in pairs.items()}
+    ratio_of_minima = {name: round(min(samples[a]) / min(samples[b]), 3) for name, (a, b, _) in pairs.items()}
+    r = {k: round(min(v) * 1000, 1) for k, v in samples.items()}
+    med = {k: round(statistics.median(v) * 1000, 1) for k, v in samples.items()}
+    md = [f"| model | step ms, min of {args.rounds} | median |", "|---|---|---|"]
+    md += [f"| {k} | {r[k]} | {med[k]} |" for k in names]
+    md += ["", "| ratio | median of paired ratios | ratio of minima | goal |", "|---|---|---|---|"]
+    md += [f"| {name} | {ratios[name]} | {ratio_of_minima[name]} | {goal} |" for name, (_, _, goal) in pairs.items()]
+    md += ["", f"Source model {n:,} parameters (batch 4 × 256 tokens); target {count_parameters(small_cfg):,}; "
+           f"{torch.get_num_threads()} torch threads; {args.rounds} rounds, one step of each variant per round "
+           "in rotated order."]
+    save("model_step", {"step_ms": r, "median_step_ms": med, "ratios": ratios, "ratio_of_minima": ratio_of_minima,
+                        "parameters": n, "rounds": args.rounds,
+                        "threads": torch.get_num_threads()}, "\n".join(md))
 
 
 if __name__ == "__main__":

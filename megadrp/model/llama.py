@@ -8,6 +8,12 @@ Where masks multiply (SPEC §2): head-group outputs before o_proj; intermediate
 activations before down_proj; each block's attention and MLP outputs by the layer gate
 and the hidden mask; the embedding output by the hidden mask. The norms average over the
 kept hidden dimensions only, so the physically pruned model computes the same numbers.
+
+Every gate inside a block sits on one side of o_proj or down_proj, so it is folded into
+that weight (`GatedLinear`) instead of multiplying activations: the cost is then in
+proportion to parameters, not tokens, and a micro-batch carries far more tokens than the
+model has hidden dimensions (7B recipe: 16,384 tokens, d = 4,096). Only the embedding's
+hidden mask multiplies activations, once per forward.
 """
 from __future__ import annotations
 
@@ -63,6 +69,67 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(var + self.eps)).to(x.dtype)
 
 
+class _GatedWeight(torch.autograd.Function):
+    """W ∘ (out_gate ⊗ in_gate), either gate optional, with the backward written out.
+
+    Autograd's own graph for this (an outer product, then a product) spends eight passes
+    over a weight-sized tensor; this spends five: forward W·o then ·i in place; backward
+    t = G ∘ W (the gates' gradients are two matrix-vector products of t) and G·o·i.
+    `out_gate` may be a 0-d tensor expanded to [d_out] (a layer gate alone).
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, out_gate: torch.Tensor | None,  # type: ignore[override]
+                in_gate: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(w, out_gate, in_gate)
+        return _scale(w, out_gate, in_gate)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        w, out_gate, in_gate = ctx.saved_tensors
+        need_w, need_out, need_in = ctx.needs_input_grad
+        grad_w = _scale(g, out_gate, in_gate) if need_w else None
+        grad_out = grad_in = None
+        if need_out or need_in:
+            t = g * w
+            if need_out:
+                grad_out = t.sum(1) if in_gate is None else t @ in_gate
+            if need_in:
+                grad_in = t.sum(0) if out_gate is None else out_gate @ t
+        return grad_w, grad_out, grad_in
+
+
+def _scale(w: torch.Tensor, out_gate: torch.Tensor | None, in_gate: torch.Tensor | None) -> torch.Tensor:
+    y = w * out_gate[:, None] if out_gate is not None else w * in_gate[None, :]
+    if out_gate is not None and in_gate is not None:
+        y.mul_(in_gate[None, :])
+    return y
+
+
+class GatedLinear(nn.Linear):
+    """`nn.Linear` (same parameter names and shapes) whose weight can be gated per input
+    column and per output row: y = ((out_gate ⊗ in_gate) ∘ W) x + out_gate ∘ b.
+
+    Folding a gate into the weight costs d_out·d_in multiplies (a few times over in
+    backward) where gating the activations costs tokens·d per gate and saves an
+    activation-sized tensor for backward. The gated weight is made inside this module's
+    forward, where ZeRO-3 has gathered `weight`.
+    """
+
+    def forward(self, x: torch.Tensor, in_gate: torch.Tensor | None = None,
+                out_gate: torch.Tensor | None = None) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if in_gate is None and out_gate is None:
+            return F.linear(x, w, b)
+        if out_gate is not None:
+            out_gate = out_gate.to(w.dtype).expand(w.shape[0])  # a 0-d layer gate alone becomes a row
+            if b is not None:
+                b = b * out_gate
+        if in_gate is not None:
+            in_gate = in_gate.to(w.dtype)
+        return F.linear(x, _GatedWeight.apply(w, out_gate, in_gate), b)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -77,10 +144,12 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+        self.o_proj = GatedLinear(self.n_heads * hd, d, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                head_z: torch.Tensor | None = None) -> torch.Tensor:
+                head_z: torch.Tensor | None = None, out_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """`head_z` [n_kv]: one gate per kv group, shared by the group's query heads (it
+        gates o_proj's input columns); `out_gate` [d]: gates o_proj's output rows."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -88,9 +157,8 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        if head_z is not None:  # one gate per kv group, shared by the group's query heads
-            y = y * head_z.to(y.dtype).repeat_interleave(self.n_heads // self.n_kv)[None, :, None, None]
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        columns = None if head_z is None else head_z.repeat_interleave(self.n_heads // self.n_kv * self.head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim), columns, out_gate)
 
 
 class MLP(nn.Module):
@@ -100,13 +168,12 @@ class MLP(nn.Module):
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_proj = nn.Linear(d, i, bias=bias)
         self.up_proj = nn.Linear(d, i, bias=bias)
-        self.down_proj = nn.Linear(i, d, bias=bias)
+        self.down_proj = GatedLinear(i, d, bias=bias)
 
-    def forward(self, x: torch.Tensor, int_z: torch.Tensor | None = None) -> torch.Tensor:
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        if int_z is not None:
-            h = h * int_z.to(h.dtype)
-        return self.down_proj(h)
+    def forward(self, x: torch.Tensor, int_z: torch.Tensor | None = None,
+                out_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """`int_z` [I] gates down_proj's input columns; `out_gate` [d] its output rows."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x), int_z, out_gate)
 
 
 @dataclass
@@ -128,10 +195,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, m: LayerMasks) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h, m.kept), cos, sin, m.head)
-        h = h + (a if m.out_scale is None else a * m.out_scale.to(a.dtype))
-        f = self.mlp(self.post_attention_layernorm(h, m.kept), m.intermediate)
-        return h + (f if m.out_scale is None else f * m.out_scale.to(f.dtype))
+        h = h + self.self_attn(self.input_layernorm(h, m.kept), cos, sin, m.head, m.out_scale)
+        return h + self.mlp(self.post_attention_layernorm(h, m.kept), m.intermediate, m.out_scale)
 
 
 class Decoder(nn.Module):
