@@ -2,15 +2,19 @@
 of evaluation, and the cost of the mask machinery (the same run with the masks off, i.e. a
 continue stage on the same model) — side by side in one run.
 
-    python benchmarks/engine_bench.py
+    python benchmarks/engine_bench.py [--rounds 3] [--steps 40]
 """
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
 from _common import save
+
+MASKS_OFF = "same model, masks off (continue stage), 1 rank"
 
 
 def _stats(run_dir: Path) -> dict:
@@ -23,6 +27,10 @@ def _stats(run_dir: Path) -> dict:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of one run per variant, in rotated order")
+    ap.add_argument("--steps", type=int, default=40, help="training steps per run")
+    args = ap.parse_args()
     from megadrp import pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -31,22 +39,33 @@ def main() -> None:
         base = ["data_dir=" + str(data), "train.log_interval=1000", "save.interval=0"]
         pipeline.train_stage("configs/tiny/pretrain.yaml", tmp / "base", base + ["train.steps=10"], ranks=1, quiet=True)
         init = f"model.init={tmp / 'base' / 'hf'}"
-        res = {}
-        for ranks in (1, 2):
-            pipeline.train_stage("configs/tiny/prune.yaml", tmp / f"prune{ranks}", base + [init, "train.steps=40"],
-                                 ranks=ranks, quiet=True)
-            res[f"prune, {ranks} rank(s)"] = _stats(tmp / f"prune{ranks}")
-        pipeline.train_stage("configs/tiny/continue.yaml", tmp / "nomask", base + [init, "train.steps=40"],
-                             ranks=1, quiet=True)
-        res["same model, masks off (continue stage), 1 rank"] = _stats(tmp / "nomask")
-    mask_cost = 1 - res["prune, 1 rank(s)"]["train_tokens_per_s"] / res["same model, masks off (continue stage), 1 rank"]["train_tokens_per_s"]
-    md = ["| run | train tokens/s | train s | eval s | eval share |", "|---|---|---|---|---|"]
-    md += [f"| {k} | {v['train_tokens_per_s']:,} | {v['train_seconds']} | {v['eval_seconds']} | {v['eval_share']:.1%} |"
-           for k, v in res.items()]
-    md += ["", f"Mask machinery (sampling, Lagrangian, λ and mask optimizer groups, log-α clamp): "
-               f"{mask_cost:.1%} of training throughput at 1 rank.",
-           "40 steps × 16 × 128 tokens of the 5M-parameter tiny model, evaluation every 10 steps (6 domains × 4096 tokens)."]
-    save("engine", {"results": res, "mask_machinery_share": round(mask_cost, 3)}, "\n".join(md))
+        steps = f"train.steps={args.steps}"
+        variants = {"prune, 1 rank": ("configs/tiny/prune.yaml", 1), "prune, 2 ranks": ("configs/tiny/prune.yaml", 2),
+                    MASKS_OFF: ("configs/tiny/continue.yaml", 1)}
+        names = list(variants)
+        runs: dict[str, list[dict]] = {k: [] for k in names}
+        for r in range(args.rounds):  # rotated, so drift in the machine's speed hits each variant alike
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                config, ranks = variants[k]
+                out = tmp / f"{names.index(k)}_{r}"
+                pipeline.train_stage(config, out, base + [init, steps], ranks=ranks, quiet=True)
+                runs[k].append(_stats(out))
+    res = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
+    # paired within a round, then the median over rounds
+    mask_cost = statistics.median(1 - a["train_tokens_per_s"] / b["train_tokens_per_s"]
+                                  for a, b in zip(runs["prune, 1 rank"], runs[MASKS_OFF]))
+    scaling = statistics.median(a["train_tokens_per_s"] / b["train_tokens_per_s"]
+                                for a, b in zip(runs["prune, 2 ranks"], runs["prune, 1 rank"]))
+    md = [f"| run (median of {args.rounds}) | train tokens/s | train s | eval s | eval share |", "|---|---|---|---|---|"]
+    md += [f"| {k} | {v['train_tokens_per_s']:,.1f} | {v['train_seconds']:.2f} | {v['eval_seconds']:.2f} | "
+           f"{v['eval_share']:.1%} |" for k, v in res.items()]
+    md += ["", f"Mask machinery (sampling, folded gates, Lagrangian, λ and mask optimizer groups, log-α clamp): "
+               f"{mask_cost:.1%} of training throughput at 1 rank; 2 ranks / 1 rank: {scaling:.2f}× "
+               "(both the median over rounds of same-round ratios).",
+           f"{args.steps} steps × 16 × 128 tokens of the 5M-parameter tiny model, evaluation every 10 steps "
+           f"(6 domains × 4096 tokens); {args.rounds} rounds, one run of each variant per round in rotated order."]
+    save("engine", {"results": res, "runs": runs, "mask_machinery_share": round(mask_cost, 3),
+                    "two_rank_scaling": round(scaling, 3)}, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ class Trainer:
         target = Shape(layers=t.num_hidden_layers, hidden=t.hidden_size, heads=t.num_attention_heads,
                        kv_heads=t.num_key_value_heads, intermediate=t.intermediate_size)
         try:
-            check_target(shape_of(self.model_config), target, head_dim_of(self.model_config))
+            check_target(shape_of(self.model_config), target)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         return target
@@ -186,17 +186,25 @@ class Trainer:
         opt.setdefault("params", {}).update(lr=t.lr, betas=[t.beta1, t.beta2], eps=t.eps, weight_decay=t.weight_decay)
         return ds
 
+    def _per_domain(self, value, key: str) -> list[float] | None:
+        """A per-domain setting given as a list (in manifest order) or a {domain: value}
+        mapping, in the order of `self.names`; None when it is neither (a keyword)."""
+        if isinstance(value, dict):
+            missing = [n for n in self.names if n not in value]
+            if missing:
+                raise ConfigError(f"{key} has no entry for domain {missing[0]!r}")
+            return [float(value[n]) for n in self.names]
+        if isinstance(value, list):
+            if len(value) != self.k:
+                raise ConfigError(f"{key} has {len(value)} values for {self.k} domains ({', '.join(self.names)})")
+            return [float(x) for x in value]
+        return None
+
     def _initial_proportion(self) -> np.ndarray:
         ip = self.cfg.dro.initial_proportion
-        if isinstance(ip, dict):
-            missing = [n for n in self.names if n not in ip]
-            if missing:
-                raise ConfigError(f"dro.initial_proportion has no entry for domain {missing[0]!r}")
-            p = np.array([ip[n] for n in self.names], dtype=np.float64)
-        elif isinstance(ip, list):
-            if len(ip) != self.k:
-                raise ConfigError(f"dro.initial_proportion has {len(ip)} values for {self.k} domains ({', '.join(self.names)})")
-            p = np.array(ip, dtype=np.float64)
+        given = self._per_domain(ip, "dro.initial_proportion")
+        if given is not None:
+            p = np.array(given, dtype=np.float64)
         elif ip in (None, "uniform"):
             p = np.ones(self.k)
         elif ip in ("tokens", "tokens^0.3"):
@@ -210,18 +218,10 @@ class Trainer:
 
     def _reference_loss(self) -> list[float] | None:
         ref = self.cfg.dro.reference_loss
-        if ref == "auto":
-            return None
-        if isinstance(ref, dict):
-            missing = [n for n in self.names if n not in ref]
-            if missing:
-                raise ConfigError(f"dro.reference_loss has no entry for domain {missing[0]!r}")
-            return [float(ref[n]) for n in self.names]
-        if isinstance(ref, list):
-            if len(ref) != self.k:
-                raise ConfigError(f"dro.reference_loss has {len(ref)} values for {self.k} domains")
-            return [float(x) for x in ref]
-        raise ConfigError(f"dro.reference_loss={ref!r}: give a list, a mapping or 'auto'")
+        given = self._per_domain(ref, "dro.reference_loss")
+        if given is None and ref != "auto":
+            raise ConfigError(f"dro.reference_loss={ref!r}: give a list, a mapping or 'auto'")
+        return given
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -318,13 +318,10 @@ class Trainer:
     def _controller(self, saved: dict | None) -> ControllerService | None:
         if self.rank != 0:
             return None
-        d = self.cfg.dro
-        settings = ControllerSettings(
-            mode=d.mode, domains=self.names, p0=self.p0.tolist(), total_steps=self.cfg.train.steps,
+        settings = ControllerSettings.from_config(
+            self.cfg.dro, domains=self.names, p0=self.p0.tolist(), total_steps=self.cfg.train.steps,
             reference_loss=self._reference_loss(), pruning=self.pruning, target_sparsity=self._target_sparsity(),
-            rho=d.rho, min_prob=d.min_prob, sheared_eta=d.sheared_eta, sheared_c=d.sheared_c,
-            history_start=d.history_start, fit_start=d.fit_start, ratio_start=d.ratio_start,
-            max_points=d.max_points, seed=self.cfg.seed)
+            seed=self.cfg.seed)
         pid = self.run_dir / "controller.pid"
         if saved is not None:
             return ControllerService.restore(settings, saved, pid)

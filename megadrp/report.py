@@ -23,6 +23,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_losses(runs: dict[str, list[dict]], out: Path) -> Path:
     """Per-domain eval loss over steps, the fitted scaling-law curves and the reference losses."""
     plt = _plt()
@@ -53,11 +60,7 @@ def plot_losses(runs: dict[str, list[dict]], out: Path) -> Path:
             ax.set_ylim(min(seen) - 4 * pad, max(seen) + pad)  # fitted curves can start far off-scale
         offset = steps[-1]
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "eval_loss.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "eval_loss.png")
 
 
 def plot_weights(runs: dict[str, list[dict]], out: Path) -> Path:
@@ -70,11 +73,7 @@ def plot_weights(runs: dict[str, list[dict]], out: Path) -> Path:
         ax.set_title(f"{stage}: domain weights q")
         ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "weights.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "weights.png")
 
 
 def plot_shape(m: list[dict], out: Path) -> Path:
@@ -86,11 +85,7 @@ def plot_shape(m: list[dict], out: Path) -> Path:
         ax.plot(steps, [r["expected_shape"][k] for r in m if r.get("expected_shape")])
         ax.set_title(f"expected {k}")
         ax.set_xlabel("prune step")
-    fig.tight_layout()
-    path = out / "expected_shape.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "expected_shape.png")
 
 
 def plot_ppl(evals: dict[str, dict], out: Path) -> Path:
@@ -105,11 +100,7 @@ def plot_ppl(evals: dict[str, dict], out: Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("perplexity")
     ax.legend()
-    fig.tight_layout()
-    path = out / "perplexity.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "perplexity.png")
 
 
 def ppl_table(evals: dict[str, dict]) -> str:

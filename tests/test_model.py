@@ -115,7 +115,7 @@ def test_export_equals_masked_model(tmp_path, kw, sets):
 def test_unreachable_targets_refused(target, msg):
     src = shape_of(tiny_llama_config())
     with pytest.raises(TargetShapeError, match=msg):
-        check_target(src, target, 16)
+        check_target(src, target)
 
 
 def test_hard_concrete_statistics():

@@ -202,3 +202,22 @@ def test_zero_to_fp32_consolidates_our_checkpoint(prune2, tmp_path):
     assert sd["model.embed_tokens.weight"].shape == (1024, 64)  # full, unpartitioned source shapes
     assert sd["model.layers.2.mlp.down_proj.weight"].shape == (64, 128)
     assert "l0.log_alpha.hidden" in sd and sd["l0.lambdas"].shape[1] == 2
+
+
+def test_report_from_a_real_run(prune2, tmp_path, data_dir):
+    """megadrp.report draws every plot and table from a real run's metrics.jsonl and eval."""
+    tmp, cfg = prune2
+    stage = tmp_path / "prune"
+    stage.mkdir()
+    (stage / "metrics.jsonl").write_text((Path(cfg["run_dir"]) / "metrics.jsonl").read_text())
+    (stage / "eval.json").write_text(json.dumps(evaluate(Path(cfg["run_dir"]) / "hf", data_dir, cfg)))
+    out = tmp_path / "report"
+    out.mkdir()
+    run([PY, "-m", "megadrp.report", "--out", str(out), "--prune", str(stage)])
+    text = (out / "report.md").read_text()
+    for png in ("perplexity.png", "eval_loss.png", "weights.png", "expected_shape.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"({png})" in text
+    assert "Final expected shape" in text and "Final domain weights of pruning" in text
+    for name in metrics(Path(cfg["run_dir"]))[-1]["eval_loss"]:
+        assert f"| {name} " in text, name

@@ -10,7 +10,7 @@ Modes (SPEC §3.4): constant, sheared, dro, dro_dyloss, drpruning.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,15 @@ class ControllerSettings:
     ratio_momentum: float = 0.9
     max_points: int = 64
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, dro, **run) -> "ControllerSettings":
+        """Every field `dro` (a `megadrp.config.DROConfig`) shares with these settings, by
+        name, so the two cannot drift apart; `run` gives what the run knows (domains, p0,
+        resolved reference losses, ...) and wins over `dro`. The controller itself only
+        ever sees numbers, never the config."""
+        shared = {f.name: getattr(dro, f.name) for f in fields(cls) if hasattr(dro, f.name)}
+        return cls(**{**shared, **run})
 
 
 @dataclass

@@ -46,7 +46,7 @@ class TargetShapeError(ValueError):
     """A prune target that cannot be reached from the source model."""
 
 
-def check_target(source: Shape, target: Shape, head_dim: int) -> None:
+def check_target(source: Shape, target: Shape) -> None:
     """Refuse unreachable targets before any compute."""
     for field in ("layers", "hidden", "heads", "kv_heads", "intermediate"):
         s, t = getattr(source, field), getattr(target, field)
