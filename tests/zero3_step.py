@@ -1,8 +1,9 @@
 """One masked training step of MaskedLlama on a real DeepSpeed ZeRO-3 engine against the
 same step in plain torch on one process (used by tests/test_model.py).
 
-Run it as `python tests/zero3_step.py` (1 rank) or `deepspeed --num_gpus 2 tests/zero3_step.py`;
-rank 0 prints one JSON line: for each parameter, the largest difference between the
+Run it as `python tests/zero3_step.py` (1 rank) or `deepspeed --num_gpus 2 tests/zero3_step.py`,
+with `--activation-checkpointing` for the ZeRO-3 model to recompute its blocks in backward
+(what the 7B recipes do); rank 0 prints one JSON line: for each parameter, the largest difference between the
 ZeRO-3 result and the reference, and how far the reference step moved it.
 
 Why: the gates are folded into o_proj and down_proj with a custom autograd function that
@@ -12,6 +13,7 @@ gathering and the reduce-scatter, across ranks.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -37,6 +39,10 @@ def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    args = ap.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -50,6 +56,7 @@ def main() -> None:
             p.normal_(1.0, 1.5)
         ref.l0.lambdas.normal_()
     model = copy.deepcopy(ref)
+    model.activation_checkpointing = args.activation_checkpointing
     ids = torch.randint(0, 300, (BATCH, 33), generator=torch.Generator().manual_seed(1))
 
     loss_of(ref, ids).backward()
@@ -70,7 +77,8 @@ def main() -> None:
             report[name] = {"diff": (p.detach() - expected[name]).abs().max().item(),
                             "moved": (expected[name] - dict(ref.named_parameters())[name].detach()).abs().max().item()}
     if rank == 0:
-        print(json.dumps({"world": world, "params": report}))
+        print(json.dumps({"world": world, "activation_checkpointing": args.activation_checkpointing,
+                          "params": report}))
 
 
 if __name__ == "__main__":
