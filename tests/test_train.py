@@ -221,3 +221,15 @@ def test_report_from_a_real_run(prune2, tmp_path, data_dir):
     assert "Final expected shape" in text and "Final domain weights of pruning" in text
     for name in metrics(Path(cfg["run_dir"]))[-1]["eval_loss"]:
         assert f"| {name} " in text, name
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py end to end on CPU (--smoke): the GPU machine is scarce, so
+    the script must not meet its first bug there."""
+    p = run([PY, "benchmarks/gpu_check.py", "--smoke", "--steps", "6", "--work", str(tmp_path / "w"),
+             "--out", str(tmp_path / "out")], timeout=900)
+    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == res
+    assert res["device"] == "cpu" and res["tokens_per_s"] > 0 and res["mfu"] is None
+    assert res["parameters"] > 0 and res["model_flops_per_token"] > 6 * res["parameters"]
+    assert "| cpu |" in (tmp_path / "out" / "gpu_check.md").read_text()
