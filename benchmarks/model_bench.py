@@ -3,7 +3,7 @@ with masks sampling, megadrp's model without masks, and transformers' LlamaForCa
 the same shape — side by side in one run; and the pruned export against a freshly built
 model of the target shape.
 
-    python benchmarks/model_bench.py [--rounds 15] [--threads N]
+    python benchmarks/model_bench.py [--rounds 15] [--threads N] [--batch 4] [--name model_step]
 
 Variants run interleaved, one step each per round, so machine noise hits each alike; a
 ratio is the median over rounds of the two variants' same-round ratio.
@@ -24,6 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15, help="rounds of one step per variant")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
+    ap.add_argument("--name", default="model_step", help="results file name under benchmarks/results")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,7 +46,7 @@ def main() -> None:
     ours.load_state_dict(hf.state_dict(), strict=False)
     plain = MaskedLlama(cfg)
     plain.load_state_dict(hf.state_dict())
-    x = torch.randint(0, 8192, (4, 257))
+    x = torch.randint(0, 8192, (args.batch, 257))
 
     def step_ours(model, masks):
         def f():
@@ -93,10 +95,10 @@ def main() -> None:
     md += [f"| {k} | {r[k]} | {med[k]} |" for k in names]
     md += ["", "| ratio | median of paired ratios | ratio of minima | goal |", "|---|---|---|---|"]
     md += [f"| {name} | {ratios[name]} | {ratio_of_minima[name]} | {goal} |" for name, (_, _, goal) in pairs.items()]
-    md += ["", f"Source model {n:,} parameters (batch 4 × 256 tokens); target {count_parameters(small_cfg):,}; "
+    md += ["", f"Source model {n:,} parameters (batch {args.batch} × 256 tokens); target {count_parameters(small_cfg):,}; "
            f"{torch.get_num_threads()} torch threads; {args.rounds} rounds, one step of each variant per round "
            "in rotated order."]
-    save("model_step", {"step_ms": r, "median_step_ms": med, "ratios": ratios, "ratio_of_minima": ratio_of_minima,
+    save(args.name, {"batch": args.batch, "step_ms": r, "median_step_ms": med, "ratios": ratios, "ratio_of_minima": ratio_of_minima,
                         "parameters": n, "rounds": args.rounds,
                         "threads": torch.get_num_threads()}, "\n".join(md))
 
