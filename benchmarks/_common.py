@@ -29,6 +29,21 @@ def save(name: str, data: dict, markdown: str) -> None:
     print(md)
 
 
+def rotated(names: list[str], round_index: int) -> list[str]:
+    """The variants in the order of one round: rotated by the round's index, so that over
+    the rounds each variant runs first, second, ... equally often."""
+    k = round_index % len(names)
+    return names[k:] + names[:k]
+
+
+def paired_median(xs: list[float], ys: list[float]) -> float:
+    """Median over rounds of x/y within the same round. The machine's speed drifts over
+    seconds: a same-round ratio cancels the drift, and the median ignores the rounds a spike hit."""
+    import statistics
+
+    return statistics.median(x / y for x, y in zip(xs, ys))
+
+
 def best_of(fn, repeats: int = 5) -> float:
     """Minimum wall time of `repeats` calls: the least noisy estimate on a shared machine."""
     times = []

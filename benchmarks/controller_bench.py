@@ -6,7 +6,6 @@ training step time with the controller (drpruning) and without it (constant), si
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ def controller_ms(k: int, pruning: bool, repeats: int = 3) -> float:
 
 def main() -> None:
     from megadrp import pipeline
+    from megadrp.metrics import read_metrics
 
     cost = {f"{k} domains, {'pruning' if p else 'continued'} law": round(controller_ms(k, p), 1)
             for k in (7, 64) for p in (False, True)}
@@ -57,7 +57,7 @@ def main() -> None:
                                  base + [f"model.init={tmp / 'base' / 'hf'}", f"dro.mode={mode}", "train.steps=60",
                                          "dro.fit_start=0.0", "dro.history_start=0.0", "eval.interval=5"],
                                  ranks=1, quiet=True)
-            rows = [json.loads(x) for x in (tmp / mode / "metrics.jsonl").read_text().splitlines()]
+            rows = read_metrics(tmp / mode / "metrics.jsonl")
             secs = sum(r.get("train_seconds", 0) for r in rows)
             step_ms[mode] = round(secs / 60 * 1000, 1)
     diff = step_ms["drpruning"] / step_ms["constant"] - 1

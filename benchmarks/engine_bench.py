@@ -7,18 +7,19 @@ continue stage on the same model) — side by side in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
-from _common import save
+from _common import paired_median, rotated, save
 
 MASKS_OFF = "same model, masks off (continue stage), 1 rank"
 
 
 def _stats(run_dir: Path) -> dict:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from megadrp.metrics import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
     train = sum(r.get("train_seconds", 0) for r in rows)
     ev = sum(r["eval_seconds"] for r in rows)
     tokens = sum(rows[-1]["tokens"].values())
@@ -45,17 +46,17 @@ def main() -> None:
         names = list(variants)
         runs: dict[str, list[dict]] = {k: [] for k in names}
         for r in range(args.rounds):  # rotated, so drift in the machine's speed hits each variant alike
-            for k in names[r % len(names):] + names[:r % len(names)]:
+            for k in rotated(names, r):
                 config, ranks = variants[k]
                 out = tmp / f"{names.index(k)}_{r}"
                 pipeline.train_stage(config, out, base + [init, steps], ranks=ranks, quiet=True)
                 runs[k].append(_stats(out))
     res = {k: {f: statistics.median(x[f] for x in v) for f in v[0]} for k, v in runs.items()}
-    # paired within a round, then the median over rounds
-    mask_cost = statistics.median(1 - a["train_tokens_per_s"] / b["train_tokens_per_s"]
-                                  for a, b in zip(runs["prune, 1 rank"], runs[MASKS_OFF]))
-    scaling = statistics.median(a["train_tokens_per_s"] / b["train_tokens_per_s"]
-                                for a, b in zip(runs["prune, 2 ranks"], runs["prune, 1 rank"]))
+    def tps(name: str) -> list[float]:
+        return [x["train_tokens_per_s"] for x in runs[name]]
+
+    mask_cost = 1 - paired_median(tps("prune, 1 rank"), tps(MASKS_OFF))
+    scaling = paired_median(tps("prune, 2 ranks"), tps("prune, 1 rank"))
     md = [f"| run (median of {args.rounds}) | train tokens/s | train s | eval s | eval share |", "|---|---|---|---|---|"]
     md += [f"| {k} | {v['train_tokens_per_s']:,.1f} | {v['train_seconds']:.2f} | {v['eval_seconds']:.2f} | "
            f"{v['eval_share']:.1%} |" for k, v in res.items()]

@@ -1,4 +1,4 @@
-"""A ~1.3B Llama pruned on one GPU in bf16 ZeRO-3 for a few minutes: training tokens/s and
+"""A ~0.94B Llama pruned on one GPU in bf16 ZeRO-3 for a few minutes: training tokens/s and
 model FLOPs utilisation, recorded with the GPU's name.
 
     python benchmarks/gpu_check.py                  # on a CUDA GPU (or: bash benchmarks/gpu_check.sh)
@@ -51,7 +51,9 @@ def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
 
 def measured(run_dir: Path) -> tuple[float, float]:
     """(tokens, seconds) of training after the first logged interval (which holds warm-up)."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from megadrp.metrics import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
     timed = [r for r in rows if r.get("train_seconds")]
     if len(timed) < 2:
         raise SystemExit(f"gpu_check: {run_dir}/metrics.jsonl has {len(timed)} timed rows; need 2 (more --steps)")
@@ -72,6 +74,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megadrp import pipeline
+    from megadrp.model.llama import count_parameters
 
     shape = "smoke" if args.smoke else "1b"
     if not args.smoke and not torch.cuda.is_available():
@@ -84,7 +87,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg)
         (model if args.smoke else model.to(torch.bfloat16)).save_pretrained(src)
-    n_params = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    n_params = count_parameters(cfg)
     run_dir = args.work / f"prune_{shape}"
     overrides = [f"data_dir={data}", f"model.init={src}", f"run_dir={run_dir}", "resume=none",
                  f"train.steps={args.steps}", f"train.seq_len={seq}", f"train.global_batch={gb}",

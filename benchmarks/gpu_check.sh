@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: a ~1.3B Llama pruned on one GPU in bf16 ZeRO-3 for a few
+# On a machine with an NVIDIA GPU: a ~0.94B Llama pruned on one GPU in bf16 ZeRO-3 for a few
 # minutes; records tokens/s and model FLOPs utilisation with the GPU's name in
 # benchmarks/results/gpu_check.{json,md}. See benchmarks/gpu_check.py for the options.
 #

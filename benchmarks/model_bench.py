@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import save
+from _common import paired_median, rotated, save
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
     names = list(fns)
     samples: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.rounds):  # one step of each variant per round, in rotated order
-        for k in names[r % len(names):] + names[:r % len(names)]:
+        for k in rotated(names, r):
             t0 = time.perf_counter()
             fns[k]()
             samples[k].append(time.perf_counter() - t0)
@@ -84,9 +84,7 @@ def main() -> None:
              "ours unmasked / transformers": ("megadrp, no masks", "transformers LlamaForCausalLM", "≤ 1.00"),
              "pruned export / fresh target-shape model": ("pruned export (transformers)",
                                                           "fresh model of the target shape (transformers)", "≈ 1.00")}
-    # The machine's speed drifts over seconds: a ratio of two steps of the same round
-    # cancels the drift, and the median of those ratios ignores the rounds a spike hit.
-    ratios = {name: round(statistics.median(x / y for x, y in zip(samples[a], samples[b])), 3)
+    ratios = {name: round(paired_median(samples[a], samples[b]), 3)
               for name, (a, b, _) in pairs.items()}
     ratio_of_minima = {name: round(min(samples[a]) / min(samples[b]), 3) for name, (a, b, _) in pairs.items()}
     r = {k: round(min(v) * 1000, 1) for k, v in samples.items()}

@@ -13,7 +13,6 @@ Reuses runs/demo's data and base model when `make demo` has run (else builds the
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -25,8 +24,9 @@ MODES = ("constant", "sheared", "dro", "dro_dyloss", "drpruning")
 
 def _fitted_updates(metrics: Path) -> int:
     """Controller updates in a run's metrics.jsonl that used at least one fitted law."""
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    return sum(1 for r in rows if r.get("controller") and any(r["controller"].get("fits", {}).values()))
+    from megadrp.metrics import read_metrics
+
+    return sum(1 for r in read_metrics(metrics) if r.get("controller") and any(r["controller"].get("fits", {}).values()))
 
 
 def main() -> None:

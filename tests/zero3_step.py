@@ -71,11 +71,12 @@ def main() -> None:
     engine.backward(loss_of(engine, ids[rank * per:(rank + 1) * per]))
     engine.step()
 
+    before = dict(ref.named_parameters())
     report = {}
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             report[name] = {"diff": (p.detach() - expected[name]).abs().max().item(),
-                            "moved": (expected[name] - dict(ref.named_parameters())[name].detach()).abs().max().item()}
+                            "moved": (expected[name] - before[name].detach()).abs().max().item()}
     if rank == 0:
         print(json.dumps({"world": world, "activation_checkpointing": args.activation_checkpointing,
                           "params": report}))
