@@ -71,21 +71,23 @@ def test_scaling_law_recovers_parameters():
     rng = np.random.default_rng(0)
     d = np.geomspace(1e6, 1e9, 50)
     loss = np.exp(4.0) * d ** -0.3 + np.exp(0.6) + rng.normal(0, 1e-3, 50)
-    f, why = scaling_law.fit(d, loss)
-    assert f is not None and why == ""
+    fits, why = scaling_law.fit(d, loss)
+    f = fits[0]
+    assert len(fits) == 3 and why == "" and [x.cost for x in fits] == sorted(x.cost for x in fits)
     assert abs(f.b - 0.3) / 0.3 < 0.05 and abs(np.exp(f.log_e) - np.exp(0.6)) / np.exp(0.6) < 0.03
     s = rng.uniform(0.05, 0.6, 50)
     loss2 = np.exp(4.0) * d ** -0.3 * s ** 0.5 + np.exp(0.6) + rng.normal(0, 1e-3, 50)
-    f2, _ = scaling_law.fit(d, loss2, s)
-    assert f2 is not None and abs(f2.b2 + 0.5) < 0.05 and abs(f2.b - 0.3) / 0.3 < 0.05
+    fits2, _ = scaling_law.fit(d, loss2, s)
+    f2 = fits2[0]
+    assert abs(f2.b2 + 0.5) < 0.05 and abs(f2.b - 0.3) / 0.3 < 0.05
 
 
 def test_scaling_law_degenerate_inputs():
-    f, why = scaling_law.fit(np.array([1.0, 2.0]), np.array([3.0, 3.0]))
-    assert f is None and "usable points" in why
+    fits, why = scaling_law.fit(np.array([1.0, 2.0]), np.array([3.0, 3.0]))
+    assert fits == [] and "usable points" in why
     d = np.geomspace(1e5, 1e7, 20)
-    f, why = scaling_law.fit(d, np.full(20, 2.0))
-    assert f is not None and np.isfinite(float(f.predict(1e8)))  # constant: a defined (finite) result
+    fits, why = scaling_law.fit(d, np.full(20, 2.0))
+    assert fits and np.isfinite(float(fits[0].predict(1e8)))  # constant: a defined (finite) result
     loss = 2.0 + 1e-8 * d  # rising
     loss[3] = np.nan
     f, why = scaling_law.fit(d, loss)

@@ -30,7 +30,6 @@ class ControllerSettings:
     total_steps: int
     reference_loss: list[float] | None  # None: the first evaluation's losses ("auto")
     pruning: bool = False
-    target_sparsity: float = 0.0
     rho: float = 0.1
     min_prob: float = 0.2
     tol: float = 1e-4
@@ -60,6 +59,7 @@ class Observation:
     loss: list[float]  # the signal: eval loss, or the training-loss EMA
     tokens: list[float]  # tokens trained so far per domain, all ranks
     sparsity: float = 0.0  # expected sparsity of the model (pruning)
+    target_sparsity: float = 0.0  # this step's ramped target sparsity (what predictions use)
 
 
 @dataclass
@@ -90,6 +90,8 @@ class Controller:
         self.history: list[list[tuple[float, float, float]]] = [[] for _ in range(k)]
         self.rng = np.random.default_rng([s.seed, 0xD50])
         self.updates = 0
+        # All domains' fits in one call; scipy's per-problem fit is the reference.
+        self.fit_problems = scaling_law.fit_each
 
     # ---- one evaluation ------------------------------------------------------------------
     def update(self, obs: Observation) -> Decision:
@@ -139,32 +141,36 @@ class Controller:
             h.append((float(obs.tokens[i]), float(loss[i]), float(obs.sparsity)))
 
     def _fit_references(self, obs: Observation, reasons: list[str]):
+        """Fit every domain whose history is long enough (all at once: `fit_problems`), and
+        lower r to the mean of the best fits' clipped predictions at the end of training."""
         s = self.s
-        fits: dict[str, dict[str, float] | None] = {}
-        preds: dict[str, float | None] = {}
+        fits: dict[str, list[dict[str, float]] | None] = {n: None for n in s.domains}
+        preds: dict[str, float | None] = {n: None for n in s.domains}
         assert self.r is not None
-        for i, name in enumerate(s.domains):
-            h = self.history[i]
-            fits[name], preds[name] = None, None
-            if len(h) <= s.min_fit_points:
-                continue
-            d, obs_loss, sp = (np.array(c) for c in zip(*h))
-            try:
-                f, why = scaling_law.fit(d, obs_loss, sp if s.pruning else None)
-            except Exception as e:  # a fit must never stop training; say why and go on
-                f, why = None, f"{type(e).__name__}: {e}"
-            if f is None:
+        todo = [i for i, h in enumerate(self.history) if len(h) > s.min_fit_points]
+        problems = []
+        for i in todo:
+            d, obs_loss, sp = (np.array(c) for c in zip(*self.history[i]))
+            problems.append((d, obs_loss, sp if s.pruning else None))
+        try:
+            results = self.fit_problems(problems, s.pruning)
+        except Exception as e:  # a fit must never stop training; say why and go on
+            results = [([], f"{type(e).__name__}: {e}")] * len(problems)
+        # The prediction's sparsity is the current step's ramped target (SPEC §3.1).
+        s_final = obs.target_sparsity if s.pruning else None
+        for i, (domain_fits, why), (_, obs_loss, _) in zip(todo, results, problems):
+            name = s.domains[i]
+            if not domain_fits:
                 reasons.append(f"{name}: scaling-law fit failed ({why}); reference unchanged")
                 continue
             if why:
                 reasons.append(f"{name}: {why}")
             d_final = obs.tokens[i] * s.total_steps / max(1, obs.step)
-            pred = float(f.predict(d_final, s.target_sparsity if s.pruning else None))
+            pred = scaling_law.reference_prediction(domain_fits, d_final, s_final, float(np.min(obs_loss)))
             if not np.isfinite(pred):
                 reasons.append(f"{name}: prediction not finite; reference unchanged")
                 continue
-            pred = float(np.clip(pred, 0.0, float(np.min(obs_loss))))
-            fits[name], preds[name] = f.as_dict(), pred
+            fits[name], preds[name] = [f.as_dict() for f in domain_fits], pred
             self.r[i] = pred if not self.fitted[i] else min(self.r[i], pred)
             self.fitted[i] = True
         return fits, preds

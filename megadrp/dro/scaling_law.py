@@ -3,8 +3,12 @@
 Continued pretraining:  L(D)    = A·D^(−b) + E
 Pruning:                L(D, s) = A·D^(−b1)·s^(−b2) + E      (s: expected sparsity)
 
-Fitted in (log A, b, log E[, b2]) with scipy's robust least squares (Huber loss, small δ)
-from a grid of starting points; the 3 best fits are averaged. Pure numpy/scipy.
+Fitted in (log A, b, log E[, b2]) by a robust least squares (Huber loss, small δ) from a
+grid of starting points. The 3 best fits each predict, each prediction is clipped, and the
+reference is the mean of those predictions (`reference_prediction`): averaging the
+*parameters* instead can be far off (log E of −9 and −1 average to nonsense), and the
+reference code averages predictions. This module is scipy's per-problem fit, the
+independent check; the controller's hot path uses the batched fit in `batched_fit.py`.
 """
 from __future__ import annotations
 
@@ -50,8 +54,26 @@ def predict(theta: np.ndarray, d, s=None) -> np.ndarray:
         return term + np.exp(theta[2])
 
 
-def fit(d: np.ndarray, loss: np.ndarray, s: np.ndarray | None = None, top_k: int = 3) -> tuple[Fit | None, str]:
-    """(fit, reason). reason is "" on success; fit is None when no start converged."""
+def starts(pruning: bool) -> list[list[float]]:
+    """SPEC §3.1's grid of starting points, in (log A, b, log E[, b2]) order."""
+    grid = itertools.product(LOG_A_STARTS, B_STARTS, LOG_E_STARTS)
+    if pruning:
+        return [[a, b, e, b2] for a, b, e in grid for b2 in B2_STARTS]
+    return [list(x) for x in grid]
+
+
+def reference_prediction(fits: list[Fit], d_final: float, s_final: float | None, lowest: float) -> float:
+    """Mean of the fits' predictions at (d_final, s_final), each clipped to [0, lowest]
+    (the lowest loss observed): SPEC §3.1. NaN when a prediction is not finite."""
+    preds = [float(f.predict(d_final, s_final)) for f in fits]
+    if not fits or not all(np.isfinite(preds)):
+        return float("nan")
+    return float(np.mean(np.clip(preds, 0.0, lowest)))
+
+
+def fit(d: np.ndarray, loss: np.ndarray, s: np.ndarray | None = None, top_k: int = 3) -> tuple[list[Fit], str]:
+    """(the `top_k` best fits, lowest Huber cost first; reason). reason is "" on success;
+    the list is empty when no start converged."""
     d, loss = np.asarray(d, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     ok = np.isfinite(d) & np.isfinite(loss) & (d > 0)
     if s is not None:
@@ -62,11 +84,8 @@ def fit(d: np.ndarray, loss: np.ndarray, s: np.ndarray | None = None, top_k: int
     if s is not None:
         s = s[ok]
     if len(d) < 3:
-        return None, f"only {len(d)} usable points"
+        return [], f"only {len(d)} usable points"
     pruning = s is not None
-    starts = [list(x) for x in itertools.product(LOG_A_STARTS, B_STARTS, LOG_E_STARTS)]
-    if pruning:
-        starts = [[a, b, e, b2] for a, b, e in itertools.product(LOG_A_STARTS, B_STARTS, LOG_E_STARTS) for b2 in B2_STARTS]
     results: list[tuple[float, np.ndarray]] = []
 
     log_d = np.log(d)
@@ -86,7 +105,7 @@ def fit(d: np.ndarray, loss: np.ndarray, s: np.ndarray | None = None, top_k: int
         j = np.stack(cols, axis=1)
         return np.where(np.isfinite(j), j, 0.0)
 
-    for x0 in starts:
+    for x0 in starts(pruning):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -97,9 +116,15 @@ def fit(d: np.ndarray, loss: np.ndarray, s: np.ndarray | None = None, top_k: int
         if np.all(np.isfinite(r.x)) and np.isfinite(r.cost):
             results.append((float(r.cost), r.x))
     if not results:
-        return None, "no start converged"
+        return [], "no start converged"
     results.sort(key=lambda t: t[0])
-    best = np.mean([x for _, x in results[:top_k]], axis=0)
-    cost = float(np.mean([c for c, _ in results[:top_k]]))
-    f = Fit(float(best[0]), float(best[1]), float(best[2]), float(best[3]) if pruning else None, cost)
-    return f, (f"dropped {dropped} non-finite points" if dropped else "")
+    fits = [Fit(float(x[0]), float(x[1]), float(x[2]), float(x[3]) if pruning else None, c) for c, x in results[:top_k]]
+    return fits, (f"dropped {dropped} non-finite points" if dropped else "")
+
+
+Problem = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]  # (tokens D, loss, sparsity s or None)
+
+
+def fit_each(problems: list[Problem], pruning: bool, top_k: int = 3) -> list[tuple[list[Fit], str]]:
+    """`fit` for every problem, one after another: the slow, independent reference."""
+    return [fit(d, loss, s if pruning else None, top_k) for d, loss, s in problems]
