@@ -61,30 +61,61 @@ def main() -> None:
             fitted[mode].append(sum(_fitted_updates(root / stage / "metrics.jsonl") for stage in ("prune", "continue")))
             pipeline.log(f"{mode} seed {seed}: mean ppl {evals[mode][-1]['mean_ppl']:.3f} "
                          f"worst {evals[mode][-1]['worst_ppl']:.3f}")
+    table = summarise(evals, fitted)
     names = list(evals[MODES[0]][0]["domain_ppl"])
-    table = {}
-    for mode in MODES:
-        ppl = {n: float(np.mean([e["domain_ppl"][n] for e in evals[mode]])) for n in names}
-        table[mode] = {"domain_ppl": ppl, "mean_ppl": float(np.mean([e["mean_ppl"] for e in evals[mode]])),
-                       "worst_ppl": float(np.mean([e["worst_ppl"] for e in evals[mode]])),
-                       "fitted_updates": float(np.mean(fitted[mode]))}
-    ref = table["sheared"]
-    for mode in MODES:
-        table[mode]["mean_vs_sheared_pct"] = 100 * (table[mode]["mean_ppl"] / ref["mean_ppl"] - 1)
-        table[mode]["worst_vs_sheared_pct"] = 100 * (table[mode]["worst_ppl"] / ref["worst_ppl"] - 1)
-    md = ["| schedule | " + " | ".join(names) + " | mean ppl | worst ppl | mean vs sheared | worst vs sheared "
-          "| updates with a fitted law |", "|---" * (len(names) + 6) + "|"]
+    pm = "±"
+    md = ["| schedule | " + " | ".join(names) + " | mean ppl | worst ppl | mean vs sheared (paired) "
+          "| worst vs sheared (paired) | updates with a fitted law |", "|---" * (len(names) + 6) + "|"]
     for mode, r in table.items():
         md.append(f"| {mode} | " + " | ".join(f"{r['domain_ppl'][n]:.3f}" for n in names)
-                  + f" | {r['mean_ppl']:.3f} | {r['worst_ppl']:.3f} | {r['mean_vs_sheared_pct']:+.2f}% "
-                  f"| {r['worst_vs_sheared_pct']:+.2f}% | {r['fitted_updates']:g} |")
-    md += ["", f"{args.seeds} seed(s); prune {args.prune_steps} steps + continue {args.continue_steps} steps per "
-           f"schedule, 16 × 128 tokens a step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; "
-           f"{time.time() - t0:.0f} s in all. "
-           "Perplexities from megadrp.evaluate on 32 eval windows of 128 tokens per domain."]
+                  + f" | {r['mean_ppl']:.3f} {pm} {r['mean_ppl_sd']:.3f} | {r['worst_ppl']:.3f} {pm} {r['worst_ppl_sd']:.3f}"
+                  f" | {_interval(r['mean_vs_sheared_pct'])} | {_interval(r['worst_vs_sheared_pct'])}"
+                  f" | {r['fitted_updates']:g} |")
+    md += ["", f"{args.seeds} seed(s); perplexities are means over seeds ± their standard deviation. The paired "
+           "columns: per seed, 100·(schedule / sheared − 1) on the same seed's base, data and batches; the mean of "
+           "those differences with its 95% interval (Student's t over seeds), then the per-seed values. "
+           f"Prune {args.prune_steps} steps + continue {args.continue_steps} steps per schedule, 16 × 128 tokens a "
+           f"step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; {time.time() - t0:.0f} s in "
+           "all. Perplexities from megadrp.evaluate on 32 eval windows of 128 tokens per domain."]
     save(args.name, {"seeds": args.seeds, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
-                     "eval_interval": args.eval_interval,
-                       "results": table, "seconds": round(time.time() - t0)}, "\n".join(md))
+                     "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
+                     "seconds": round(time.time() - t0)}, "\n".join(md))
+
+
+def paired(values: list[float]) -> dict:
+    """Mean of per-seed differences with a 95% Student-t interval (none for one seed)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "per_seed": v.tolist()}
+
+
+def _interval(p: dict) -> str:
+    seeds = ", ".join(f"{x:+.2f}" for x in p["per_seed"])
+    if not np.isfinite(p["ci95"][0]):
+        return f"{p['mean']:+.2f}%"
+    return f"{p['mean']:+.2f}% [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] ({seeds})"
+
+
+def summarise(evals: dict[str, list[dict]], fitted: dict[str, list[int]]) -> dict[str, dict]:
+    names = list(evals[MODES[0]][0]["domain_ppl"])
+    ref = evals["sheared"]
+    table = {}
+    for mode in MODES:
+        runs = evals[mode]
+        mean = np.array([e["mean_ppl"] for e in runs])
+        worst = np.array([e["worst_ppl"] for e in runs])
+        sd = (lambda x: float(x.std(ddof=1)) if len(x) > 1 else 0.0)  # noqa: E731
+        table[mode] = {
+            "domain_ppl": {n: float(np.mean([e["domain_ppl"][n] for e in runs])) for n in names},
+            "mean_ppl": float(mean.mean()), "mean_ppl_sd": sd(mean),
+            "worst_ppl": float(worst.mean()), "worst_ppl_sd": sd(worst),
+            "mean_vs_sheared_pct": paired([100 * (a["mean_ppl"] / b["mean_ppl"] - 1) for a, b in zip(runs, ref)]),
+            "worst_vs_sheared_pct": paired([100 * (a["worst_ppl"] / b["worst_ppl"] - 1) for a, b in zip(runs, ref)]),
+            "fitted_updates": float(np.mean(fitted[mode])),
+        }
+    return table
 
 
 if __name__ == "__main__":

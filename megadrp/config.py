@@ -100,7 +100,9 @@ class DROConfig:
     initial_proportion: list[float] | dict[str, float] | str | None = None  # None: ∝ tokens^0.3
     reference_loss: list[float] | dict[str, float] | str = "auto"
     signal: Literal["eval", "train_ema"] = "eval"
-    update_lag: int = 1  # evaluations between a fit's input and its weights taking effect
+    # Evaluations between a decision's input and its weights taking effect. 0 (SPEC §3
+    # Timing): the decision made at step t drives steps t+1 … t+interval. 1 defers it.
+    update_lag: int = 0
     rho: float = 0.1
     min_prob: float = 0.2
     sheared_eta: float = 1.0

@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,10 +39,10 @@ from megadrp.dro.controller import ControllerSettings, Decision, Observation
 from megadrp.dro.service import ControllerService
 from megadrp.metrics import MetricsLog, Progress, Wandb
 from megadrp.model.hf_io import export_hf, load_hf_config, load_weights
-from megadrp.model.llama import SHAPE_KEYS, MaskedLlama, count_parameters, head_dim_of, shape_of
+from megadrp.model.llama import SHAPE_STATS, MaskedLlama, count_parameters, shape_of
 from megadrp.model.masks import L0Masks, Shape, check_target
 from megadrp.model.prune import prune_state_dict
-from megadrp.optim import cosine_lr, param_groups
+from megadrp.optim import group_lrs, param_groups
 
 log = logging.getLogger("megadrp")
 
@@ -70,6 +69,29 @@ def _ignore_signals_in_worker(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def ema_update(ema: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray, decay: float = 0.9) -> np.ndarray:
+    """ℓ ← 0.9·ℓ + 0.1·(this batch's mean loss) for each domain in the batch (SPEC §3, the
+    `train_ema` signal); a domain's first batch sets ℓ; domains not in the batch keep theirs."""
+    seen = counts > 0
+    batch_loss = np.where(seen, loss_sums / np.maximum(counts, 1), np.nan)
+    first = seen & ~np.isfinite(ema)
+    return np.where(first, batch_loss, np.where(seen, decay * ema + (1 - decay) * batch_loss, ema))
+
+
+def fp32_master(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each parameter's value from the optimizer's fp32 master copy, whole, on the CPU (a
+    collective under ZeRO: every rank calls it). The final masks are chosen from these: under
+    bf16 the module's 16-bit copy rounds log α to 8 bits of mantissa, which ties or reorders
+    units that the fp32 values tell apart (SPEC §2)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in params.items():
+        full = safe_get_full_fp32_param(p)  # None when there is no separate fp32 master
+        out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+    return out
 
 
 class Trainer:
@@ -247,10 +269,12 @@ class Trainer:
         self.model = self.engine.module
 
     # ---- pieces of the loop -----------------------------------------------------------------
+    def _lrs(self, step: int) -> dict[str, float]:
+        t, p = self.cfg.train, self.cfg.prune
+        return group_lrs(step, t.lr, p.mask_lr, p.lambda_lr, t.steps, t.warmup_steps, t.min_lr_ratio)
+
     def _set_lr(self, step: int, zero: bool = False) -> dict[str, float]:
-        t = self.cfg.train
-        lrs = {"weights": cosine_lr(step, t.lr, t.steps, t.warmup_steps, t.min_lr_ratio),
-               "masks": self.cfg.prune.mask_lr, "lambdas": self.cfg.prune.lambda_lr}
+        lrs = self._lrs(step)
         for g, name in zip(self.engine.optimizer.param_groups, self.group_names):
             g["lr"] = 0.0 if zero else lrs[name]
         return lrs
@@ -269,6 +293,16 @@ class Trainer:
                 safe_set_local_fp32_param(p, clamped)
             else:
                 p.data.copy_(clamped)
+
+    def _gather_lambdas(self) -> dict[str, list[float]]:
+        """{mask set: [λ1, λ2]} (a collective under ZeRO-3: every rank calls it)."""
+        import deepspeed
+
+        l0 = self.model.l0
+        assert l0 is not None
+        with deepspeed.zero.GatheredParameters([l0.lambdas], enabled=self.zero3):
+            lam = l0.lambdas.detach().float().cpu().tolist()
+        return {m: lam[i] for i, m in enumerate(l0.active)}
 
     def _allreduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         t = t.clone()
@@ -296,32 +330,15 @@ class Trainer:
         sums = self._allreduce(sums)
         self.engine.train()
         lag = None if out.lagrangian is None else float(out.lagrangian.item())
-        shape = None if out.expected_shape is None else dict(zip(SHAPE_KEYS, out.expected_shape.tolist()))
+        shape = None if out.expected_shape is None else dict(zip(SHAPE_STATS, out.expected_shape.tolist()))
         return (sums[:, 0] / sums[:, 1]).numpy(), shape, lag
-
-    def _sparsity(self, shape: dict[str, float] | None) -> float:
-        if shape is None:
-            return 0.0
-        c = self.model_config
-        ns = SimpleNamespace(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                             num_hidden_layers=shape["layers"], vocab_size=c.vocab_size, head_dim=head_dim_of(c),
-                             num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                             tie_word_embeddings=getattr(c, "tie_word_embeddings", False))
-        return float(1.0 - count_parameters(ns) / self.source_params)
-
-    def _target_sparsity(self) -> float:
-        if self.target is None:
-            return 0.0
-        return self._sparsity({"layers": self.target.layers, "hidden": self.target.hidden, "heads": self.target.heads,
-                               "kv_heads": self.target.kv_heads, "intermediate": self.target.intermediate})
 
     def _controller(self, saved: dict | None) -> ControllerService | None:
         if self.rank != 0:
             return None
         settings = ControllerSettings.from_config(
             self.cfg.dro, domains=self.names, p0=self.p0.tolist(), total_steps=self.cfg.train.steps,
-            reference_loss=self._reference_loss(), pruning=self.pruning, target_sparsity=self._target_sparsity(),
-            seed=self.cfg.seed)
+            reference_loss=self._reference_loss(), pruning=self.pruning, seed=self.cfg.seed)
         pid = self.run_dir / "controller.pid"
         if saved is not None:
             return ControllerService.restore(settings, saved, pid)
@@ -355,8 +372,9 @@ class Trainer:
         table = WeightsTable(self.p0, max_rows=t.steps // cfg.eval.interval + 8)
         sampler = DomainSampler(cfg.seed, self.k, t.global_batch)
         self.tokens = np.zeros(self.k)
-        self.loss_sums = np.zeros((self.k, 2))
-        self.ema: np.ndarray | None = None
+        # Training-loss moving average per domain, updated at every step for the step's
+        # domains (SPEC §3); NaN until a domain has been trained on. Same on every rank.
+        self.ema = np.full(self.k, np.nan)
         self.last_decision: Decision | None = None
         self.bad_total = self.bad_run = 0
         if saved:
@@ -364,8 +382,8 @@ class Trainer:
             sampler = DomainSampler(cfg.seed, self.k, t.global_batch, saved["sampler"]["step"], saved["sampler"]["counts"])
             if self.rank == 0:
                 self.tokens = np.asarray(saved["tokens"], dtype=np.float64)
-                self.loss_sums = np.asarray(saved["loss_sums"], dtype=np.float64)
-            self.ema = None if saved["ema"] is None else np.asarray(saved["ema"])
+            if saved["ema"] is not None:
+                self.ema = np.asarray(saved["ema"], dtype=np.float64)
             self.last_decision = saved["last_decision"]
             self.bad_total = saved["bad_total"]
         self.controller = self._controller(saved["controller"] if saved else None)
@@ -422,19 +440,24 @@ class Trainer:
         fault_signal_at = int(os.environ.get("MEGADRP_FAULT_SIGNAL_AT", "0"))
         fault_kill_controller_at = int(os.environ.get("MEGADRP_FAULT_KILL_CONTROLLER_AT", "0"))
         mode = "sample" if self.pruning else None
+        device = self.engine.device
         self.engine.train()
         while step < t.steps:
             step += 1
             sampler.draw(step, table.weights_at(step))
             self._set_lr(step)
-            losses, bad = [], False
+            bad = False
+            # Per-domain sums of per-sample losses and sample counts of this step, kept on the
+            # device and reduced once per step together with the stop flag.
+            step_sums = torch.zeros(2 * self.k + 1, dtype=torch.float64, device=device)
             for accum in range(self.layout.accumulation):
                 batch = next(batches)
                 assert batch["step"] == step and batch["accum"] == accum, "data stream out of step with the trainer"
-                x = batch["input_ids"].to(self.engine.device)
-                out = self.engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mode, mask_seed=cfg.seed)
-                ce = out.losses.mean()
-                loss = ce
+                x = batch["input_ids"].to(device)
+                # One hard-concrete draw per micro-batch, keyed by its place in the global batch.
+                out = self.engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mode, mask_seed=cfg.seed,
+                                  mask_draw=self.layout.micro_index(accum))
+                loss = out.losses.mean()
                 if out.lagrangian is not None:
                     loss = loss + out.lagrangian.to(loss.dtype)
                 if step in fault_nan and self.rank == 0:
@@ -445,15 +468,19 @@ class Trainer:
                     loss, bad = torch.nan_to_num(loss, 0.0, 0.0, 0.0) * 0.0, True
                     self._set_lr(step, zero=True)
                 else:
-                    per_sample = out.losses.detach().mean(1).double().cpu().numpy()
-                    dom = batch["domain"].numpy()
-                    np.add.at(self.loss_sums[:, 0], dom, per_sample)
-                    np.add.at(self.loss_sums[:, 1], dom, 1.0)
-                    np.add.at(self.tokens, dom, t.seq_len)
-                    losses.append(float(ce.item()))
+                    dom = batch["domain"].to(device)
+                    step_sums.index_add_(0, dom, out.losses.detach().mean(1).double())
+                    step_sums.index_add_(0, dom + self.k, torch.ones_like(dom, dtype=torch.float64))
+                    np.add.at(self.tokens, batch["domain"].numpy(), t.seq_len)
                 self.engine.backward(loss)
                 self.engine.step()
                 self.last_digest = batch["weights_digest"]
+            if step == fault_signal_at and self.rank == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            step_sums[-1] = float(self.stop_signal)
+            reduced = self._allreduce(step_sums).cpu().numpy()  # the step's one host synchronisation
+            stop = reduced[-1] > 0
+            step_loss = self._update_ema(reduced[:self.k], reduced[self.k:2 * self.k], bad)
             if self.pruning:
                 self._clamp_masks()
             if bad:
@@ -465,10 +492,8 @@ class Trainer:
                                           f"The last good checkpoint is in {ckpt_root}")
             else:
                 self.bad_run = 0
-            if self.rank == 0 and (step % t.log_interval == 0 or step == t.steps) and losses:
-                print(progress.line(step, float(np.mean(losses))), file=sys.stderr, flush=True)
-            if step == fault_signal_at and self.rank == 0:
-                os.kill(os.getpid(), signal.SIGUSR1)
+            if self.rank == 0 and (step % t.log_interval == 0 or step == t.steps) and step_loss is not None:
+                print(progress.line(step, step_loss), file=sys.stderr, flush=True)
             if step == fault_kill_controller_at and self.controller is not None:
                 os.kill(self.controller._proc.pid, signal.SIGKILL)
             self._interval_steps += 1
@@ -476,7 +501,8 @@ class Trainer:
                 self._train_seconds = time.time() - self._interval_t0
                 self._evaluate_and_update(step, table, sampler)
                 self._interval_t0, self._interval_steps = time.time(), 0
-            stop = self._allreduce(torch.tensor([float(self.stop_signal)]), dist.ReduceOp.MAX).item() > 0
+                # a signal that arrived during the evaluation stops the run now
+                stop = stop or self._allreduce(torch.tensor([float(self.stop_signal)]), dist.ReduceOp.MAX).item() > 0
             if (cfg.save.interval and step % cfg.save.interval == 0) or step == t.steps or stop:
                 self._save(ckpt_root, step, table, sampler)
             if stop and step < t.steps:
@@ -484,6 +510,14 @@ class Trainer:
                     log.warning("stopped at step %d on signal; checkpoint saved, resume with resume=auto", step)
                 return "interrupted"
         return "done"
+
+    def _update_ema(self, loss_sums: np.ndarray, counts: np.ndarray, bad: bool) -> float | None:
+        """Fold this step into the moving average; the step's mean training loss (None for a
+        skipped step)."""
+        if bad or counts.sum() == 0:
+            return None
+        self.ema = ema_update(self.ema, loss_sums, counts)
+        return float(loss_sums.sum() / counts.sum())
 
     def _evaluate_and_update(self, step: int, table: WeightsTable, sampler: DomainSampler) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -494,36 +528,41 @@ class Trainer:
         eval_loss, shape, lagrangian = self.evaluate(step, mode)
         eval_time = time.time() - t0
         tokens = self._allreduce(torch.from_numpy(self.tokens.copy())).numpy()
-        loss_sums = self._allreduce(torch.from_numpy(self.loss_sums.copy())).numpy()
-        self.loss_sums[:] = 0
-        interval_loss = np.where(loss_sums[:, 1] > 0, loss_sums[:, 0] / np.maximum(loss_sums[:, 1], 1), np.nan)
-        if self.ema is None:
-            self.ema = np.where(np.isfinite(interval_loss), interval_loss, eval_loss)
-        else:
-            self.ema = np.where(np.isfinite(interval_loss), 0.9 * self.ema + 0.1 * interval_loss, self.ema)
+        if self.pruning:
+            self._lambda_values = self._gather_lambdas()
         gathered = [None] * self.world
         dist.all_gather_object(gathered, getattr(self, "last_digest", None))
         digests = [digest_hex(g) if g is not None else None for g in gathered]
-        signal_loss = eval_loss if cfg.dro.signal == "eval" else self.ema
-        decision = None
+        # A domain not trained on yet has no moving average: its eval loss stands in.
+        signal_loss = eval_loss if cfg.dro.signal == "eval" else np.where(np.isfinite(self.ema), self.ema, eval_loss)
+        decision, waited = None, 0.0
         if self.rank == 0:
             assert self.controller is not None
-            self.controller.submit(Observation(step, signal_loss.tolist(), tokens.tolist(), self._sparsity(shape)))
-            if len(self.controller.pending) > cfg.dro.update_lag or step == t.steps:
-                while len(self.controller.pending) > (0 if step == t.steps else cfg.dro.update_lag):
-                    decision = self.controller.result() or decision
+            sparsity = shape["sparsity"] if shape else 0.0
+            target_sparsity = self.model.l0.target_sparsity(step) if self.pruning and self.model.l0 else 0.0
+            self.controller.submit(Observation(step, signal_loss.tolist(), tokens.tolist(), sparsity, target_sparsity))
+            # Lag 0 (the default, SPEC §3 Timing): this evaluation's decision drives steps
+            # step+1 … step+interval, so the step waits for it; lag 1 defers it an interval.
+            t_wait = time.time()
+            lag = 0 if step == t.steps else cfg.dro.update_lag
+            while len(self.controller.pending) > lag:
+                decision = self.controller.result() or decision
+            waited = time.time() - t_wait
         box = [decision]
         dist.broadcast_object_list(box, src=0)
         decision = box[0]
         if decision is not None:
             self.last_decision = decision
         final_through = min(step + cfg.eval.interval, t.steps)
-        table.publish(step + 1, None if decision is None else np.asarray(decision.q), final_through)
+        # Step 0 makes no decision (SPEC §3 Timing): steps 1 … interval keep p0.
+        keep = decision is None or step == 0
+        table.publish(step + 1, None if keep else np.asarray(decision.q), final_through)
         if self.rank == 0:
             self._write_metrics(step, eval_loss, tokens, table.weights_at(step + 1, wait=False), digests,
-                                shape, lagrangian, eval_time)
+                                shape, lagrangian, eval_time, waited)
 
-    def _write_metrics(self, step, eval_loss, tokens, weights, digests, shape, lagrangian, eval_time) -> None:
+    def _write_metrics(self, step, eval_loss, tokens, weights, digests, shape, lagrangian, eval_time,
+                       waited) -> None:
         d = self.last_decision
         named = lambda xs: None if xs is None else {n: float(x) for n, x in zip(self.names, xs)}  # noqa: E731
         rec = {
@@ -539,10 +578,11 @@ class Trainer:
             "controller": None if d is None else {"from_step": d.step, "fits": d.fits,
                                                    "predicted_loss": d.predicted_loss, "reasons": d.reasons},
             "controller_restarts": self.controller.restarts if self.controller else 0,
-            "lr": cosine_lr(max(step, 1), self.cfg.train.lr, self.cfg.train.steps, self.cfg.train.warmup_steps,
-                            self.cfg.train.min_lr_ratio),
+            "lr": self._lrs(max(step, 1))["weights"],
+            "lr_groups": {g: self._lrs(max(step, 1))[g] for g in self.group_names},
             "bad_steps": self.bad_total,
             "eval_seconds": round(eval_time, 3),
+            "controller_wait_seconds": round(waited, 4),
         }
         steps_done = getattr(self, "_interval_steps", 0)
         if steps_done:
@@ -550,9 +590,13 @@ class Trainer:
             rec["train_seconds"] = round(secs, 3)
             rec["train_tokens_per_s"] = round(steps_done * self.cfg.train.global_batch * self.cfg.train.seq_len / secs, 1)
         if self.pruning:
-            rec["expected_shape"] = shape
+            assert shape is not None and self.model.l0 is not None
+            rec["expected_shape"] = {k: v for k, v in shape.items() if k != "sparsity"}
+            rec["target_shape"] = self.model.l0.target_shape(step)
             rec["lagrangian"] = lagrangian
-            rec["expected_sparsity"] = self._sparsity(shape)
+            rec["lambdas"] = self._lambda_values
+            rec["expected_sparsity"] = shape["sparsity"]
+            rec["target_sparsity"] = self.model.l0.target_sparsity(step)
         assert self.metrics is not None
         self.metrics.write(rec)
         self.wandb.log({"eval_loss": rec["eval_loss"], "weights": rec["weights"]}, step)
@@ -562,12 +606,10 @@ class Trainer:
 
     def _save(self, root: Path, step: int, table: WeightsTable, sampler: DomainSampler) -> None:
         tokens = self._allreduce(torch.from_numpy(self.tokens.copy())).numpy()
-        loss_sums = self._allreduce(torch.from_numpy(self.loss_sums.copy())).numpy()
         state = {
             "step": step, "table": table.state_dict(), "sampler": sampler.state_dict(),
             "controller": self.controller.state_dict() if self.controller else None,
-            "tokens": tokens.tolist(), "loss_sums": loss_sums.tolist(),
-            "ema": None if self.ema is None else self.ema.tolist(),
+            "tokens": tokens.tolist(), "ema": self.ema.tolist(),
             "last_decision": self.last_decision, "bad_total": self.bad_total, "world_size": self.world,
         }
         self._on_rank0(lambda: checkpoint.check_room(root, self._checkpoint_bytes()))
@@ -582,6 +624,7 @@ class Trainer:
 
     def _export(self) -> None:
         sd = self._full_state_dict()
+        log_alpha = fp32_master(dict(self.model.l0.log_alpha.items())) if self.pruning and self.model.l0 else {}
         if self.rank == 0:
             assert sd is not None
             sd = {k: v.detach().cpu() for k, v in sd.items()}
@@ -589,7 +632,8 @@ class Trainer:
             config = self.model_config
             if self.pruning:
                 masks = L0Masks(shape_of(config), self.target, 1)
-                masks.load_state_dict({k[3:]: v.float() for k, v in sd.items() if k.startswith("l0.")})
+                masks.load_state_dict({**{k[3:]: v.float() for k, v in sd.items() if k.startswith("l0.")},
+                                       **{f"log_alpha.{m}": v for m, v in log_alpha.items()}})
                 with torch.no_grad():
                     z = masks.deterministic(final=True)
                 weights, config = prune_state_dict(weights, config, z)

@@ -1,8 +1,9 @@
 """Parameter groups and learning-rate schedules.
 
-Three groups: model weights (the main lr, cosine with warmup to a floor), L0 mask
-log-alphas (their own constant lr), Lagrange multipliers (constant lr; their gradient is
-reversed in the model, so the optimizer's descent is ascent on λ).
+Three groups: model weights (the main lr), L0 mask log-alphas (`prune.mask_lr`), Lagrange
+multipliers (`prune.lambda_lr`; their gradient is reversed in the model, so the optimizer's
+descent is ascent on λ). One warmup + cosine multiplier scales all three, as the reference
+code schedules every parameter group (SPEC §2).
 """
 from __future__ import annotations
 
@@ -35,3 +36,10 @@ def cosine_lr(step: int, base: float, total: int, warmup: int, min_ratio: float)
         return base * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def group_lrs(step: int, lr: float, mask_lr: float, lambda_lr: float, total: int, warmup: int,
+              min_ratio: float) -> dict[str, float]:
+    """Every group's lr at `step` (1-based): each base lr times the same multiplier."""
+    m = cosine_lr(step, 1.0, total, warmup, min_ratio)
+    return {"weights": lr * m, "masks": mask_lr * m, "lambdas": lambda_lr * m}

@@ -48,11 +48,14 @@ def plot_losses(runs: dict[str, list[dict]], out: Path) -> Path:
                 ax.plot(*zip(*ref), "--", label=f"{stage} reference")
             fit = next((r for r in reversed(m) if r.get("controller") and r["controller"]["fits"].get(n)), None)
             if fit is not None:
-                f = fit["controller"]["fits"][n]
-                theta = np.array([f["log_A"], f["b"], f["log_E"]] + ([f["b2"]] if "b2" in f else []))
+                # the mean of the best fits' curves, as the reference loss is their mean prediction
                 toks = np.array([max(r["tokens"][n], 1) for r in m])
-                sp = np.array([r.get("expected_sparsity") or 1e-3 for r in m]) if "b2" in f else None
-                ax.plot(steps, predict(theta, toks, sp), ":", label=f"{stage} fitted law")
+                curves = []
+                for f in fit["controller"]["fits"][n]:
+                    theta = np.array([f["log_A"], f["b"], f["log_E"]] + ([f["b2"]] if "b2" in f else []))
+                    sp = np.array([r.get("expected_sparsity") or 1e-3 for r in m]) if "b2" in f else None
+                    curves.append(predict(theta, toks, sp))
+                ax.plot(steps, np.mean(curves, axis=0), ":", label=f"{stage} fitted law (mean of best fits)")
             ax.set_title(n)
             ax.set_xlabel("step (stages back to back)")
             seen = [r["eval_loss"][n] for mm in runs.values() for r in mm]
@@ -77,14 +80,30 @@ def plot_weights(runs: dict[str, list[dict]], out: Path) -> Path:
 
 
 def plot_shape(m: list[dict], out: Path) -> Path:
+    """The masks' expected shape against the ramped target, and the λ's that pull one to the other."""
     plt = _plt()
     keys = ["layers", "hidden", "heads", "intermediate"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3))
-    steps = [r["step"] for r in m if r.get("expected_shape")]
+    rows = [r for r in m if r.get("expected_shape")]
+    has_lambdas = any(r.get("lambdas") for r in rows)
+    fig, axes = plt.subplots(1, 5 if has_lambdas else 4, figsize=(20 if has_lambdas else 16, 3))
+    steps = [r["step"] for r in rows]
     for ax, k in zip(axes, keys):
-        ax.plot(steps, [r["expected_shape"][k] for r in m if r.get("expected_shape")])
-        ax.set_title(f"expected {k}")
+        ax.plot(steps, [r["expected_shape"][k] for r in rows], label="expected")
+        if any(r.get("target_shape") for r in rows):
+            ax.plot(steps, [r["target_shape"][k] if r.get("target_shape") else np.nan for r in rows], "--",
+                    label="target (ramped)")
+        ax.set_title(k)
         ax.set_xlabel("prune step")
+    axes[0].legend(fontsize=7)
+    if has_lambdas:
+        ax = axes[4]
+        for s in next(r["lambdas"] for r in rows if r.get("lambdas")):
+            for j, name in enumerate(("λ1", "λ2")):
+                ax.plot(steps, [r["lambdas"][s][j] if r.get("lambdas") else np.nan for r in rows],
+                        "-" if j == 0 else ":", label=f"{s} {name}")
+        ax.set_title("Lagrange multipliers")
+        ax.set_xlabel("prune step")
+        ax.legend(fontsize=6)
     return _save(plt, fig, out / "expected_shape.png")
 
 

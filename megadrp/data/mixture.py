@@ -141,6 +141,11 @@ class BatchLayout:
         base = accum * self.micro_batch * self.world_size + self.rank * self.micro_batch
         return np.arange(base, base + self.micro_batch)
 
+    def micro_index(self, accum: int) -> int:
+        """This rank's micro-batch `accum` as a place in the global batch (0 … global/micro − 1):
+        the same samples have the same index whatever the world size."""
+        return int(self.positions(accum)[0]) // self.micro_batch
+
 
 class DomainSampler:
     """Replays the per-step domain draws; knows how many samples each domain has served."""

@@ -72,9 +72,6 @@ class Decision:
     predicted_loss: dict[str, float | None] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
 
 class Controller:
     def __init__(self, s: ControllerSettings) -> None:
@@ -101,6 +98,11 @@ class Controller:
         if self.r is None:  # reference_loss: auto
             self.r = loss.copy()
             reasons.append("reference loss set from this evaluation (auto)")
+        if obs.step == 0:
+            # SPEC §3 Timing: an evaluation before any training only sets `auto` references;
+            # steps 1 … interval train on p0, and no update is counted.
+            reasons.append("step 0: no decision (weights stay p0)")
+            return self._decision(obs.step, {}, {}, reasons)
         fits: dict[str, dict[str, float] | None] = {}
         preds: dict[str, float | None] = {}
         progress = obs.step / max(1, s.total_steps)
@@ -120,12 +122,16 @@ class Controller:
             if s.mode == "drpruning" and progress >= s.ratio_start:
                 self.p = update_ratio(self.p, self.q, self.p0, s.ratio_momentum)
         self.updates += 1
+        return self._decision(obs.step, fits, preds, reasons)
+
+    def _decision(self, step: int, fits: dict, preds: dict, reasons: list[str]) -> Decision:
         for r in reasons:
-            log.info("step %d: %s", obs.step, r)
-        has_ratio = s.mode in ("dro", "dro_dyloss", "drpruning")
+            log.info("step %d: %s", step, r)
+        has_ratio = self.s.mode in ("dro", "dro_dyloss", "drpruning")
+        assert self.r is not None
         return Decision(
-            step=obs.step, q=self.q.tolist(),
-            reference_loss=None if s.mode == "constant" else self.r.tolist(),
+            step=step, q=self.q.tolist(),
+            reference_loss=None if self.s.mode == "constant" else self.r.tolist(),
             reference_ratio=self.p.tolist() if has_ratio else None,
             fits=fits, predicted_loss=preds, reasons=reasons,
         )

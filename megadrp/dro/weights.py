@@ -18,19 +18,10 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 def apply_floor(q: np.ndarray, floor: float) -> np.ndarray:
-    """The distribution closest in ratio to q with every entry >= floor (water-filling:
-    entries below the floor are fixed at it, the rest share what is left in proportion).
-    Needs len(q)·floor <= 1, which holds for floor = min p."""
-    q = normalise(q)
-    fixed = np.zeros(len(q), dtype=bool)
-    while True:
-        out = np.full(len(q), floor)
-        free = ~fixed
-        out[free] = q[free] / q[free].sum() * (1.0 - floor * fixed.sum())
-        newly = free & (out < floor)
-        if not newly.any():
-            return out
-        fixed |= newly
+    """q_i ← max(q_i, floor), then renormalise once (SPEC §3.2, as the reference computes
+    it). After the renormalisation an entry may sit slightly below the floor; exact
+    water-filling would differ from the reference's weights, so it is not done here."""
+    return normalise(np.maximum(normalise(q), floor))
 
 
 def chi2(q: np.ndarray, p: np.ndarray) -> float:
@@ -115,36 +106,15 @@ def dro_weights(loss: np.ndarray, ref: np.ndarray, p: np.ndarray, rho: float = 0
     return DROResult(q, q_raw, eta, True, scale, "; ".join(reasons))
 
 
-def box_normalise(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, iters: int = 200) -> np.ndarray:
-    """Σ clip(s·x, lo, hi) = 1 for the scale s found by bisection: "clamp, then normalise"
-    done so that the result really lies inside the box (a plain renormalisation after a
-    clamp can push entries back out). Needs Σlo <= 1 <= Σhi."""
-    x = np.asarray(x, dtype=np.float64)
-    if lo.sum() > 1 + 1e-12 or hi.sum() < 1 - 1e-12:
-        raise ValueError("box does not contain a distribution")
-    a, b = 0.0, 1.0
-    while np.clip(b * x, lo, hi).sum() < 1:
-        b *= 2
-        if b > 1e300:
-            break
-    for _ in range(iters):
-        m = 0.5 * (a + b)
-        if np.clip(m * x, lo, hi).sum() < 1:
-            a = m
-        else:
-            b = m
-    out = np.clip(b * x, lo, hi)
-    return out / out.sum()
-
-
 def update_ratio(p: np.ndarray, q: np.ndarray, p0: np.ndarray, momentum: float = 0.9) -> np.ndarray:
-    """Move the reference ratio toward q, keeping it inside [p0/2, 2·p0] and [min p0, max p0]
-    (both clamps of SPEC §3.3 at once, so neither is undone by the other's normalisation)."""
+    """Move the reference ratio toward q (SPEC §3.3), the two clamps applied in sequence as
+    the reference code does: p ← normalise(0.9·p + 0.1·q); clamp to [p0/2, 2·p0],
+    normalise; clamp to [min p0, max p0], normalise. Each normalisation may push an entry
+    slightly back outside the box it was just clamped to; that is the reference's rule."""
     p0 = normalise(p0)
-    new = normalise(momentum * np.asarray(p) + (1 - momentum) * np.asarray(q))
-    lo = np.maximum(p0 / 2, p0.min())
-    hi = np.minimum(2 * p0, p0.max())
-    return box_normalise(new, lo, hi)
+    new = normalise(momentum * np.asarray(p, dtype=np.float64) + (1 - momentum) * np.asarray(q, dtype=np.float64))
+    new = normalise(np.clip(new, p0 / 2, 2 * p0))
+    return normalise(np.clip(new, p0.min(), p0.max()))
 
 
 def sheared_update(w: np.ndarray, loss: np.ndarray, ref: np.ndarray, eta: float = 1.0, c: float = 1e-4) -> np.ndarray:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from megadrp.model.masks import L0Masks, Shape
 
 SHAPE_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
+# What a masked forward reports about the masks: the expected shape, then the expected sparsity.
+SHAPE_STATS = SHAPE_KEYS + ("sparsity",)
 
 
 def head_dim_of(config) -> int:
@@ -65,7 +68,8 @@ class RMSNorm(nn.Module):
         squares over all dims equals the sum over kept ones."""
         xf = x.float()
         ss = xf.pow(2).sum(-1, keepdim=True)
-        var = ss / (kept if kept is not None else x.shape[-1])
+        # an evaluation mask may keep no dimension at all; the output is then 0, not NaN
+        var = ss / (kept.clamp(min=1) if kept is not None else x.shape[-1])
         return self.weight * (xf * torch.rsqrt(var + self.eps)).to(x.dtype)
 
 
@@ -220,7 +224,7 @@ class MaskedLlama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.l0 = L0Masks(shape_of(config), target, ramp_steps) if target is not None else None
+        self.l0 = L0Masks(shape_of(config), target, ramp_steps, head_dim_of(config)) if target is not None else None
         inv_freq, self.attention_scaling = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.activation_checkpointing = activation_checkpointing
@@ -266,25 +270,33 @@ class MaskedLlama(nn.Module):
         return self.lm_head(self.model.norm(h, kept))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, step: int = 0,
-                mask_mode: str | None = None, mask_seed: int = 0) -> torch.Tensor | ForwardOutput:
+                mask_mode: str | None = None, mask_seed: int = 0, mask_draw: int = 0) -> torch.Tensor | ForwardOutput:
         """Logits when `labels` is None; else per-token losses and the L0 terms.
 
         The masks are computed inside this forward (not by the caller) so that under ZeRO-3
         the mask parameters are gathered and their gradients reduced like any other.
-        `mask_mode`: None (no masks), 'sample' (hard concrete, seeded by (mask_seed, step)
-        so every rank and micro-batch of a step shares one draw), 'expected' or 'final'.
+        `mask_mode`: None (no masks), 'sample' (one hard-concrete draw per forward, seeded by
+        (mask_seed, step, mask_draw); the engine passes the micro-batch's place in the global
+        batch as `mask_draw`, so one and two ranks with the same global batch draw the same
+        masks for the same samples), 'expected' or 'final'.
         """
         z, lag, shape = {}, None, None
         if mask_mode is not None and self.l0 is not None:
             gen = None
             if mask_mode == "sample":
-                gen = torch.Generator().manual_seed(mask_seed * 1_000_003 + step)
+                gen = torch.Generator().manual_seed(mask_draw_seed(mask_seed, step, mask_draw))
             z, lag, shape = self.l0(step, mask_mode, gen)
         logits = self.logits(input_ids, z)
         if labels is None:
             return logits
-        shape_t = None if shape is None else torch.tensor([shape[k] for k in SHAPE_KEYS], dtype=torch.float64)
+        shape_t = None if shape is None else torch.tensor([shape[k] for k in SHAPE_STATS], dtype=torch.float64)
         return ForwardOutput(token_losses(logits, labels), lag, shape_t)
+
+
+def mask_draw_seed(seed: int, step: int, draw: int) -> int:
+    """A 63-bit seed for one hard-concrete draw, mixed so that no two (seed, step, draw)
+    triples of a run share a stream."""
+    return int(np.random.SeedSequence([seed, 0x10, step, draw]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class ForwardOutput(NamedTuple):
@@ -292,7 +304,7 @@ class ForwardOutput(NamedTuple):
 
     losses: torch.Tensor  # [B, T] fp32
     lagrangian: torch.Tensor | None
-    expected_shape: torch.Tensor | None  # [layers, hidden, heads, kv_heads, intermediate]
+    expected_shape: torch.Tensor | None  # SHAPE_STATS: layers, hidden, heads, kv_heads, intermediate, sparsity
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -72,14 +72,17 @@ def sample_z(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
 
-def deterministic_z(log_alpha: torch.Tensor, keep: int) -> torch.Tensor:
-    """Keep exactly `keep` units per row (the last dim), those with the largest score; the
-    kept entries carry their score (folded into the weights at export)."""
+def deterministic_z(log_alpha: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
+    """Keep the `keep` units with the largest score in each row (the last dim); `keep` is
+    one count for every row or a tensor of per-row counts. Kept entries carry their score
+    (folded into the weights at export), the rest are 0."""
     score = torch.sigmoid(log_alpha / BETA * DETERMINISTIC_SHARPEN)
-    if keep >= score.shape[-1]:
-        return score
-    idx = torch.topk(score, keep, dim=-1).indices
-    return torch.zeros_like(score).scatter(-1, idx, score.gather(-1, idx))
+    keep_t = torch.as_tensor(keep, device=score.device).clamp(0, score.shape[-1])
+    # rank of each unit in its row, largest score first (stable, so ties keep the lower index)
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1], device=score.device)
+                                            .expand_as(order).contiguous())
+    return torch.where(rank < keep_t.unsqueeze(-1), score, torch.zeros_like(score))
 
 
 class _ReverseGrad(torch.autograd.Function):
@@ -99,9 +102,12 @@ SETS = ("layer", "head", "intermediate", "hidden")
 
 
 class L0Masks(nn.Module):
-    def __init__(self, source: Shape, target: Shape, ramp_steps: int) -> None:
+    def __init__(self, source: Shape, target: Shape, ramp_steps: int, head_dim: int = 1) -> None:
+        """`head_dim` only weighs heads against channels in the parameter counts behind
+        `expected_sparsity`; it never changes which units are kept."""
         super().__init__()
         self.source, self.target, self.ramp_steps = source, target, max(1, ramp_steps)
+        self.head_dim = head_dim
         shapes = {
             "layer": (source.layers,),
             "head": (source.layers, source.kv_heads),
@@ -136,25 +142,55 @@ class L0Masks(nn.Module):
         return {m: prob_nonzero(self.clamped(m)) for m in self.active}
 
     def expected_fractions(self, probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Expected kept fraction of each active set; heads and channels nest in layers."""
-        out = {}
-        p_layer = probs.get("layer")
-        for m in self.active:
-            p = probs[m]
-            if m in ("head", "intermediate") and p_layer is not None:
-                out[m] = (p.mean(-1) * p_layer).mean()
-            else:
-                out[m] = p.mean()
-        return out
+        """Expected kept fraction of each active set, for the Lagrangian (SPEC §2): per layer
+        ([L]) for head and intermediate, from each layer's own masks (not nested with the
+        layer mask), so a layer far from its target is penalised even when the mean is on
+        target; a scalar for layer and hidden."""
+        return {m: probs[m].mean(-1) for m in self.active}
 
     def target_fractions(self, step: int) -> dict[str, float]:
-        out = {}
-        for m in self.active:
-            t = self.target_fraction(m, step)
-            if m in ("head", "intermediate") and "layer" in self.active:
-                t *= self.target_fraction("layer", step)
-            out[m] = t
-        return out
+        """Each active set's own ramped target fraction."""
+        return {m: self.target_fraction(m, step) for m in self.active}
+
+    def _prunable_params(self, layer: torch.Tensor, kv_heads: torch.Tensor, intermediate: torch.Tensor,
+                         hidden: torch.Tensor | float) -> torch.Tensor:
+        """Attention and MLP projection parameters of a model whose layer l is kept with
+        (expected) weight layer[l] and holds kv_heads[l] key/value groups and intermediate[l]
+        channels over `hidden` residual dimensions: nested products, as the reference counts."""
+        s = self.source
+        per_kv_group = self.head_dim * (2 * (s.heads // s.kv_heads) + 2)  # q and o per query head, k and v
+        return (layer * hidden * (kv_heads * per_kv_group + 3 * intermediate)).sum()
+
+    def source_params(self) -> float:
+        s = self.source
+        ones = torch.ones(s.layers, dtype=torch.float64)
+        return float(self._prunable_params(ones, ones * s.kv_heads, ones * s.intermediate, float(s.hidden)))
+
+    def expected_sparsity(self, probs: dict[str, torch.Tensor]) -> float:
+        """Expected fraction of the non-embedding prunable parameters removed (SPEC §3.1):
+        what the pruning scaling law takes as s."""
+        s = self.source
+        ones = torch.ones(s.layers, dtype=torch.float64)
+        layer = probs["layer"].double() if "layer" in probs else ones
+        kv = probs["head"].double().sum(-1) if "head" in probs else ones * s.kv_heads
+        inter = probs["intermediate"].double().sum(-1) if "intermediate" in probs else ones * s.intermediate
+        hidden = probs["hidden"].double().sum() if "hidden" in probs else float(s.hidden)
+        return 1.0 - float(self._prunable_params(layer, kv, inter, hidden)) / self.source_params()
+
+    def target_shape(self, step: int) -> dict[str, float]:
+        """The ramped target of `step`, in the units of `expected_shape`."""
+        s = self.source
+        f = {m: self.target_fraction(m, step) for m in SETS}
+        kv = s.kv_heads * f["head"]
+        return {"layers": s.layers * f["layer"], "hidden": s.hidden * f["hidden"], "heads": kv * (s.heads // s.kv_heads),
+                "kv_heads": kv, "intermediate": s.intermediate * f["intermediate"]}
+
+    def target_sparsity(self, step: int) -> float:
+        """Sparsity of the ramped target shape at `step`: what predictions use (SPEC §3.1)."""
+        t = self.target_shape(step)
+        ones = torch.ones(1, dtype=torch.float64)
+        kept = self._prunable_params(ones * t["layers"], ones * t["kv_heads"], ones * t["intermediate"], t["hidden"])
+        return 1.0 - float(kept) / self.source_params()
 
     def expected_shape(self, probs: dict[str, torch.Tensor]) -> dict[str, float]:
         s = self.source
@@ -166,6 +202,8 @@ class L0Masks(nn.Module):
         return {"layers": layers, "hidden": hidden, "heads": kv * group, "kv_heads": kv, "intermediate": inter}
 
     def lagrangian(self, step: int, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ over sets of mean(λ1·gap + λ2·gap²), gap = expected − target fraction; the mean
+        runs over layers for the per-layer sets (SPEC §2)."""
         if not self.active:
             return torch.zeros(())
         lam = _ReverseGrad.apply(self.lambdas)
@@ -173,7 +211,7 @@ class L0Masks(nn.Module):
         total = torch.zeros((), dtype=torch.float32, device=lam.device)
         for i, m in enumerate(self.active):
             gap = expected[m] - target[m]
-            total = total + lam[i, 0] * gap + lam[i, 1] * gap * gap
+            total = total + (lam[i, 0] * gap + lam[i, 1] * gap * gap).mean()
         return total
 
     # ---- masks --------------------------------------------------------------------------
@@ -186,20 +224,22 @@ class L0Masks(nn.Module):
         return z
 
     def deterministic(self, final: bool = True) -> dict[str, torch.Tensor]:
-        """`final`: keep exactly the target count per row. Otherwise keep the (rounded)
-        expected count, never fewer than the target: the model as it stands now."""
+        """`final`: keep exactly the target count per row (the exported shape). Otherwise
+        (evaluation while pruning) keep round(that row's expected kept count) per row, the
+        reference's rule: the model as it stands now, which may be below the target."""
         z = {}
         for m in self.active:
             la = self.clamped(m)
-            keep = self.keep[m]
+            keep: int | torch.Tensor = self.keep[m]
             if not final:
-                keep = max(keep, int(round(prob_nonzero(la).sum(-1).mean().item())))
+                keep = torch.round(prob_nonzero(la).sum(-1)).long()
             z[m] = deterministic_z(la, keep)
         return z
 
     def forward(self, step: int, mode: str, generator: torch.Generator | None = None
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
-        """mode: 'sample' (training), 'expected' (deterministic, expected counts) or 'final'."""
+        """mode: 'sample' (training), 'expected' (deterministic, expected counts) or 'final'.
+        Returns (masks, Lagrangian, expected shape with its 'sparsity')."""
         probs = self.probs()
         if mode == "sample":
             assert generator is not None
@@ -208,9 +248,5 @@ class L0Masks(nn.Module):
         else:
             z = self.deterministic(final=(mode == "final"))
             lag = self.lagrangian(step, probs).detach()
-        return z, lag, self.expected_shape({k: v.detach() for k, v in probs.items()})
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        for p in self.log_alpha.values():
-            p.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        detached = {k: v.detach() for k, v in probs.items()}
+        return z, lag, {**self.expected_shape(detached), "sparsity": self.expected_sparsity(detached)}
