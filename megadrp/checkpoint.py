@@ -1,10 +1,12 @@
 """Tagged checkpoints that become visible only when complete.
 
 Layout: RUN_DIR/checkpoints/step00000040/ holds DeepSpeed's files (every rank's
-partitions) and `megadrp_state.pt` (sampler, weights table, controller, counters). It is
-written as `.tmp-step00000040/` and renamed by rank 0 after every rank has finished, so a
-kill at any moment leaves either the old set of checkpoints or the old set plus one whole
-new one. `resume: auto` takes the highest complete step.
+partitions) and `megadrp_state.pt` (the `state_dict()` of every stateful component the
+trainer lists: loop counters, domain schedule). It is written as `.tmp-step00000040/` and
+renamed by rank 0 after every rank has finished, so a kill at any moment leaves either the
+old set of checkpoints or the old set plus one whole new one. After the rename the root's
+`latest` file names the new tag (DeepSpeed's convention: `zero_to_fp32.py ROOT OUT` works
+without `--tag`). `resume: auto` takes the highest complete step.
 """
 from __future__ import annotations
 
@@ -12,12 +14,21 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
 
+from megadrp.atomic import atomic_write_text
+
 STATE_FILE = "megadrp_state.pt"
 _TAG = re.compile(r"^step(\d{8})$")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def tag_of(step: int) -> str:
@@ -49,8 +60,9 @@ def check_room(root: Path, needed_bytes: int) -> None:
                       "free space or point run_dir elsewhere (the last complete checkpoint is kept)")
 
 
-def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
-    """Collective: every rank calls it."""
+def save(engine, root: Path, step: int, states: Mapping[str, Stateful], keep: int, kill_in_save: int = 0) -> Path:
+    """Collective: every rank calls it. `states`: the components whose `state_dict()` goes
+    into `megadrp_state.pt` (rank 0's; they are identical on every rank or rank-0 only)."""
     rank = dist.get_rank()
     tag, tmp_tag = tag_of(step), f".tmp-{tag_of(step)}"
     tmp = root / tmp_tag
@@ -59,8 +71,10 @@ def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    if os.environ.get("MEGADRP_FAULT_KILL_IN_SAVE") == str(step):  # reliability tests: die mid-save
+    if kill_in_save == step:  # fault injection (megadrp.faults): die mid-save
         os.kill(os.getpid(), 9)
+    state = {name: obj.state_dict() for name, obj in states.items()}
+    state["world_size"] = dist.get_world_size()
     if rank == 0:
         f = tmp / f".{STATE_FILE}.tmp"
         torch.save(state, f)
@@ -73,22 +87,29 @@ def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+        atomic_write_text(root / "latest", tag + "\n")
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def load(engine, path: Path) -> dict:
-    """Collective. Returns megadrp's own state; the engine's is loaded in place."""
+def load(engine, path: Path, states: Mapping[str, Stateful]) -> None:
+    """Collective. Loads the engine's state in place and each component's from
+    `megadrp_state.pt`."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    missing = [name for name in states if name not in state]
+    if missing:
+        raise ValueError(f"{path / STATE_FILE}: no {missing[0]!r} state (written by an older megadrp?); "
+                         "resume from a checkpoint of this version, or start fresh with resume=none")
     world = dist.get_world_size()
     if state.get("world_size", world) != world:
         raise ValueError(f"{path}: written by {state['world_size']} ranks, resuming with {world}; ZeRO-3 partitions "
                          "are per rank: resume with the same number of ranks (or start fresh with resume=none)")
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
                            load_optimizer_states=True, load_lr_scheduler_states=False)
-    return state
+    for name, obj in states.items():
+        obj.load_state_dict(state[name])
 
 
 def _fsync_dir(d: Path) -> None:

@@ -150,14 +150,13 @@ def _convert(value: Any, t: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in typing.get_args(t):
             return None
-        errors = []
         for arg in typing.get_args(t):
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"config key {key!r}: {value!r} is not a {_type_name(t)}")
     if origin is Literal:
         if value not in typing.get_args(t):

@@ -21,7 +21,7 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_set_full_fp32_param  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from megadrp.engine import fp32_master  # noqa: E402
+from megadrp.ds_setup import fp32_master  # noqa: E402
 from megadrp.model.llama import MaskedLlama  # noqa: E402
 from megadrp.model.masks import Shape, deterministic_z  # noqa: E402
 

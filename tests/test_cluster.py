@@ -13,9 +13,8 @@ import subprocess
 import time
 
 import pytest
+import slurm_cluster as testing_cluster
 from conftest import PY, ROOT, metrics, run
-
-from megadrp import testing_cluster
 
 pytestmark = pytest.mark.slow
 REQUIRED = os.environ.get("MEGADRP_REQUIRE_CLUSTER") == "1"

@@ -130,7 +130,7 @@ def test_eval_holdout_is_deterministic_and_spread(tmp_path, tokenizer):
 
 
 def test_inspect(data_dir):
-    p = run([PY, "data_tools/inspect.py", str(data_dir)])
+    p = run([PY, "data_tools/inspect_data.py", str(data_dir)])
     assert "tokens" in p.stdout and "code" in p.stdout
-    p = run([PY, "data_tools/inspect.py", str(data_dir / "code_train")])
+    p = run([PY, "data_tools/inspect_data.py", str(data_dir / "code_train")])
     assert "documents" in p.stdout and "sample" in p.stdout

@@ -214,9 +214,6 @@ class MixtureDataset(IterableDataset):
         # Open once here: validates every shard (and fails) before any worker starts.
         self._windows = [DomainWindows(p, seq_len, seed, i, n) for i, (p, n) in enumerate(zip(self.prefixes, self.names))]
 
-    def windows_per_domain(self) -> list[int]:
-        return [w.n for w in self._windows]
-
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)

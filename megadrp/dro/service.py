@@ -18,12 +18,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from megadrp.atomic import atomic_write_text
 from megadrp.dro.controller import Controller, ControllerSettings, Decision, Observation
 
 log = logging.getLogger("megadrp.dro")
 
 
-def _child(settings: ControllerSettings, state: dict | None, inq: mp.Queue, outq: mp.Queue) -> None:
+def _child(settings: ControllerSettings, state: dict | None, inq: mp.Queue, outq: mp.Queue, raise_at: int) -> None:
     # Job signals (Slurm's --signal, Ctrl-C) are for the trainer, which stops this process itself.
     for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
@@ -37,7 +38,7 @@ def _child(settings: ControllerSettings, state: dict | None, inq: mp.Queue, outq
         seq, obs = msg
         snapshot = ctrl.state_dict()
         try:
-            if os.environ.get("MEGADRP_FAULT_CONTROLLER_RAISE_AT") == str(obs.step):
+            if obs.step == raise_at:  # fault injection (megadrp.faults)
                 raise RuntimeError(f"injected controller fault at step {obs.step}")
             decision = ctrl.update(obs)
             outq.put((seq, "ok", decision, ctrl.state_dict()))
@@ -48,8 +49,9 @@ def _child(settings: ControllerSettings, state: dict | None, inq: mp.Queue, outq
 
 class ControllerService:
     def __init__(self, settings: ControllerSettings, state: dict | None = None,
-                 pid_file: str | os.PathLike | None = None) -> None:
+                 pid_file: str | os.PathLike | None = None, raise_at: int = -1) -> None:
         self.settings = settings
+        self.raise_at = raise_at
         self.state = state  # controller state after the last consumed result
         self.pending: list[tuple[int, Observation]] = []
         self.seq = 0
@@ -61,13 +63,11 @@ class ControllerService:
 
     def _start(self) -> None:
         self.inq, self.outq = self._ctx.Queue(), self._ctx.Queue()
-        self._proc = self._ctx.Process(target=_child, args=(self.settings, self.state, self.inq, self.outq),
+        self._proc = self._ctx.Process(target=_child, args=(self.settings, self.state, self.inq, self.outq, self.raise_at),
                                        daemon=True, name="megadrp-controller")
         self._proc.start()
         if self.pid_file:
-            tmp = self.pid_file.with_suffix(".tmp")
-            tmp.write_text(f"{self._proc.pid}\n")
-            os.replace(tmp, self.pid_file)
+            atomic_write_text(self.pid_file, f"{self._proc.pid}\n")
         for seq, obs in self.pending:
             self.inq.put((seq, obs))
 
@@ -106,8 +106,8 @@ class ControllerService:
         return {"state": self.state, "pending": [dataclasses.asdict(o) for _, o in self.pending]}
 
     @classmethod
-    def restore(cls, settings: ControllerSettings, saved: dict, pid_file=None) -> "ControllerService":
-        svc = cls(settings, saved["state"], pid_file)
+    def restore(cls, settings: ControllerSettings, saved: dict, pid_file=None, raise_at: int = -1) -> "ControllerService":
+        svc = cls(settings, saved["state"], pid_file, raise_at)
         for o in saved["pending"]:
             svc.submit(Observation(**o))
         return svc

@@ -1,7 +1,7 @@
 """A real single-node Slurm cluster for tests and local trials (slurmctld + slurmd + munge).
 
-    python -m megadrp.testing_cluster start DIR   # prints `export SLURM_CONF=...`
-    python -m megadrp.testing_cluster stop DIR
+    python tests/slurm_cluster.py start DIR   # prints `export SLURM_CONF=...`
+    python tests/slurm_cluster.py stop DIR
 
 Generates slurm.conf in DIR (ProctrackType=proctrack/linuxproc, TaskPlugin=task/none, one
 node with this machine's CPUs), starts munged if it is not running, then both daemons,

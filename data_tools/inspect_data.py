@@ -1,16 +1,14 @@
 """Look inside shards: counts, a document-length histogram and a decoded sample.
 
-    python data_tools/inspect.py PREFIX_OR_DATA_DIR [--sample N]
+    python data_tools/inspect_data.py PREFIX_OR_DATA_DIR [--sample N]
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-# Run as a script, sys.path[0] is data_tools/, whose inspect.py would shadow the standard
-# library's; put the repository root there instead.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 

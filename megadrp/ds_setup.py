@@ -1,0 +1,86 @@
+"""DeepSpeed around the masked model: build it (under `zero.Init`, loading the source
+checkpoint module by module), clamp the masks' fp32 master, and read whole tensors back
+(the consolidated state dict, the fp32 master of log α, the λ's). Every function that
+gathers is a collective: all ranks call it.
+"""
+from __future__ import annotations
+
+import torch
+
+from megadrp.model.hf_io import load_weights
+from megadrp.model.llama import MaskedLlama
+from megadrp.model.masks import LOG_ALPHA_MAX, LOG_ALPHA_MIN
+from megadrp.optim import param_groups
+from megadrp.plan import RunPlan
+
+
+def build_engine(plan: RunPlan, rank: int):
+    """(DeepSpeed engine, names of its parameter groups in optimizer order)."""
+    import deepspeed
+
+    cfg = plan.cfg
+    if cfg.stage == "pretrain":
+        # Small from-scratch models: build whole, identically seeded on every rank;
+        # deepspeed.initialize partitions them.
+        torch.manual_seed(cfg.seed)
+        model = MaskedLlama(plan.model_config, activation_checkpointing=cfg.model.activation_checkpointing)
+        model.init_weights()
+    else:
+        with deepspeed.zero.Init(config_dict_or_path=plan.ds_config, enabled=plan.zero3):
+            model = MaskedLlama(plan.model_config, plan.target, plan.ramp_steps, cfg.model.activation_checkpointing)
+        load_weights(model, cfg.model.init, zero3=plan.zero3, rank=rank)
+    groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.prune.mask_lr, cfg.prune.lambda_lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=plan.ds_config)
+    return engine, [g["name"] for g in groups]
+
+
+def clamp_masks(model: MaskedLlama, zero3: bool) -> None:
+    """Keep the optimizer's master log α inside [log 0.01, log 100] (SPEC §2); the forward
+    clamps its value too, so this only stops the master drifting where it cannot return."""
+    if model.l0 is None:
+        return
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    for p in model.l0.log_alpha.values():
+        v = safe_get_local_fp32_param(p) if zero3 else p.data
+        if v is None or v.numel() == 0:
+            continue
+        clamped = v.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        if zero3:
+            safe_set_local_fp32_param(p, clamped)
+        else:
+            p.data.copy_(clamped)
+
+
+def full_state_dict(engine, zero3: bool, rank: int) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on rank 0 (16-bit under bf16), None elsewhere."""
+    if zero3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in sd.items()} if rank == 0 and sd is not None else None
+
+
+def fp32_master(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each parameter's value from the optimizer's fp32 master copy, whole, on the CPU. The
+    final masks are chosen from these: under bf16 the module's 16-bit copy rounds log α to 8
+    bits of mantissa, which ties or reorders units that the fp32 values tell apart (SPEC §2)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in params.items():
+        full = safe_get_full_fp32_param(p)  # None when there is no separate fp32 master
+        out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+    return out
+
+
+def lambdas(model: MaskedLlama, zero3: bool) -> dict[str, list[float]]:
+    """{mask set: [λ1, λ2]}."""
+    import deepspeed
+
+    l0 = model.l0
+    assert l0 is not None
+    with deepspeed.zero.GatheredParameters([l0.lambdas], enabled=zero3):
+        lam = l0.lambdas.detach().float().cpu().tolist()
+    return {m: lam[i] for i, m in enumerate(l0.active)}
+

@@ -1,0 +1,60 @@
+"""Per-domain evaluation on fixed windows, sharded over ranks and all-reduced.
+
+Every rank runs the same number of forwards (short shards are padded with window 0 and the
+padding is not counted), because under ZeRO-3 each forward gathers parameters collectively.
+The windows are the ones `megadrp.evaluate` scores, so an exported model can be checked
+against the trainer's last evaluation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megadrp.data.mixture import EvalWindows
+from megadrp.model.llama import SHAPE_STATS
+
+
+@dataclass
+class EvalResult:
+    loss: np.ndarray  # per domain: mean token loss (same on every rank)
+    shape: dict[str, float] | None  # the masks' expected shape and sparsity (pruning)
+    lagrangian: float | None
+
+
+class Evaluator:
+    def __init__(self, domains, seq_len: int, tokens_per_domain: int, micro_batch: int, rank: int, world: int) -> None:
+        try:
+            self.sets = [EvalWindows(d.eval, seq_len, tokens_per_domain, d.name) for d in domains]
+        except ValueError as e:
+            from megadrp.config import ConfigError
+
+            raise ConfigError(str(e)) from e
+        self.seq_len, self.micro_batch, self.rank, self.world = seq_len, micro_batch, rank, world
+
+    @torch.no_grad()
+    def __call__(self, engine, step: int, mask_mode: str | None) -> EvalResult:
+        engine.eval()
+        mb = self.micro_batch
+        sums = torch.zeros(len(self.sets), 2, dtype=torch.float64, device=engine.device)
+        out = None
+        for d, ew in enumerate(self.sets):
+            mine = ew.shard(self.rank, self.world)
+            per_rank = math.ceil(ew.n / self.world)
+            for b in range(math.ceil(per_rank / mb)):
+                sel = mine[b * mb:(b + 1) * mb]
+                real = len(sel)
+                sel = sel + [0] * (mb - real)
+                x = torch.from_numpy(np.stack([ew[i] for i in sel])).to(engine.device)
+                out = engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mask_mode)
+                sums[d, 0] += out.losses[:real].double().sum()
+                sums[d, 1] += real * self.seq_len
+        dist.all_reduce(sums)
+        engine.train()
+        assert out is not None
+        lag = None if out.lagrangian is None else float(out.lagrangian.item())
+        shape = None if out.expected_shape is None else dict(zip(SHAPE_STATS, out.expected_shape.tolist()))
+        return EvalResult((sums[:, 0] / sums[:, 1]).cpu().numpy(), shape, lag)

@@ -1,0 +1,50 @@
+"""End of a stage: the final masks (from the fp32 master log α), fold and slice them into a
+smaller model of the same family, and write a standard Hugging Face directory with the
+data's tokenizer and a `megadrp.json` provenance file. Collective (gathers), rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megadrp import ds_setup
+from megadrp.model.hf_io import export_hf
+from megadrp.model.llama import count_parameters, shape_of
+from megadrp.model.masks import L0Masks
+from megadrp.model.prune import prune_state_dict
+from megadrp.plan import RunPlan
+
+log = logging.getLogger("megadrp")
+
+
+def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
+    sd = ds_setup.full_state_dict(engine, plan.zero3, rank)
+    l0 = engine.module.l0
+    log_alpha = ds_setup.fp32_master(dict(l0.log_alpha.items())) if plan.pruning and l0 is not None else {}
+    out = None
+    if rank == 0:
+        assert sd is not None
+        weights = {k: v for k, v in sd.items() if not k.startswith("l0.")}
+        config = plan.model_config
+        if plan.pruning:
+            assert plan.target is not None
+            masks = L0Masks(shape_of(config), plan.target, 1)
+            masks.load_state_dict({**{k[3:]: v.float() for k, v in sd.items() if k.startswith("l0.")},
+                                   **{f"log_alpha.{m}": v for m, v in log_alpha.items()}})
+            with torch.no_grad():
+                z = masks.deterministic(final=True)
+            weights, config = prune_state_dict(weights, config, z)
+        out = export_hf(weights, config, run_dir / "hf", plan.manifest.tokenizer)
+        (out / "megadrp.json").write_text(json.dumps({
+            "stage": plan.cfg.stage, "steps": plan.cfg.train.steps, "source": plan.cfg.model.init,
+            "parameters": count_parameters(config), "source_parameters": count_parameters(plan.model_config),
+            "domains": plan.names}, indent=2) + "\n")
+        log.info("exported %s (%s parameters)", out, f"{count_parameters(config):,}")
+        print(f"exported model: {out}", file=sys.stderr, flush=True)
+    dist.barrier()
+    return out

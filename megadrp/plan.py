@@ -1,0 +1,178 @@
+"""The run plan: everything a run needs that follows from config × data manifest × world,
+resolved once, before any model is built, and frozen.
+
+Why one place: the engine, the evaluator, the domain schedule and the exporter all need the
+domains, p0, the reference losses, the target shape and the batch layout; resolving them in
+one pure function means every user error in them surfaces before any compute, with the key
+that caused it, and nothing downstream re-derives (and possibly disagrees about) them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megadrp.config import Config, ConfigError
+from megadrp.data.manifest import DomainShards, Manifest, load_manifest
+from megadrp.data.mixture import BatchLayout
+from megadrp.model.masks import Shape, check_target
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: Config
+    manifest: Manifest
+    domains: tuple[DomainShards, ...]
+    layout: BatchLayout
+    model_config: Any  # a transformers config of the model this stage starts from
+    target: Shape | None  # the prune target (stage prune only)
+    ramp_steps: int
+    ds_config: dict
+    p0: np.ndarray  # initial domain proportions, normalised
+    reference_loss: list[float] | None  # None: `auto` (the first evaluation's losses)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    @property
+    def k(self) -> int:
+        return len(self.domains)
+
+    @property
+    def pruning(self) -> bool:
+        return self.cfg.stage == "prune"
+
+    @property
+    def zero3(self) -> bool:
+        return self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+
+
+def make_plan(cfg: Config, world_size: int, rank: int) -> RunPlan:
+    """Resolve and validate; raises ConfigError (or the manifest's own error) naming the key."""
+    manifest = load_manifest(cfg.data_dir)
+    domains = tuple(manifest.select(cfg.domains))
+    names = [d.name for d in domains]
+    t = cfg.train
+    try:
+        layout = BatchLayout(t.global_batch, t.micro_batch, world_size, rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    model_config = _model_config(cfg, manifest)
+    target = _target(cfg, model_config)
+    return RunPlan(cfg=cfg, manifest=manifest, domains=domains, layout=layout, model_config=model_config,
+                   target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * t.steps))),
+                   ds_config=_ds_config(cfg, layout), p0=_initial_proportion(cfg, domains, names),
+                   reference_loss=_reference_loss(cfg, names))
+
+
+def _model_config(cfg: Config, manifest: Manifest):
+    from megadrp.model.hf_io import load_hf_config
+
+    if cfg.stage == "pretrain":
+        from transformers import LlamaConfig
+
+        s = cfg.model.shape
+        assert s is not None
+        mc = LlamaConfig(vocab_size=s.vocab_size or manifest.vocab_size, hidden_size=s.hidden_size,
+                         intermediate_size=s.intermediate_size, num_hidden_layers=s.num_hidden_layers,
+                         num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
+                         head_dim=s.head_dim or s.hidden_size // s.num_attention_heads,
+                         max_position_embeddings=s.max_position_embeddings, rms_norm_eps=s.rms_norm_eps,
+                         tie_word_embeddings=s.tie_word_embeddings, rope_theta=s.rope_theta,
+                         bos_token_id=1, eos_token_id=manifest.eod_id)
+    else:
+        assert cfg.model.init is not None
+        if not Path(cfg.model.init).is_dir():
+            raise ConfigError(f"model.init {cfg.model.init}: directory does not exist")
+        mc = load_hf_config(cfg.model.init)
+    if mc.vocab_size < manifest.vocab_size:
+        raise ConfigError(f"model vocab_size {mc.vocab_size} is smaller than the data's vocabulary "
+                          f"({manifest.vocab_size}, {manifest.data_dir}/manifest.json)")
+    if cfg.train.seq_len > mc.max_position_embeddings:
+        import logging
+
+        logging.getLogger("megadrp").warning("train.seq_len %d exceeds max_position_embeddings %d",
+                                             cfg.train.seq_len, mc.max_position_embeddings)
+    return mc
+
+
+def _target(cfg: Config, model_config) -> Shape | None:
+    if cfg.stage != "prune":
+        return None
+    from megadrp.model.llama import shape_of
+
+    t = cfg.prune.target
+    assert t is not None
+    target = Shape(layers=t.num_hidden_layers, hidden=t.hidden_size, heads=t.num_attention_heads,
+                   kv_heads=t.num_key_value_heads, intermediate=t.intermediate_size)
+    try:
+        check_target(shape_of(model_config), target)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return target
+
+
+def _ds_config(cfg: Config, layout: BatchLayout) -> dict:
+    """The DeepSpeed JSON with the run's batch, clipping and optimizer settings written in
+    (DeepSpeed reads them from here; the config keys are the single source)."""
+    p = Path(cfg.deepspeed)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed {p}: DeepSpeed JSON not found (see ds_configs/)")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from e
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch
+    ds["gradient_accumulation_steps"] = layout.accumulation
+    ds["train_batch_size"] = t.global_batch
+    ds["gradient_clipping"] = t.grad_clip
+    ds["steps_per_print"] = 10**9
+    ds["wall_clock_breakdown"] = False
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt.setdefault("params", {}).update(lr=t.lr, betas=[t.beta1, t.beta2], eps=t.eps, weight_decay=t.weight_decay)
+    return ds
+
+
+def per_domain(value, key: str, names: list[str]) -> list[float] | None:
+    """A per-domain setting given as a list (in `names` order) or a {domain: value} mapping,
+    in the order of `names`; None when it is neither (a keyword)."""
+    if isinstance(value, dict):
+        missing = [n for n in names if n not in value]
+        if missing:
+            raise ConfigError(f"{key} has no entry for domain {missing[0]!r}")
+        return [float(value[n]) for n in names]
+    if isinstance(value, list):
+        if len(value) != len(names):
+            raise ConfigError(f"{key} has {len(value)} values for {len(names)} domains ({', '.join(names)})")
+        return [float(x) for x in value]
+    return None
+
+
+def _initial_proportion(cfg: Config, domains, names: list[str]) -> np.ndarray:
+    ip = cfg.dro.initial_proportion
+    given = per_domain(ip, "dro.initial_proportion", names)
+    if given is not None:
+        p = np.array(given, dtype=np.float64)
+    elif ip in (None, "uniform"):
+        p = np.ones(len(names))
+    elif ip in ("tokens", "tokens^0.3"):
+        tok = np.array([d.train_tokens for d in domains], dtype=np.float64)
+        p = tok ** (0.3 if ip == "tokens^0.3" else 1.0)
+    else:
+        raise ConfigError(f"dro.initial_proportion={ip!r}: give a list, a mapping, 'uniform', 'tokens' or 'tokens^0.3'")
+    if np.any(p <= 0) or not np.all(np.isfinite(p)):
+        raise ConfigError("dro.initial_proportion values must be positive")
+    return p / p.sum()
+
+
+def _reference_loss(cfg: Config, names: list[str]) -> list[float] | None:
+    ref = cfg.dro.reference_loss
+    given = per_domain(ref, "dro.reference_loss", names)
+    if given is None and ref != "auto":
+        raise ConfigError(f"dro.reference_loss={ref!r}: give a list, a mapping or 'auto'")
+    return given

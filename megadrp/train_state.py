@@ -1,0 +1,62 @@
+"""The loop's own counters: what a resume needs besides the model, optimizer and data state.
+
+Every field is identical on every rank (tokens and the moving average are built from
+numbers all-reduced at each step), so rank 0 saves it and every rank loads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def ema_update(ema: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray, decay: float = 0.9) -> np.ndarray:
+    """ℓ ← 0.9·ℓ + 0.1·(this batch's mean loss) for each domain in the batch (SPEC §3, the
+    `train_ema` signal); a domain's first batch sets ℓ; domains not in the batch keep theirs."""
+    seen = counts > 0
+    batch_loss = np.where(seen, loss_sums / np.maximum(counts, 1), np.nan)
+    first = seen & ~np.isfinite(ema)
+    return np.where(first, batch_loss, np.where(seen, decay * ema + (1 - decay) * batch_loss, ema))
+
+
+@dataclass
+class TrainState:
+    k: int  # number of domains
+    step: int = 0
+    tokens: np.ndarray = field(default=None)  # type: ignore[assignment]  # trained per domain, all ranks
+    ema: np.ndarray = field(default=None)  # type: ignore[assignment]  # training-loss moving average, NaN until seen
+    bad_total: int = 0  # non-finite steps skipped in all
+    bad_run: int = 0  # ... in a row (not saved: a resume starts a new run of them)
+    last_decision: Any = None  # the controller's last Decision, for the metrics
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = np.zeros(self.k)
+        if self.ema is None:
+            self.ema = np.full(self.k, np.nan)
+
+    def finish_step(self, loss_sums: np.ndarray, counts: np.ndarray, seq_len: int, bad: bool) -> float | None:
+        """Account one optimizer step from its all-reduced per-domain loss sums and sample
+        counts; returns its mean training loss (None for a skipped step)."""
+        self.tokens = self.tokens + counts * seq_len
+        if bad:
+            self.bad_total += 1
+            self.bad_run += 1
+            return None
+        self.bad_run = 0
+        if counts.sum() == 0:
+            return None
+        self.ema = ema_update(self.ema, loss_sums, counts)
+        return float(loss_sums.sum() / counts.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens.tolist(), "ema": self.ema.tolist(),
+                "bad_total": self.bad_total, "last_decision": self.last_decision}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.step = int(st["step"])
+        self.tokens = np.asarray(st["tokens"], dtype=np.float64)
+        self.ema = np.asarray(st["ema"], dtype=np.float64) if st.get("ema") is not None else np.full(self.k, np.nan)
+        self.bad_total = int(st["bad_total"])
+        self.last_decision = st.get("last_decision")
