@@ -1,6 +1,13 @@
-# Sourced by every megadrp Slurm script. Sets REPO, PYTHON and the rendezvous of
-# torch.distributed from the job's node list. Submit the scripts from the repository root
-# (or set MEGADRP_REPO): Slurm runs a spooled copy, so the script's own path is useless.
+# Sourced by every megadrp Slurm script. Sets REPO and PYTHON and defines megadrp_train.
+# Submit the scripts from the repository root (or set MEGADRP_REPO): Slurm runs a spooled
+# copy, so the script's own path is useless.
+#
+# Environment read here (defaults in brackets):
+#   MEGADRP_REPO         the repository                                [$SLURM_SUBMIT_DIR]
+#   PYTHON               interpreter with megadrp installed             [python]
+#   MAX_RESTARTS         requeues allowed per job (SLURM_RESTART_COUNT) [20]
+#   MEGADRP_NO_REQUEUE   1: an interrupted run stops (exit 3) instead of requeueing
+#   MEGADRP_MASTER_ADDR, MEGADRP_MASTER_PORT   force the rendezvous (docs/launch.md)
 set -euo pipefail
 REPO=${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 if [ ! -f "$REPO/megadrp/train.py" ]; then
@@ -9,26 +16,141 @@ if [ ! -f "$REPO/megadrp/train.py" ]; then
 fi
 cd "$REPO"
 PYTHON=${PYTHON:-python}
+MAX_RESTARTS=${MAX_RESTARTS:-20}
+case $MAX_RESTARTS in
+  '' | *[!0-9]*) echo "megadrp: MAX_RESTARTS=$MAX_RESTARTS is not a count; set a number (20 by default)" >&2; exit 2 ;;
+esac
 # One task per GPU (or per CPU rank): every task is a torch.distributed rank whose RANK,
-# LOCAL_RANK and WORLD_SIZE come from SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS
-# (megadrp/distributed.py). No ssh, no pdsh: Slurm places the processes and delivers signals.
-export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || echo 127.0.0.1)}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+# LOCAL_RANK and WORLD_SIZE come from SLURM_PROCID, SLURM_LOCALID and SLURM_STEP_NUM_TASKS,
+# and whose rendezvous (the step's first node, a port mixed from job and step id) is chosen
+# per step by megadrp/distributed.py. No ssh, no pdsh: Slurm places the processes.
+# sbatch exports the submitting shell's environment: a MASTER_ADDR/MASTER_PORT from there
+# names some other rendezvous (distributed.py ignores them under srun; unset to avoid doubt).
+unset MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# The log is opened with --open-mode=append, so one file holds every segment of a requeued job.
+echo "megadrp: job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)} at $(date -Is)"
 
-# Run the training script on every task; requeue the job when the run was interrupted
-# (SIGUSR1 from --signal, or SIGTERM on preemption) so it resumes from its last checkpoint.
+# Exit status of a batch script whose run stopped early and will not continue by itself
+# (the same as `megadrp/train.py` is to return for `interrupted`): non-zero, so that
+# `--dependency=afterok` (slurm/pipeline_7b.sh) does not start the next stage.
+MEGADRP_EXIT_INTERRUPTED=3
+
+# ---- signals -------------------------------------------------------------------------------
+# The scripts ask for `--signal=B:USR1@600`: before the time limit Slurm signals the batch
+# shell only (B:), which forwards the signal here. Preemption sends SIGTERM to the batch shell
+# and every task at once (or USR1 first where the site sets preempt_send_user_signal).
+#
+# Both are forwarded to srun as SIGUSR1, which srun passes on to every task: the trainer
+# saves a checkpoint and exits `interrupted`. Never SIGTERM to srun: srun answers SIGTERM by
+# SIGKILLing its tasks ("forcing job termination"), losing the checkpoint.
+#
+# bash runs a trap only between commands, so srun runs in the background and the shell sits
+# in `wait`, which a trapped signal interrupts; the loop then waits again for srun's status.
+_megadrp_srun_pid=""
+_megadrp_signal=""   # set by a forwarded signal; stays set, so no later stage starts
+_megadrp_trapped=0
+_megadrp_requeued=0
+_megadrp_on_signal() {
+  if [ "$_megadrp_requeued" = 1 ]; then exit 0; fi  # the SIGTERM of our own `scontrol requeue`
+  _megadrp_signal=$1
+  _megadrp_trapped=1
+  if [ -n "$_megadrp_srun_pid" ] && kill -0 "$_megadrp_srun_pid" 2>/dev/null; then
+    echo "megadrp: batch shell got SIG$1; asking the training step to checkpoint and stop" >&2
+    kill -s USR1 "$_megadrp_srun_pid" 2>/dev/null || true
+  else
+    echo "megadrp: batch shell got SIG$1 outside a training step; no further step will start" >&2
+  fi
+}
+trap '_megadrp_on_signal USR1' USR1
+trap '_megadrp_on_signal TERM' TERM
+
+# Requeue this job (it resumes from its last complete checkpoint) unless switched off, out of
+# restarts or not a Slurm job; then exit. Never returns.
+_megadrp_requeue_or_stop() {
+  local why=$1 restarts=${SLURM_RESTART_COUNT:-0}
+  if [ "${MEGADRP_NO_REQUEUE:-0}" = "1" ]; then
+    echo "megadrp: $why; MEGADRP_NO_REQUEUE=1, so not requeueing: resubmit to continue" >&2
+  elif [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "megadrp: $why; not a Slurm job, so not requeueing: run again to continue" >&2
+  elif [ "$restarts" -ge "$MAX_RESTARTS" ]; then
+    # A run that keeps stopping (or failing to start) must not requeue forever.
+    echo "megadrp: $why; job $SLURM_JOB_ID already restarted $restarts times (MAX_RESTARTS=$MAX_RESTARTS): " \
+      "not requeueing; resubmit to continue" >&2
+  else
+    echo "megadrp: $why; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $MAX_RESTARTS)" >&2
+    _megadrp_requeued=1
+    if scontrol requeue "$SLURM_JOB_ID"; then
+      exit 0  # the job is pending again; afterok dependants keep waiting for its final run
+    fi
+    _megadrp_requeued=0
+    echo "megadrp: scontrol requeue $SLURM_JOB_ID failed (job submitted with --no-requeue?); resubmit to continue" >&2
+  fi
+  exit "$MEGADRP_EXIT_INTERRUPTED"
+}
+
+# State in RUN_DIR/status.json if the run wrote it after $2 (seconds since the epoch), else
+# "unknown": a status.json left by an earlier segment says nothing about this one.
+_megadrp_state() {
+  "$PYTHON" -c '
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+    print(s["state"] if float(s.get("time", 0)) >= float(sys.argv[2]) else "unknown")
+except Exception:
+    print("unknown")' "$1/status.json" "$2" 2>/dev/null || echo unknown
+}
+
+# megadrp_train RUN_DIR ARGS...: run megadrp/train.py ARGS on every task (resume=auto), then
+#  - done: return 0;
+#  - interrupted (a signal: Slurm's, preemption's or scancel's) or `retry` (a transient start
+#    failure such as a busy rendezvous port): requeue, or exit 3 when it will not be requeued;
+#  - anything else: exit with the run's status (no requeue: it would fail again).
+# Errors are handled explicitly: the scripts call it after `||`, where bash ignores `set -e`.
 megadrp_train() {
   local run_dir=$1; shift
-  srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" megadrp/train.py "$@" run_dir="$run_dir" resume=auto
-  local state
-  state=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['state'])" "$run_dir/status.json" 2>/dev/null || echo unknown)
-  if [ "$state" = "interrupted" ]; then
-    if [ "${MEGADRP_NO_REQUEUE:-0}" = "1" ]; then
-      echo "megadrp: run interrupted at a checkpoint; resubmit to continue" >&2
-    else
-      echo "megadrp: run interrupted at a checkpoint; requeueing job ${SLURM_JOB_ID:-?}" >&2
-      scontrol requeue "$SLURM_JOB_ID"
+  local started rc state ntasks=${SLURM_NTASKS:-$((${SLURM_NTASKS_PER_NODE:-1} * ${SLURM_JOB_NUM_NODES:-1}))}
+  if [ -n "$_megadrp_signal" ]; then
+    _megadrp_requeue_or_stop "stopped by SIG$_megadrp_signal before $run_dir started"
+  fi
+  # Check config, data, source model and batch layout on the batch host in seconds, before
+  # the step loads the model on every GPU (once train.py has `--dry-run`; exit 2 = bad job).
+  if grep -q -e '"--dry-run"' megadrp/train.py; then
+    rc=0
+    "$PYTHON" megadrp/train.py --dry-run --world-size "$ntasks" "$@" run_dir="$run_dir" resume=auto || rc=$?
+    if [ "$rc" -ne 0 ]; then
+      echo "megadrp: dry run of $run_dir failed (exit $rc); not starting the step" >&2
+      exit "$rc"
     fi
   fi
+  started=$(date +%s)
+  srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" megadrp/train.py "$@" run_dir="$run_dir" resume=auto &
+  _megadrp_srun_pid=$!
+  while :; do
+    _megadrp_trapped=0
+    rc=0
+    wait "$_megadrp_srun_pid" || rc=$?
+    # A trapped signal ends `wait` early (status >128) with srun still running: wait again;
+    # bash keeps srun's status, so this also works if srun ended meanwhile.
+    [ "$_megadrp_trapped" = 1 ] || break
+  done
+  _megadrp_srun_pid=""
+  state=$(_megadrp_state "$run_dir" "$started")
+  case "$state" in
+    done) return 0 ;;
+    interrupted) _megadrp_requeue_or_stop "run interrupted at a checkpoint" ;;
+    retry) _megadrp_requeue_or_stop "run could not start (transient; see above)" ;;
+  esac
+  if [ "$rc" -eq "$MEGADRP_EXIT_INTERRUPTED" ] || [ "$rc" -eq 138 ] || [ -n "$_megadrp_signal" ]; then
+    # No fresh status: the stop came during startup (the trainer exits 3, or a rank died of
+    # the USR1 itself = 128+10) or the step was torn down. Nothing past the last complete
+    # checkpoint is lost, and resume=auto starts from it.
+    _megadrp_requeue_or_stop "run stopped (srun exit $rc${_megadrp_signal:+, SIG$_megadrp_signal}) before finishing"
+  fi
+  if [ "$rc" -eq 0 ]; then
+    echo "megadrp: train.py exited 0 without writing a fresh $run_dir/status.json; treating it as a failure" >&2
+    rc=1
+  fi
+  echo "megadrp: training failed (srun exit $rc); not requeueing" >&2
+  exit "$rc"
 }

@@ -10,7 +10,12 @@
 #   RUN_DIR     where the run writes                     [runs/continue_7b_$TARGET]
 #   CONFIG      recipe                                   [configs/continue_$TARGET.yaml]
 #   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]
-#   PYTHON, EXTRA as in prune_7b.sh
+#   PYTHON, EXTRA, MAX_RESTARTS, ... as in prune_7b.sh
+# Requeue (slurm/_common.sh): --signal=B:USR1 reaches the batch shell before the time limit, which
+# has the step checkpoint and stop, then requeues the job (--requeue), at most MAX_RESTARTS [20]
+# times; it resumes from the checkpoint. --open-mode=append keeps every segment in the one log
+# (%j is the same after a requeue; the default truncates it). A run stopped and not requeued
+# (MEGADRP_NO_REQUEUE=1, the cap reached) exits 3, so `afterok` dependants do not start.
 #SBATCH --job-name=megadrp-continue
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
@@ -18,8 +23,9 @@
 #SBATCH --cpus-per-task=10
 #SBATCH --time=72:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=USR1@600
+#SBATCH --signal=B:USR1@600
 source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
 TARGET=${TARGET:-1.3b}
 MODEL_DIR=${MODEL_DIR:-runs/prune_7b_$TARGET/hf}

@@ -17,9 +17,13 @@ export DATA_DIR=${DATA_DIR:-data/redpajama} TARGET=${TARGET:-1.3b}
 export RAW_DIR TOKENIZER MODEL_DIR
 mkdir -p logs
 read -r -a domains <<< "$DOMAINS"
+# afterok: a stage starts only when the previous one exited 0. A requeued prune job is pending
+# again, not finished, so continue waits for its final run; a prune run stopped and not
+# requeued exits 3 (slurm/_common.sh), so continue never starts on a missing hf/.
 n=${#domains[@]}
 pre=$(sbatch --parsable --array=0-$((n - 1)) ${PRE_SBATCH_ARGS:-} slurm/preprocess_array.sh)
 merge=$(sbatch --parsable --dependency=afterok:$pre --ntasks=1 --job-name=megadrp-merge --output=%x-%j.out \
+  --open-mode=append \
   --wrap "${PYTHON:-python} data_tools/merge_manifests.py --out $DATA_DIR $(printf "$DATA_DIR/parts/%s " "${domains[@]}")")
 prune=$(sbatch --parsable --dependency=afterok:$merge ${PRUNE_SBATCH_ARGS:-} slurm/prune_7b.sh)
 cont=$(MODEL_DIR=${CONTINUE_MODEL_DIR:-runs/prune_7b_$TARGET/hf} sbatch --parsable --dependency=afterok:$prune \

@@ -6,6 +6,7 @@
 #SBATCH --cpus-per-task=16
 #SBATCH --time=12:00:00
 #SBATCH --output=%x-%A_%a.out
+#SBATCH --open-mode=append
 source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
 read -r -a domains <<< "${DOMAINS:?set DOMAINS}"
 d=${domains[${SLURM_ARRAY_TASK_ID:-0}]}

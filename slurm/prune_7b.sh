@@ -13,7 +13,13 @@
 #   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]
 #   PYTHON      interpreter with megadrp installed       [python]
 #   EXTRA       more dotted overrides, e.g. "dro.mode=sheared train.micro_batch=2"
+#   MAX_RESTARTS, MEGADRP_NO_REQUEUE, MEGADRP_MASTER_ADDR, MEGADRP_MASTER_PORT: see slurm/_common.sh
 # Multi-node: sbatch --nodes=2 slurm/prune_7b.sh (global batch stays 32; accumulation adapts).
+# Requeue (slurm/_common.sh): --signal=B:USR1 reaches the batch shell before the time limit, which
+# has the step checkpoint and stop, then requeues the job (--requeue), at most MAX_RESTARTS [20]
+# times; it resumes from the checkpoint. --open-mode=append keeps every segment in the one log
+# (%j is the same after a requeue; the default truncates it). A run stopped and not requeued
+# (MEGADRP_NO_REQUEUE=1, the cap reached) exits 3, so `afterok` dependants do not start.
 #SBATCH --job-name=megadrp-prune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -21,8 +27,9 @@
 #SBATCH --cpus-per-task=10
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --requeue
-#SBATCH --signal=USR1@600
+#SBATCH --signal=B:USR1@600
 source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
 TARGET=${TARGET:-1.3b}
 MODEL_DIR=${MODEL_DIR:-checkpoints/Llama-2-7b-hf}

@@ -1,0 +1,153 @@
+"""slurm/_common.sh's megadrp_train without Slurm: fake `srun` and `scontrol` on PATH record
+what the batch shell does with each outcome of a run (done, interrupted, failed, a signal to
+the batch shell) — requeue or not, the exit status, and which signal reaches the step.
+The real cluster path is tests/test_cluster.py."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+
+FAKE_SRUN = r"""#!/bin/bash
+# Stands in for srun: writes run_dir/status.json as a run ending in $FAKE_MODE would.
+for a in "$@"; do case $a in run_dir=*) run_dir=${a#run_dir=} ;; esac; done
+status() { printf '{"state": "%s", "time": %s}\n' "$1" "$(date +%s.%N)" > "$run_dir/status.json"; }
+echo "$*" >> "$FAKE_LOG/srun"
+case $FAKE_MODE in
+  done) status done ;;
+  interrupted) status interrupted ;;
+  retry) status retry; exit 75 ;;
+  fail) exit 1 ;;
+  died_of_usr1) exit 138 ;;
+  wait)
+    trap 'echo USR1 >> "$FAKE_LOG/signals"; status interrupted; kill $s; exit 0' USR1
+    trap 'echo TERM >> "$FAKE_LOG/signals"; kill $s; exit 143' TERM
+    sleep 30 & s=$!
+    touch "$FAKE_LOG/started"
+    wait $s ;;
+esac
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >> "$FAKE_LOG/scontrol"
+exit "${FAKE_SCONTROL_RC:-0}"
+"""
+
+
+@pytest.fixture
+def batch(tmp_path):
+    """Run `megadrp_train` in a batch shell; returns a function(mode, **env) -> Popen."""
+    bin_dir, repo, log = tmp_path / "bin", tmp_path / "repo", tmp_path / "log"
+    for d in (bin_dir, repo / "megadrp", log, tmp_path / "run"):
+        d.mkdir(parents=True)
+    (repo / "megadrp" / "train.py").write_text("# stub: the fake srun never runs it\n")
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+    def start(mode: str, before: str = "", **env: str) -> subprocess.Popen:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        e.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_MODE=mode, MEGADRP_REPO=str(repo),
+                 PYTHON=sys.executable, SLURM_JOB_ID="77", SLURM_NTASKS="2", **env)
+        script = (f"source {ROOT}/slurm/_common.sh; {before}\n"
+                  f"megadrp_train {tmp_path / 'run'} --config c.yaml; echo RETURNED")
+        return subprocess.Popen(["bash", "-c", script], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    start.log = log  # type: ignore[attr-defined]
+    start.run = tmp_path / "run"  # type: ignore[attr-defined]
+    return start
+
+
+def finish(p: subprocess.Popen) -> tuple[int, str]:
+    out, _ = p.communicate(timeout=60)
+    return p.returncode, out
+
+
+def read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_done_returns_to_the_script(batch):
+    rc, out = finish(batch("done"))
+    assert rc == 0 and "RETURNED" in out, out
+    assert "run_dir=" in read(batch.log / "srun") and "resume=auto" in read(batch.log / "srun")
+    assert read(batch.log / "scontrol") == ""
+
+
+def test_interrupted_requeues(batch):
+    rc, out = finish(batch("interrupted"))
+    assert rc == 0 and "RETURNED" not in out and "requeueing job 77" in out, out
+    assert read(batch.log / "scontrol").split() == ["requeue", "77"]
+
+
+@pytest.mark.parametrize("env, why", [
+    (dict(MEGADRP_NO_REQUEUE="1"), "MEGADRP_NO_REQUEUE=1"),
+    (dict(SLURM_RESTART_COUNT="20"), "MAX_RESTARTS=20"),
+    (dict(SLURM_RESTART_COUNT="2", MAX_RESTARTS="2"), "MAX_RESTARTS=2"),
+    (dict(FAKE_SCONTROL_RC="1"), "requeue 77 failed"),
+])
+def test_interrupted_not_requeued_exits_3(batch, env, why):
+    rc, out = finish(batch("interrupted", **env))
+    assert rc == 3 and why in out and "RETURNED" not in out, out
+
+
+def test_retry_requeues(batch):
+    rc, out = finish(batch("retry"))
+    assert rc == 0 and read(batch.log / "scontrol").split() == ["requeue", "77"], out
+
+
+def test_failure_is_not_requeued(batch):
+    rc, out = finish(batch("fail"))
+    assert rc == 1 and "training failed" in out and read(batch.log / "scontrol") == "", out
+
+
+def test_stale_interrupted_status_does_not_hide_a_failure(batch):
+    (batch.run / "status.json").write_text('{"state": "interrupted", "time": 1.0}\n')  # an earlier segment's
+    rc, out = finish(batch("fail"))
+    assert rc == 1 and read(batch.log / "scontrol") == "", out
+
+
+def test_rank_killed_by_usr1_during_startup_requeues(batch):
+    rc, out = finish(batch("died_of_usr1"))
+    assert rc == 0 and read(batch.log / "scontrol").split() == ["requeue", "77"], out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_batch_shell_signal_reaches_the_step_as_usr1(batch, sig):
+    p = batch("wait")
+    t0 = time.time()
+    while not (batch.log / "started").exists():
+        assert time.time() - t0 < 30 and p.poll() is None, p.communicate()[0]
+        time.sleep(0.05)
+    p.send_signal(sig)
+    rc, out = finish(p)
+    # srun answers SIGTERM by SIGKILLing its tasks, so the shell sends USR1 whatever it got
+    assert read(batch.log / "signals").split() == ["USR1"], out
+    assert rc == 0 and read(batch.log / "scontrol").split() == ["requeue", "77"], out
+
+
+def test_signal_between_steps_starts_no_step(batch):
+    rc, out = finish(batch("done", before="kill -USR1 $$"))
+    assert rc == 0 and read(batch.log / "srun") == "" and "requeueing job 77" in out, out
+
+
+def test_bad_max_restarts_is_an_error(batch):
+    rc, out = finish(batch("done", MAX_RESTARTS="many"))
+    assert rc == 2 and "MAX_RESTARTS=many" in out, out
+
+
+def test_scripts_parse():
+    for script in sorted((ROOT / "slurm").glob("*.sh")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    for name in ("prune_7b.sh", "continue_7b.sh", "smoke.sh"):
+        text = (ROOT / "slurm" / name).read_text()
+        assert "#SBATCH --open-mode=append" in text and "#SBATCH --signal=B:USR1@" in text, name
+        assert "#SBATCH --requeue" in text, name
