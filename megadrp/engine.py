@@ -50,6 +50,35 @@ class TrainingStopped(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is kept."""
 
 
+EXIT_INTERRUPTED = 3  # stopped at a checkpoint by a signal: resume with resume=auto (Slurm scripts requeue)
+EXIT_SIGINT = 130  # Ctrl-C, by the shell's convention
+
+
+class StopRequest:
+    """SIGTERM, SIGUSR1 (Slurm's --signal) and SIGINT ask the run to stop at the next step
+    boundary with a checkpoint. Installed by the entry point before anything slow (model
+    load, rendezvous), so a signal during a minutes-long 7B startup is not the default
+    action (death) but a clean stop."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def install(self) -> "StopRequest":
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.signum = signum
+        log.warning("received signal %d: will save a checkpoint and exit after this step", signum)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_INTERRUPTED
+
+
 def _stop_loader(batches) -> None:
     """Shut the DataLoader's workers down on any exit path. They ignore SIGTERM (job signals
     are the trainer's), so the DataLoader's own shutdown, which ends in SIGTERM, cannot stop
@@ -70,11 +99,11 @@ def _ignore_signals_in_worker(_: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, stop: StopRequest | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, info.rank, info.world_size
         self.run_dir = Path(cfg.run_dir)
         self.faults = Faults.from_env()
-        self.stop_signal = 0
+        self.stop = stop or StopRequest().install()
         self._on_rank0(self._check_run_dir)
         self.plan = make_plan(cfg, self.world, self.rank)
         self.evaluate = Evaluator(self.plan.domains, cfg.train.seq_len, cfg.eval.tokens_per_domain,
@@ -127,15 +156,18 @@ class Trainer:
             raise ConfigError(f"resume {p}: not a complete megadrp checkpoint (no {checkpoint.STATE_FILE})")
         return p
 
-    def _on_signal(self, signum: int, _frame) -> None:
-        self.stop_signal = signum
-        log.warning("received signal %d: will save a checkpoint and exit after this step", signum)
+    @property
+    def stop_signal(self) -> int:
+        return self.stop.signum
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> int:
+        """0 when the stage is done and exported; EXIT_INTERRUPTED (or 130 for Ctrl-C) when a
+        signal stopped it at a checkpoint."""
         cfg = self.cfg
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._on_signal)
+        if self._stop_requested():
+            # A stop during startup: nothing trained since the last checkpoint, so none is written.
+            return self._finish("interrupted")
         ckpt_root = self.run_dir / "checkpoints"
         self._check_room(ckpt_root)
         stateful = {"train": self.state, "schedule": self.schedule}  # what a checkpoint holds besides the engine
@@ -161,8 +193,20 @@ class Trainer:
         if status == "done":
             export(self.plan, self.engine, self.run_dir, self.rank)
         if self.rank == 0:
-            atomic_write_text(self.run_dir / "status.json", json.dumps({"state": status, "time": time.time()}) + "\n")
             self.wandb.finish()
+        return self._finish(status)
+
+    def _stop_requested(self) -> bool:
+        return self._allreduce(torch.tensor([float(self.stop_signal)]), dist.ReduceOp.MAX).item() > 0
+
+    def _finish(self, status: str) -> int:
+        """Rank 0 writes status.json before any rank returns (a launcher may kill rank 0 as
+        soon as another rank exits)."""
+        if self.rank == 0:
+            atomic_write_text(self.run_dir / "status.json", json.dumps({"state": status, "time": time.time()}) + "\n")
+        dist.barrier()
+        if status == "interrupted":
+            return self.stop.exit_code
         return 0
 
     def _train(self, ckpt_root: Path, stateful: dict) -> str:
@@ -208,7 +252,7 @@ class Trainer:
                 self._evaluate_and_observe(step)
                 self._interval_t0, self._interval_steps = time.time(), 0
                 # a signal that arrived during the evaluation stops the run now
-                stop = stop or self._allreduce(torch.tensor([float(self.stop_signal)]), dist.ReduceOp.MAX).item() > 0
+                stop = stop or self._stop_requested()
             if (cfg.save.interval and step % cfg.save.interval == 0) or step == t.steps or stop:
                 self._save(ckpt_root, step, stateful)
             if stop and step < t.steps:

@@ -56,17 +56,64 @@ def make_plan(cfg: Config, world_size: int, rank: int) -> RunPlan:
     manifest = load_manifest(cfg.data_dir)
     domains = tuple(manifest.select(cfg.domains))
     names = [d.name for d in domains]
-    t = cfg.train
-    try:
-        layout = BatchLayout(t.global_batch, t.micro_batch, world_size, rank)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    layout = fit_layout(cfg.train.global_batch, cfg.train.micro_batch, world_size, rank)
     model_config = _model_config(cfg, manifest)
     target = _target(cfg, model_config)
     return RunPlan(cfg=cfg, manifest=manifest, domains=domains, layout=layout, model_config=model_config,
-                   target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * t.steps))),
+                   target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * cfg.train.steps))),
                    ds_config=_ds_config(cfg, layout), p0=_initial_proportion(cfg, domains, names),
                    reference_loss=_reference_loss(cfg, names))
+
+
+def fit_layout(global_batch: int, micro_batch: int, world_size: int, rank: int) -> BatchLayout:
+    """The batch layout for this world size: `train.micro_batch` lowered (logged) to the
+    largest size that divides each rank's share of the global batch, so a recipe written for
+    one node runs on 2, 4, 8 nodes with the same global batch; a world that cannot hold the
+    global batch at all is a config error."""
+    if world_size > global_batch or global_batch % world_size:
+        raise ConfigError(f"train.global_batch={global_batch} cannot be split evenly over {world_size} ranks; "
+                          f"use a global batch that is a multiple of the rank count, or fewer ranks")
+    per_rank = global_batch // world_size
+    micro = max(d for d in range(1, min(micro_batch, per_rank) + 1) if per_rank % d == 0)
+    if micro != micro_batch:
+        import logging
+
+        logging.getLogger("megadrp").info("train.micro_batch lowered from %d to %d: %d sequences per rank on %d ranks",
+                                          micro_batch, micro, per_rank, world_size)
+    return BatchLayout(global_batch, micro, world_size, rank)
+
+
+def dry_run(cfg: Config, world_size: int) -> str:
+    """Everything that needs no weights, checked; the plan as text (raises on the first problem)."""
+    import shutil
+
+    from megadrp.model.llama import count_parameters
+
+    plan = make_plan(cfg, world_size, 0)
+    t, lay = cfg.train, plan.layout
+    tokens_step = t.global_batch * t.seq_len
+    evals = t.steps // cfg.eval.interval + (1 if cfg.eval.at_start else 0)
+    params = count_parameters(plan.model_config)
+    ckpt = params * 16
+    run_dir = Path(cfg.run_dir)
+    probe = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if ckpt > free:
+        raise ConfigError(f"run_dir {run_dir}: {free / 2**30:.1f} GiB free, one checkpoint needs about "
+                          f"{ckpt / 2**30:.1f} GiB; free space or choose another run_dir")
+    lines = [
+        f"stage {cfg.stage}: {params:,} parameters from {cfg.model.init or 'scratch'}"
+        + (f" → target {plan.target.as_dict()}" if plan.target else ""),
+        f"ranks {world_size}: micro-batch {lay.micro_batch} × accumulation {lay.accumulation} × {world_size} ranks "
+        f"= global batch {t.global_batch} ({tokens_step:,} tokens a step)",
+        f"steps {t.steps} ({t.steps * tokens_step:,} tokens), warmup {t.warmup_steps}, lr {t.lr}",
+        f"domains {len(plan.names)}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(plan.names, plan.p0)),
+        f"evaluation every {cfg.eval.interval} steps ({evals} in all): {cfg.eval.tokens_per_domain * plan.k:,} tokens "
+        f"each, dro.mode {cfg.dro.mode}, update lag {cfg.dro.update_lag}",
+        f"checkpoint ≈ {ckpt / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free under {probe}",
+        "dry run: no problem found",
+    ]
+    return "\n".join(lines)
 
 
 def _model_config(cfg: Config, manifest: Manifest):
@@ -127,7 +174,7 @@ def _ds_config(cfg: Config, layout: BatchLayout) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from e
     t = cfg.train
-    ds["train_micro_batch_size_per_gpu"] = t.micro_batch
+    ds["train_micro_batch_size_per_gpu"] = layout.micro_batch
     ds["gradient_accumulation_steps"] = layout.accumulation
     ds["train_batch_size"] = t.global_batch
     ds["gradient_clipping"] = t.grad_clip

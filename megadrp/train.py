@@ -2,13 +2,23 @@
 
 Also runs as `python megadrp/train.py` (one process), under torchrun, srun and mpirun;
 wiring only — the loop lives in megadrp/engine.py.
+
+    --dry-run [--world-size N]   resolve and check everything that needs no weights (config,
+                                 data manifest, the source's config.json against the target,
+                                 the batch layout for N ranks, free space), print the plan, exit
+
+Exit codes: 0 done (or a dry run that found no problem); 2 a user error (one line naming the
+key, file or variable); 3 stopped at a checkpoint by SIGTERM/SIGUSR1 (resume with
+resume=auto); 130 the same after Ctrl-C; 75 the rendezvous port was taken (retry).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -22,8 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML run config (see configs/)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dry-run", action="store_true", help="check and print the run plan, build nothing")
+    ap.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run (default: "
+                    "the launcher's WORLD_SIZE / SLURM_NTASKS, else 1)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=10")
     args = ap.parse_args(argv)
+    from megadrp.engine import StopRequest
+
+    # Before anything slow (rendezvous, a 7B model load): a stop during startup is a clean stop.
+    stop = StopRequest().install()
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # DeepSpeed still calls torch.distributed APIs that warn on every step.
@@ -43,11 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     from megadrp.engine import Trainer, TrainingStopped
     from megadrp.model.hf_io import CheckpointError
 
-    info = distributed.discover()
-    distributed.init(info)
+    user_errors = (ConfigError, ManifestError, IndexedDatasetError, CheckpointError, OSError)
+    if args.dry_run:
+        from megadrp.plan import dry_run
+
+        try:
+            print(dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+                                                      or 1)))
+            return 0
+        except user_errors as e:
+            print(f"train: dry run: {e}", file=sys.stderr)
+            return 2
     try:
-        return Trainer(cfg, info).run()
-    except (ConfigError, ManifestError, IndexedDatasetError, CheckpointError, TrainingStopped, OSError) as e:
+        info = distributed.discover()
+        distributed.init(info)
+    except distributed.LaunchError as e:
+        print(f"train: launch error: {e}", file=sys.stderr)
+        return 2
+    except distributed.RendezvousBusy as e:
+        # Transient: mark the run for a retry (the Slurm scripts requeue it) and say so.
+        print(f"train: {e}", file=sys.stderr)
+        from megadrp.atomic import atomic_write_text
+
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.run_dir) / "status.json", json.dumps({"state": "retry", "time": time.time()}) + "\n")
+        return e.exit_code
+    try:
+        return Trainer(cfg, info, stop).run()
+    except (*user_errors, TrainingStopped) as e:
         print(f"train: error (rank {info.rank}): {e}", file=sys.stderr)
         return 2
 

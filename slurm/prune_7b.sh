@@ -14,7 +14,8 @@
 #   PYTHON      interpreter with megadrp installed       [python]
 #   EXTRA       more dotted overrides, e.g. "dro.mode=sheared train.micro_batch=2"
 #   MAX_RESTARTS, MEGADRP_NO_REQUEUE, MEGADRP_MASTER_ADDR, MEGADRP_MASTER_PORT: see slurm/_common.sh
-# Multi-node: sbatch --nodes=2 slurm/prune_7b.sh (global batch stays 32; accumulation adapts).
+# Multi-node: sbatch --nodes=2 slurm/prune_7b.sh (global batch stays 32: on 16 ranks the
+# micro-batch drops to 2, on 32 ranks to 1; 64 ranks cannot hold 32 sequences and are refused).
 # Requeue (slurm/_common.sh): --signal=B:USR1 reaches the batch shell before the time limit, which
 # has the step checkpoint and stop, then requeues the job (--requeue), at most MAX_RESTARTS [20]
 # times; it resumes from the checkpoint. --open-mode=append keeps every segment in the one log

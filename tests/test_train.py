@@ -182,7 +182,8 @@ def test_resume_equals_straight_and_controller_kill(prune2, tmp_path, data_dir, 
     2-rank run. The controller process is SIGKILLed at step 9: it is restarted and replays."""
     _, straight = prune2
     cfg = prune_cfg(tmp_path, data_dir, base_model, "resumed")
-    train(cfg, tmp_path, ranks=2, env={"MEGADRP_FAULT_SIGNAL_AT": "6"})
+    p = train(cfg, tmp_path, ranks=2, env={"MEGADRP_FAULT_SIGNAL_AT": "6"}, check=False)
+    assert p.returncode == 3, p.stderr[-3000:]  # interrupted at a checkpoint: a non-zero exit, so `&&` stops
     run_dir = Path(cfg["run_dir"])
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
     assert (run_dir / "checkpoints" / "step00000006" / "megadrp_state.pt").is_file()
@@ -247,3 +248,15 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert res["device"] == "cpu" and res["tokens_per_s"] > 0 and res["mfu"] is None
     assert res["parameters"] > 0 and res["model_flops_per_token"] > 6 * res["parameters"]
     assert "| cpu |" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+def test_dry_run_plans_without_building(tmp_path, data_dir, base_model):
+    """--dry-run checks config, data, the source's config.json and the batch layout for N
+    ranks, prints the plan and exits 0; a world that cannot hold the global batch exits 2."""
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "dry", train={"global_batch": 32, "micro_batch": 4})
+    path = write_config(tmp_path / "dry.yaml", **cfg)
+    p = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run", "--world-size", "16"])
+    assert "micro-batch 2 × accumulation 1 × 16 ranks = global batch 32" in p.stdout and "no problem found" in p.stdout
+    assert not (tmp_path / "dry").exists()  # nothing written
+    p = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run", "--world-size", "64"], check=False)
+    assert p.returncode == 2 and "cannot be split evenly over 64 ranks" in p.stderr and "Traceback" not in p.stderr

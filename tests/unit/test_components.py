@@ -112,6 +112,21 @@ def test_train_state_round_trip_and_skips():
 
 
 # ---- run plan, lr, parameter groups -------------------------------------------------------
+def test_batch_layout_fits_every_node_count():
+    from megadrp.plan import fit_layout
+
+    # The 7B prune recipe: global 32, micro 4. 8 ranks: 4 × 1; 16 ranks: 2 each; 32: 1 each.
+    assert (fit_layout(32, 4, 8, 0).micro_batch, fit_layout(32, 4, 8, 0).accumulation) == (4, 1)
+    assert (fit_layout(32, 4, 16, 3).micro_batch, fit_layout(32, 4, 16, 3).accumulation) == (2, 1)
+    assert fit_layout(32, 4, 32, 0).micro_batch == 1
+    assert (fit_layout(256, 4, 64, 0).micro_batch, fit_layout(256, 4, 64, 0).accumulation) == (4, 1)
+    assert fit_layout(24, 4, 4, 0).micro_batch == 3  # 6 a rank: the largest divisor ≤ 4
+    with pytest.raises(ConfigError, match="cannot be split evenly over 64 ranks"):
+        fit_layout(32, 4, 64, 0)
+    with pytest.raises(ConfigError, match="over 3 ranks"):
+        fit_layout(32, 4, 3, 0)
+
+
 def test_per_domain_errors():
     assert per_domain({"b": 2, "a": 1}, "k", ["a", "b"]) == [1.0, 2.0]
     assert per_domain("auto", "k", ["a"]) is None
