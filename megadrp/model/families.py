@@ -135,18 +135,28 @@ def _rope_key(where: str) -> str:
     return "rope_parameters.rope_type"
 
 
+def rope_params(config) -> dict:
+    """The rope settings: transformers 5's `rope_parameters`, or 4.x's `rope_scaling`."""
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def rope_type(config) -> str:
+    params = rope_params(config)
+    return params.get("rope_type", params.get("type", "default"))
+
+
 def check_config(config, where: str | None = None) -> Family:
     """Everything of a config that must hold for the masked model to equal the family's
     own class: the family is known, the rope is static and full, the MLP uses SiLU."""
     fam = family_of(config, where)
     w = _where(config, where)
-    params = getattr(config, "rope_parameters", None) or {}
+    params = rope_params(config)
     if params and "rope_type" not in params and all(isinstance(v, dict) for v in params.values()):
         raise FamilyError(f"{w}: rope_parameters per layer type ({', '.join(params)}) are not supported; "
                           "megadrp uses one rope for every layer")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise FamilyError(f"{w}: {_rope_key(w)}={rope_type!r} is not supported (supported: "
+    kind = rope_type(config)
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise FamilyError(f"{w}: {_rope_key(w)}={kind!r} is not supported (supported: "
                           f"{', '.join(SUPPORTED_ROPE_TYPES)}); its frequencies change with the sequence length, "
                           "which megadrp's precomputed rope does not do")
     partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))

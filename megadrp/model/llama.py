@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megadrp.model.families import attention_biases, check_config, mlp_bias, sliding_window
+from megadrp.model.families import (
+    attention_biases,
+    check_config,
+    mlp_bias,
+    rope_params,
+    rope_type,
+    sliding_window,
+)
 from megadrp.model.masks import SETS, L0Masks, Shape
 
 SHAPE_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
@@ -51,12 +58,12 @@ def shape_of(config) -> Shape:
 def rope_frequencies(config) -> tuple[torch.Tensor, float]:
     """inv_freq and attention scaling, with transformers' own rope types (llama3, yarn, ...);
     `families.check_config` has refused the types that change with the sequence length."""
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
+    params = rope_params(config)
+    kind = rope_type(config)
+    if kind != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config, None)
         return inv_freq.float(), float(scaling)
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     dim = head_dim_of(config)
