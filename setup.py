@@ -24,6 +24,8 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "wandb>=0.16",
+        "pyarrow>=14",  # data_tools: CulturaX ships parquet
+        "zstandard>=0.22",  # data_tools: SlimPajama ships .jsonl.zst
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

@@ -4,12 +4,14 @@
         --tokenizer DIR --out DATA_DIR [--workers N] [--eval-docs N] [--json-key text] \\
         [--overwrite] [--skip-bad] [--seed N]
 
-PATH is a file or a glob of .jsonl / .jsonl.gz / .txt files. Streaming: the main process
-reads raw lines and writes shards; N worker processes parse and tokenize chunks in order,
+PATH is a file or a glob of .jsonl / .jsonl.gz / .jsonl.zst / .txt / .parquet files
+(--json-key names the JSON key, or the parquet column, that holds the text). Streaming:
+the main process reads raw lines (parquet: rows, one row group at a time) and writes shards; N worker processes parse and tokenize chunks in order,
 so the output is identical for any N and memory does not grow with the corpus.
 
 Eval hold-out: --eval-docs documents per domain, chosen by a seeded draw over the
-domain's non-blank lines (a cheap first pass counts them), so the split is deterministic
+domain's non-blank lines and parquet rows (a cheap first pass counts them; parquet
+files from their metadata), so the split is deterministic
 and not biased toward the start of the corpus.
 """
 from __future__ import annotations
@@ -31,7 +33,15 @@ from typing import Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from data_tools.corpus_io import CorpusError, expand_inputs, iter_raw_lines, kind_of, parse_line  # noqa: E402
+from data_tools.corpus_io import (  # noqa: E402
+    CorpusError,
+    Raw,
+    count_records,
+    expand_inputs,
+    iter_raw_lines,
+    kind_of,
+    parse_line,
+)
 from megadrp.data.indexed import IndexedDatasetWriter, dtype_for_vocab  # noqa: E402
 from megadrp.data.manifest import MANIFEST, write_manifest  # noqa: E402
 from megadrp.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer  # noqa: E402
@@ -44,7 +54,7 @@ CHUNK = 256  # lines per worker task: large enough to amortise IPC, small enough
 class Chunk:
     path: str
     kind: str
-    lines: list[tuple[int, bytes]]
+    lines: list[tuple[int, Raw]]  # (line or parquet row, raw record)
 
 
 _TOK: Tokenizer | None = None
@@ -86,11 +96,11 @@ def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return flat.astype(dtype), lengths, bad
 
 
-def _chunks(files: list[Path]) -> Iterator[Chunk]:
+def _chunks(files: list[Path], json_key: str) -> Iterator[Chunk]:
     for path in files:
         kind = kind_of(path)
-        buf: list[tuple[int, bytes]] = []
-        for item in iter_raw_lines(path):
+        buf: list[tuple[int, Raw]] = []
+        for item in iter_raw_lines(path, json_key):
             buf.append(item)
             if len(buf) == CHUNK:
                 yield Chunk(str(path), kind, buf)
@@ -148,7 +158,7 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a half-replaced DATA_DIR must never look complete
 
-    counts = {name: sum(1 for f in files for _ in iter_raw_lines(f)) for name, files in domains.items()}
+    counts = {name: sum(count_records(f, json_key) for f in files) for name, files in domains.items()}
     for name, n in counts.items():
         if n == 0:
             raise CorpusError(f"domain {name!r} ({', '.join(map(str, domains[name]))}): no documents")
@@ -170,7 +180,7 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
             stats = {"train_tokens": 0, "eval_tokens": 0, "train_docs": 0, "eval_docs": 0}
             ordinal = skipped = 0
             try:
-                for flat, lengths, bad in pool.imap(_encode_chunk, _chunks(files), chunksize=1):
+                for flat, lengths, bad in pool.imap(_encode_chunk, _chunks(files, json_key), chunksize=1):
                     offset = 0
                     for n in lengths.tolist():
                         split = "eval" if ordinal in held_out else "train"
@@ -221,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="DATA_DIR to create")
     ap.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
     ap.add_argument("--eval-docs", type=int, default=100, help="documents held out per domain (default 100)")
-    ap.add_argument("--json-key", default="text", help="JSON key that holds the text (default 'text')")
+    ap.add_argument("--json-key", default="text",
+                    help="JSON key (or parquet column) that holds the text (default 'text')")
     ap.add_argument("--overwrite", action="store_true", help="replace the shards of an existing DATA_DIR")
     ap.add_argument("--skip-bad", action="store_true", help="skip malformed lines, counting them, instead of stopping")
     ap.add_argument("--seed", type=int, default=0, help="seed of the eval hold-out draw")

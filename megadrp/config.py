@@ -52,9 +52,16 @@ class PruneTarget:
     intermediate_size: int
 
 
+MaskSet = Literal["layer", "head", "intermediate", "hidden"]
+
+
 @dataclass
 class PruneConfig:
     target: PruneTarget | None = None
+    # Mask sets trained (SPEC §2). The multilingual Qwen2 recipe keeps all 28 layers and
+    # trains head, intermediate and hidden only; a target that shrinks a dimension whose
+    # set is left out is refused (masks.check_target), never silently kept at full size.
+    sets: list[MaskSet] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
     mask_lr: float = 1.0
     lambda_lr: float = 1.0
     ramp_fraction: float = 0.2  # target ramps from source to target over this share of steps
@@ -266,6 +273,11 @@ def validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: stage {cfg.stage} needs model.init (a Hugging Face model directory)")
     if cfg.stage == "prune" and cfg.prune.target is None:
         raise ConfigError(f"{where}: stage prune needs prune.target")
+    sets = cfg.prune.sets
+    if not sets:
+        raise ConfigError(f"{where}: prune.sets is empty; name at least one of layer, head, intermediate, hidden")
+    if len(set(sets)) != len(sets):
+        raise ConfigError(f"{where}: prune.sets {sets} names a set twice")
     if cfg.dro.update_lag not in (0, 1):
         raise ConfigError(f"{where}: dro.update_lag must be 0 or 1")
 

@@ -6,7 +6,8 @@ safetensors headers are read), so a wrong checkpoint fails fast with the key and
 Under ZeRO-3, weights are copied module by module inside `GatheredParameters`, so the
 full model never exists on one rank.
 
-Out: `export_hf` writes a standard `LlamaForCausalLM` directory (safetensors, config,
+Out: `export_hf` writes a standard directory of the source family's own class
+(`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`: safetensors, config,
 tokenizer) to a temporary name and renames it into place.
 """
 from __future__ import annotations
@@ -19,12 +20,18 @@ from pathlib import Path
 
 import torch
 
+from megadrp.model.families import FamilyError, check_config, check_sliding_window, model_class
+
 
 class CheckpointError(ValueError):
     """A model directory that cannot be loaded as asked; names the file and key."""
 
 
-def load_hf_config(path: str | os.PathLike):
+def load_hf_config(path: str | os.PathLike, seq_len: int | None = None):
+    """The checkpoint's config, refused (naming the config.json key) when megadrp cannot
+    reproduce its family exactly. `seq_len` (train.seq_len): also refuse a sliding
+    attention window shorter than the training sequence; pass it wherever the config is
+    loaded for training so the refusal comes before any compute."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p}: no config.json; model.init must be a Hugging Face model directory")
@@ -34,8 +41,13 @@ def load_hf_config(path: str | os.PathLike):
         cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # transformers raises several types for a bad config
         raise CheckpointError(f"{p / 'config.json'}: cannot be read as a model config ({e})") from e
-    if cfg.model_type != "llama":
-        raise CheckpointError(f"{p / 'config.json'}: model_type {cfg.model_type!r}; megadrp prunes Llama-family models")
+    where = str(p / "config.json")
+    try:
+        check_config(cfg, where)
+        if seq_len is not None:
+            check_sliding_window(cfg, seq_len, where)
+    except FamilyError as e:
+        raise CheckpointError(str(e)) from None
     if not getattr(cfg, "head_dim", None):
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
     if not cfg.num_key_value_heads:
@@ -146,18 +158,19 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, zero3: bool = 
 
 def export_hf(state_dict: dict[str, torch.Tensor], config, out_dir: str | os.PathLike,
               tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write a `LlamaForCausalLM` directory atomically (tmp dir, then rename)."""
-    from transformers import LlamaForCausalLM
-
+    """Write a directory of the config's own family class (a Qwen2 config gives
+    `Qwen2ForCausalLM`) atomically (tmp dir, then rename); `architectures` names it, so
+    `AutoModelForCausalLM` loads the same class."""
+    cls = model_class(config)
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     config = type(config).from_dict(config.to_dict())
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [cls.__name__]
     if dtype is not None:
         config.dtype = dtype
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = cls(config)
     sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

@@ -1,8 +1,11 @@
 """A Llama decoder you can read top to bottom, with L0 mask hooks.
 
-Parameter names and shapes are those of transformers' `LlamaForCausalLM`, so a Hugging
-Face checkpoint loads directly and a state dict goes back out unchanged. Unmasked, its
-logits equal transformers' (tested to 1e-4 in fp32).
+Parameter names and shapes are those of transformers' `LlamaForCausalLM` (and of
+`MistralForCausalLM` and `Qwen2ForCausalLM`, which share them), so a Hugging Face
+checkpoint loads directly and a state dict goes back out unchanged. What differs between
+those families (bias on q/k/v, sliding windows, rope variants) is data in
+`megadrp.model.families`, not another copy of this model. Unmasked, its logits equal the
+family's own transformers class (tested to 1e-4 in fp32).
 
 Where masks multiply (SPEC §2): head-group outputs before o_proj; intermediate
 activations before down_proj; each block's attention and MLP outputs by the layer gate
@@ -26,7 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megadrp.model.masks import L0Masks, Shape
+from megadrp.model.families import (
+    attention_biases,
+    check_config,
+    mlp_bias,
+    rope_params,
+    rope_type,
+    sliding_window,
+)
+from megadrp.model.masks import SETS, L0Masks, Shape
 
 SHAPE_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
 # What a masked forward reports about the masks: the expected shape, then the expected sparsity.
@@ -34,6 +45,7 @@ SHAPE_STATS = SHAPE_KEYS + ("sparsity",)
 
 
 def head_dim_of(config) -> int:
+    """Per-head width, independent of hidden_size: pruning hidden dimensions keeps it."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -44,13 +56,14 @@ def shape_of(config) -> Shape:
 
 
 def rope_frequencies(config) -> tuple[torch.Tensor, float]:
-    """inv_freq and attention scaling, with transformers' own rope types (llama3, ...)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
+    """inv_freq and attention scaling, with transformers' own rope types (llama3, yarn, ...);
+    `families.check_config` has refused the types that change with the sequence length."""
+    params = rope_params(config)
+    kind = rope_type(config)
+    if kind != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config, None)
         return inv_freq.float(), float(scaling)
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     dim = head_dim_of(config)
@@ -144,11 +157,11 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, head_dim_of(config)
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.o_proj = GatedLinear(self.n_heads * hd, d, bias=bias)
+        qkv_bias, o_bias = attention_biases(config)  # Qwen2: q/k/v only; Llama: attention_bias on all four
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
+        self.o_proj = GatedLinear(self.n_heads * hd, d, bias=o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 head_z: torch.Tensor | None = None, out_gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,7 +182,7 @@ class MLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
-        bias = bool(getattr(config, "mlp_bias", False))
+        bias = mlp_bias(config)
         self.gate_proj = nn.Linear(d, i, bias=bias)
         self.up_proj = nn.Linear(d, i, bias=bias)
         self.down_proj = GatedLinear(i, d, bias=bias)
@@ -214,17 +227,28 @@ class Decoder(nn.Module):
 
 
 class MaskedLlama(nn.Module):
-    """`LlamaForCausalLM`-compatible decoder; `l0` (optional) holds the pruning masks."""
+    """Decoder compatible with the family's own class (`LlamaForCausalLM`,
+    `MistralForCausalLM`, `Qwen2ForCausalLM`); `l0` (optional) holds the pruning masks.
+
+    `sets`: the mask sets that may be trained (config `prune.sets`); a set outside it stays
+    inactive even where the target is smaller (`check_target` refuses such targets).
+    """
 
     def __init__(self, config, target: Shape | None = None, ramp_steps: int = 1,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, sets: tuple[str, ...] | list[str] = SETS) -> None:
         super().__init__()
+        check_config(config)  # unknown family, unsupported rope: refused before any weight exists
         self.config = config
+        # Full causal attention equals the family's windowed attention while the window
+        # covers the sequence; `logits` refuses longer inputs (the engine checks
+        # train.seq_len up front with `families.check_sliding_window`).
+        self.sliding_window = sliding_window(config)
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.l0 = L0Masks(shape_of(config), target, ramp_steps, head_dim_of(config)) if target is not None else None
+        self.l0 = (L0Masks(shape_of(config), target, ramp_steps, head_dim_of(config), sets)
+                   if target is not None else None)
         inv_freq, self.attention_scaling = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.activation_checkpointing = activation_checkpointing
@@ -249,6 +273,10 @@ class MaskedLlama(nn.Module):
     def logits(self, input_ids: torch.Tensor, z: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [B, T, V]; `z` the masks of this forward (from `self.l0`), or None."""
         z = z or {}
+        if self.sliding_window is not None and input_ids.shape[1] > self.sliding_window:
+            raise ValueError(f"input of {input_ids.shape[1]} tokens is longer than the model's sliding_window "
+                             f"{self.sliding_window}; megadrp's full causal attention would differ from the "
+                             "model's own (keep train.seq_len at most sliding_window)")
         h = self.model.embed_tokens(input_ids)
         hidden = z.get("hidden")
         kept = None
@@ -313,10 +341,12 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def count_parameters(config) -> int:
-    """Parameters of a standard Llama of this config (for reports)."""
+    """Parameters of a standard model of this config, biases included (for reports)."""
     d, i, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     hd, h, kv = head_dim_of(config), config.num_attention_heads, config.num_key_value_heads
+    qkv_bias, o_bias = attention_biases(config)
     per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * i + 2 * d
+    per_layer += hd * (h + 2 * kv) * qkv_bias + d * o_bias + (2 * i + d) * mlp_bias(config)
     emb = v * d * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     return L * per_layer + emb + d
 

@@ -9,7 +9,9 @@ Mask sets and what they gate:
     intermediate  [L, I]    one MLP channel
     hidden        [d]       one residual dimension everywhere
 
-A set exists only when the target is smaller than the source in that dimension.
+A set is active (has log α and λ's) only when it is allowed (config `prune.sets`,
+default all four) and the target is smaller than the source in its dimension. The
+multilingual recipe (SPEC §4) trains head, intermediate and hidden and keeps every layer.
 """
 from __future__ import annotations
 
@@ -46,8 +48,27 @@ class TargetShapeError(ValueError):
     """A prune target that cannot be reached from the source model."""
 
 
-def check_target(source: Shape, target: Shape) -> None:
-    """Refuse unreachable targets before any compute."""
+SETS = ("layer", "head", "intermediate", "hidden")
+# The prune.target keys each mask set shrinks (head pruning shrinks both head counts).
+SET_KEYS = {"layer": ("layers", "num_hidden_layers"), "head": ("kv_heads", "num_key_value_heads"),
+            "intermediate": ("intermediate", "intermediate_size"), "hidden": ("hidden", "hidden_size")}
+
+
+def check_sets(sets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`prune.sets` as a tuple in SETS order; unknown or repeated names are refused."""
+    unknown = [s for s in sets if s not in SETS]
+    if unknown:
+        raise TargetShapeError(f"prune.sets: {unknown[0]!r} is not a mask set; choose from {', '.join(SETS)}")
+    if len(set(sets)) != len(sets):
+        raise TargetShapeError(f"prune.sets: {list(sets)} names a set twice")
+    return tuple(s for s in SETS if s in sets)
+
+
+def check_target(source: Shape, target: Shape, sets: tuple[str, ...] | list[str] = SETS) -> None:
+    """Refuse unreachable targets before any compute: a dimension below 1 or above the
+    source, heads that are not whole key/value groups, or a dimension shrunk by a mask set
+    that `prune.sets` leaves untrained (it would silently stay at the source size)."""
+    sets = check_sets(sets)
     for field in ("layers", "hidden", "heads", "kv_heads", "intermediate"):
         s, t = getattr(source, field), getattr(target, field)
         if t < 1:
@@ -60,6 +81,13 @@ def check_target(source: Shape, target: Shape) -> None:
             f"prune.target: num_attention_heads={target.heads} with num_key_value_heads={target.kv_heads}; "
             f"heads are pruned in whole key/value groups of {group}, so num_attention_heads must be "
             f"{target.kv_heads * group} (num_key_value_heads × {group})")
+    for m, (field, key) in SET_KEYS.items():
+        s, t = getattr(source, field), getattr(target, field)
+        if t < s and m not in sets:
+            raise TargetShapeError(
+                f"prune.target.{key}={t} is smaller than the source model's {s}, but prune.sets "
+                f"({', '.join(sets) or 'empty'}) does not train the {m!r} masks; add {m!r} to prune.sets "
+                f"or set prune.target.{key} to {s}")
 
 
 def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -98,14 +126,15 @@ class _ReverseGrad(torch.autograd.Function):
         return -g
 
 
-SETS = ("layer", "head", "intermediate", "hidden")
-
-
 class L0Masks(nn.Module):
-    def __init__(self, source: Shape, target: Shape, ramp_steps: int, head_dim: int = 1) -> None:
+    def __init__(self, source: Shape, target: Shape, ramp_steps: int, head_dim: int = 1,
+                 sets: tuple[str, ...] | list[str] = SETS) -> None:
         """`head_dim` only weighs heads against channels in the parameter counts behind
-        `expected_sparsity`; it never changes which units are kept."""
+        `expected_sparsity`; it never changes which units are kept. `sets` (config
+        `prune.sets`): the sets that may be trained; the others stay inactive (no log α,
+        no λ) even where the target is smaller, and their dimension keeps the source size."""
         super().__init__()
+        self.sets = check_sets(sets)
         self.source, self.target, self.ramp_steps = source, target, max(1, ramp_steps)
         self.head_dim = head_dim
         shapes = {
@@ -116,6 +145,8 @@ class L0Masks(nn.Module):
         }
         sizes = {"layer": (source.layers, target.layers), "head": (source.kv_heads, target.kv_heads),
                  "intermediate": (source.intermediate, target.intermediate), "hidden": (source.hidden, target.hidden)}
+        # an untrained set keeps the source size everywhere (targets, ramps, the final shape)
+        sizes = {m: (s, t if m in self.sets else s) for m, (s, t) in sizes.items()}
         self.active = [m for m in SETS if sizes[m][1] < sizes[m][0]]
         self.final_fraction = {m: sizes[m][1] / sizes[m][0] for m in SETS}
         self.keep = {m: sizes[m][1] for m in SETS}

@@ -1,4 +1,4 @@
-"""Deterministic masks → a smaller standard Llama (SPEC §2, "Finalising").
+"""Deterministic masks → a smaller standard model of the source's family (SPEC §2, "Finalising").
 
 Each surviving mask value is folded into the weights that produce or consume the gated
 unit, then pruned rows and columns are dropped. The result's logits equal the masked
@@ -10,9 +10,16 @@ Folding rules (h: kept hidden dims with values vh; a layer's gate vl):
     o_proj:     rows h · vh · vl, columns of kept heads · their head gate
     gate/up:    rows of kept channels, columns h
     down_proj:  rows h · vh · vl, columns of kept channels · their channel gate
+    q/k/v biases (Qwen2): entries of kept heads (they are per head dimension, not hidden)
     norms: weight[h]; lm_head[:, h] (unscaled: the norm output is not gated)
-A tied model whose hidden gates are not all 1 comes out untied: the embedding is scaled,
-the LM head is not.
+Tied input/output embeddings (small Qwen2 sizes) stay tied, with the hidden mask folded
+once: the shared matrix is embed[:, h] · vh, and the final norm's weight is divided by vh
+so that the LM head, which reads the norm output, still sees embed[:, h] (vh > 0 for every
+kept dimension). Untying instead would add vocab × d parameters to the exported model.
+
+The pruned config states `head_dim` explicitly (it no longer equals hidden / heads) and
+keeps only the kept layers' entries of per-layer fields (`layer_types`, Qwen2's
+`max_window_layers`).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import copy
 
 import torch
 
+from megadrp.model.families import prune_layer_fields
 from megadrp.model.llama import head_dim_of
 
 
@@ -46,9 +54,11 @@ def prune_state_dict(sd: dict[str, torch.Tensor], config, z: dict[str, torch.Ten
     emb = get("model.embed_tokens.weight")[:, h_idx] * h_val
     out["model.embed_tokens.weight"] = emb
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    lm = get("lm_head.weight") if "lm_head.weight" in sd else get("model.embed_tokens.weight")
-    out["lm_head.weight"] = lm[:, h_idx].clone()
-    out["model.norm.weight"] = get("model.norm.weight")[h_idx]
+    if tied:  # one matrix: the hidden mask goes into it once, the final norm undoes it for the head
+        out["model.norm.weight"] = get("model.norm.weight")[h_idx] / h_val
+    else:
+        out["lm_head.weight"] = get("lm_head.weight")[:, h_idx].clone()
+        out["model.norm.weight"] = get("model.norm.weight")[h_idx]
 
     kept_kv = kept_int = None
     for new_i, (old_i, lv) in enumerate(zip(l_idx.tolist(), l_val.tolist())):
@@ -96,8 +106,7 @@ def prune_state_dict(sd: dict[str, torch.Tensor], config, z: dict[str, torch.Ten
     new.num_attention_heads = new.num_key_value_heads * group
     new.intermediate_size = kept_int if kept_int is not None else config.intermediate_size
     new.head_dim = hd
-    new.tie_word_embeddings = tied and bool(torch.all(h_val == 1))
-    if new.tie_word_embeddings:
-        out.pop("lm_head.weight")
+    new.tie_word_embeddings = tied
+    prune_layer_fields(new, l_idx.tolist())
     dtype = next(iter(sd.values())).dtype
     return {k: v.to(dtype).contiguous() for k, v in out.items()}, new
