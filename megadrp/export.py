@@ -33,7 +33,7 @@ def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
         config = plan.model_config
         if plan.pruning:
             assert plan.target is not None
-            masks = L0Masks(shape_of(config), plan.target, 1)
+            masks = L0Masks(shape_of(config), plan.target, 1, sets=plan.cfg.prune.sets)
             masks.load_state_dict({**{k[3:]: v.float() for k, v in sd.items() if k.startswith("l0.")},
                                    **{f"log_alpha.{m}": v for m, v in log_alpha.items()}})
             with torch.no_grad():

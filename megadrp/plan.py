@@ -135,7 +135,7 @@ def _model_config(cfg: Config, manifest: Manifest):
         assert cfg.model.init is not None
         if not Path(cfg.model.init).is_dir():
             raise ConfigError(f"model.init {cfg.model.init}: directory does not exist")
-        mc = load_hf_config(cfg.model.init)
+        mc = load_hf_config(cfg.model.init, seq_len=cfg.train.seq_len)
     if mc.vocab_size < manifest.vocab_size:
         raise ConfigError(f"model vocab_size {mc.vocab_size} is smaller than the data's vocabulary "
                           f"({manifest.vocab_size}, {manifest.data_dir}/manifest.json)")
@@ -157,7 +157,7 @@ def _target(cfg: Config, model_config) -> Shape | None:
     target = Shape(layers=t.num_hidden_layers, hidden=t.hidden_size, heads=t.num_attention_heads,
                    kv_heads=t.num_key_value_heads, intermediate=t.intermediate_size)
     try:
-        check_target(shape_of(model_config), target)
+        check_target(shape_of(model_config), target, cfg.prune.sets)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return target
