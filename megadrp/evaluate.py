@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megadrp.atomic import atomic_write_text
 from megadrp.data.manifest import ManifestError, load_manifest
 from megadrp.data.mixture import EvalWindows
 
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     line = json.dumps(res)
     if args.out:
-        tmp = f"{args.out}.tmp"
-        Path(tmp).write_text(line + "\n")
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, line + "\n")
     for name, v in res["domain_loss"].items():
         print(f"{name:>14}: loss {v:.4f}  ppl {res['domain_ppl'][name]:.3f}", file=sys.stderr)
     print(line)

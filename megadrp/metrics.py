@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megadrp.atomic import atomic_write_text
+
 log = logging.getLogger("megadrp")
 
 
@@ -25,9 +27,7 @@ class MetricsLog:
                 path.unlink()
         elif path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(k + "\n" for k in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megadrp.atomic import atomic_write_text
 from megadrp.dro.scaling_law import predict
 from megadrp.metrics import read_metrics
 
@@ -148,11 +149,7 @@ def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], ext
                   f"Final expected shape: {', '.join(f'{k} {v:.1f}' for k, v in last['expected_shape'].items())}", ""]
         final_w = " | ".join(f"{n} {v:.3f}" for n, v in last["weights"].items())
         parts += [f"Final domain weights of pruning: {final_w}", ""]
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(parts))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(parts))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,14 +114,12 @@ megadrp_train() {
     _megadrp_requeue_or_stop "stopped by SIG$_megadrp_signal before $run_dir started"
   fi
   # Check config, data, source model and batch layout on the batch host in seconds, before
-  # the step loads the model on every GPU (once train.py has `--dry-run`; exit 2 = bad job).
-  if grep -q -e '"--dry-run"' megadrp/train.py; then
-    rc=0
-    "$PYTHON" megadrp/train.py --dry-run --world-size "$ntasks" "$@" run_dir="$run_dir" resume=auto || rc=$?
-    if [ "$rc" -ne 0 ]; then
-      echo "megadrp: dry run of $run_dir failed (exit $rc); not starting the step" >&2
-      exit "$rc"
-    fi
+  # the step loads the model on every GPU (exit 2 = a bad job: fail now, never requeue).
+  rc=0
+  "$PYTHON" megadrp/train.py --dry-run --world-size "$ntasks" "$@" run_dir="$run_dir" resume=auto || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "megadrp: dry run of $run_dir failed (exit $rc); not starting the step" >&2
+    exit "$rc"
   fi
   started=$(date +%s)
   srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" megadrp/train.py "$@" run_dir="$run_dir" resume=auto &

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megadrp.atomic import atomic_write_text
+
 MANIFEST = "manifest.json"
 
 
@@ -46,11 +48,7 @@ class Manifest:
 
 
 def write_manifest(data_dir: Path, content: dict[str, Any]) -> Path:
-    path = data_dir / MANIFEST
-    tmp = data_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(data_dir / MANIFEST, json.dumps(content, indent=2) + "\n")
 
 
 def load_manifest(data_dir: str | os.PathLike) -> Manifest:

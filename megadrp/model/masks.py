@@ -268,16 +268,15 @@ class L0Masks(nn.Module):
         return z
 
     def forward(self, step: int, mode: str, generator: torch.Generator | None = None
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float] | None]:
         """mode: 'sample' (training), 'expected' (deterministic, expected counts) or 'final'.
-        Returns (masks, Lagrangian, expected shape with its 'sparsity')."""
+        Returns (masks, Lagrangian, expected shape with its 'sparsity'); the shape only when
+        evaluating, so a training forward never waits for the device (no `.item()`)."""
         probs = self.probs()
         if mode == "sample":
             assert generator is not None
-            z = self.sample(generator)
-            lag = self.lagrangian(step, probs)
-        else:
-            z = self.deterministic(final=(mode == "final"))
-            lag = self.lagrangian(step, probs).detach()
+            return self.sample(generator), self.lagrangian(step, probs), None
+        z = self.deterministic(final=(mode == "final"))
+        lag = self.lagrangian(step, probs).detach()
         detached = {k: v.detach() for k, v in probs.items()}
         return z, lag, {**self.expected_shape(detached), "sparsity": self.expected_sparsity(detached)}
