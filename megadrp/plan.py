@@ -152,10 +152,8 @@ def _target(cfg: Config, model_config) -> Shape | None:
         return None
     from megadrp.model.llama import shape_of
 
-    t = cfg.prune.target
-    assert t is not None
-    target = Shape(layers=t.num_hidden_layers, hidden=t.hidden_size, heads=t.num_attention_heads,
-                   kv_heads=t.num_key_value_heads, intermediate=t.intermediate_size)
+    assert cfg.prune.target is not None
+    target = Shape.from_hf(cfg.prune.target)
     try:
         check_target(shape_of(model_config), target, cfg.prune.sets)
     except ValueError as e:

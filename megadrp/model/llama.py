@@ -39,7 +39,7 @@ from megadrp.model.families import (
 )
 from megadrp.model.masks import SETS, L0Masks, Shape
 
-SHAPE_KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")
+SHAPE_KEYS = Shape.KEYS
 # What a masked forward reports about the masks: the expected shape, then the expected sparsity.
 SHAPE_STATS = SHAPE_KEYS + ("sparsity",)
 

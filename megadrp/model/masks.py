@@ -39,6 +39,14 @@ class Shape:
     kv_heads: int
     intermediate: int
 
+    KEYS = ("layers", "hidden", "heads", "kv_heads", "intermediate")  # field order; every shape dict's keys
+
+    @classmethod
+    def from_hf(cls, c) -> "Shape":
+        """From anything with Hugging Face's names (a model config, the `prune.target` section)."""
+        return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
+                   kv_heads=c.num_key_value_heads, intermediate=c.intermediate_size)
+
     def as_dict(self) -> dict[str, int]:
         return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads,
                 "kv_heads": self.kv_heads, "intermediate": self.intermediate}
