@@ -4,7 +4,7 @@
 #   sbatch slurm/continue_7b.sh                    # from the repository root
 #
 # Environment (defaults in brackets):
-#   TARGET      1.3b | 2.7b                              [1.3b]
+#   TARGET      1.3b | 2.7b | qwen2-1.8b (see prune_7b.sh)  [1.3b]
 #   MODEL_DIR   the pruned model                         [runs/prune_7b_$TARGET/hf]
 #   DATA_DIR    DATA_DIR from data_tools/preprocess.py   [data/redpajama]
 #   RUN_DIR     where the run writes                     [runs/continue_7b_$TARGET]
@@ -29,9 +29,14 @@
 source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
 TARGET=${TARGET:-1.3b}
 MODEL_DIR=${MODEL_DIR:-runs/prune_7b_$TARGET/hf}
-DATA_DIR=${DATA_DIR:-data/redpajama}
 RUN_DIR=${RUN_DIR:-runs/continue_7b_$TARGET}
-CONFIG=${CONFIG:-configs/continue_$TARGET.yaml}
+case $TARGET in
+  1.3b|2.7b)  recipe=configs/continue_$TARGET.yaml ;;
+  qwen2-1.8b) recipe=configs/continue_qwen2_1.8b.yaml; DATA_DIR=${DATA_DIR:-data/culturax} ;;
+  *) recipe=""; [ -n "${CONFIG:-}" ] || { echo "megadrp: TARGET=$TARGET has no continued-pretraining recipe; set CONFIG" >&2; exit 2; } ;;
+esac
+CONFIG=${CONFIG:-$recipe}
+DATA_DIR=${DATA_DIR:-data/redpajama}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
 mkdir -p logs "$RUN_DIR"
 # shellcheck disable=SC2086

@@ -7,7 +7,8 @@
 # Environment (defaults in brackets):
 #   MODEL_DIR   Hugging Face Llama-2-7B directory       [checkpoints/Llama-2-7b-hf]
 #   DATA_DIR    DATA_DIR from data_tools/preprocess.py   [data/redpajama]
-#   TARGET      1.3b | 2.7b                              [1.3b]
+#   TARGET      1.3b | 2.7b (Llama-2-7B) | qwen2-1.8b (Qwen2-7B, SPEC §4's multilingual recipe)
+#               | llama31-4b (Llama-3.1-8B → the Minitron-4B-Width shape)   [1.3b]
 #   RUN_DIR     where the run writes                     [runs/prune_7b_$TARGET]
 #   CONFIG      recipe                                   [configs/llama2_7b_to_$TARGET.yaml]
 #   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]
@@ -33,10 +34,16 @@
 #SBATCH --signal=B:USR1@600
 source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
 TARGET=${TARGET:-1.3b}
-MODEL_DIR=${MODEL_DIR:-checkpoints/Llama-2-7b-hf}
-DATA_DIR=${DATA_DIR:-data/redpajama}
+case $TARGET in
+  1.3b|2.7b)  recipe=configs/llama2_7b_to_$TARGET.yaml; model=checkpoints/Llama-2-7b-hf; data=data/redpajama ;;
+  qwen2-1.8b) recipe=configs/qwen2_7b_to_1.8b.yaml;     model=checkpoints/Qwen2-7B;      data=data/culturax ;;
+  llama31-4b) recipe=configs/llama31_8b_to_4b.yaml;     model=checkpoints/Llama-3.1-8B;  data=data/redpajama ;;
+  *) echo "megadrp: TARGET=$TARGET: expected 1.3b, 2.7b, qwen2-1.8b or llama31-4b (or set CONFIG)" >&2; exit 2 ;;
+esac
+MODEL_DIR=${MODEL_DIR:-$model}
+DATA_DIR=${DATA_DIR:-$data}
 RUN_DIR=${RUN_DIR:-runs/prune_7b_$TARGET}
-CONFIG=${CONFIG:-configs/llama2_7b_to_$TARGET.yaml}
+CONFIG=${CONFIG:-$recipe}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
 mkdir -p logs "$RUN_DIR"
 # shellcheck disable=SC2086

@@ -48,6 +48,9 @@ SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits for its old credential to expire before it may start (~2 min by
+# default); the requeue test needs it to start in seconds.
+AuthInfo=cred_expire=10
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import slurm_cluster as testing_cluster
@@ -63,32 +64,32 @@ def test_smoke_job(smoke):
     assert model.config.num_hidden_layers == 1 and model.config.hidden_size == 48
 
 
-def test_sigusr1_checkpoint_and_resubmit(slurm, smoke, tmp_path):
-    """scancel --signal=USR1 mid-prune: the job leaves a complete checkpoint and stops; a
-    resubmitted job finishes with the same numbers and model as the uninterrupted run."""
+def _copy_inputs(smoke: Path, tmp_path: Path) -> Path:
     root = tmp_path / "root"
     root.mkdir()
     shutil.copytree(smoke / "data", root / "data")
     shutil.copytree(smoke / "pretrain", root / "pretrain")
-    env = dict(slurm, RUN_ROOT=str(root), STEPS="30", MEGADRP_NO_REQUEUE="1")
-    job = _sbatch(env, "-o", str(tmp_path / "first.out"), "slurm/smoke.sh", wait=False)
+    return root
+
+
+def _wait_for_prune_step(root: Path, step: int) -> None:
     metrics_file = root / "prune" / "metrics.jsonl"
     t0 = time.time()
     while time.time() - t0 < 300:
-        if metrics_file.exists() and any(json.loads(x)["step"] >= 5 for x in metrics_file.read_text().splitlines() if x):
-            break
+        if metrics_file.exists() and any(json.loads(x)["step"] >= step for x in metrics_file.read_text().splitlines() if x):
+            return
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
+    raise AssertionError(f"prune never reached step {step}")
+
+
+def _wait_gone(job: str, env: dict, timeout: float = 600) -> None:
+    t0 = time.time()
     while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
+        assert time.time() - t0 < timeout, f"job {job} still queued after {timeout} s"
         time.sleep(0.5)
-    first = (tmp_path / "first.out").read_text()
-    assert json.loads((root / "prune" / "status.json").read_text())["state"] == "interrupted", first[-3000:]
-    ckpts = sorted((root / "prune" / "checkpoints").glob("step*"))
-    assert ckpts and (ckpts[-1] / "megadrp_state.pt").is_file()
-    stopped_at = int(ckpts[-1].name[4:])
-    assert 5 <= stopped_at < 30 and not (root / "prune" / "hf").exists()
-    _sbatch(env, "-o", str(tmp_path / "second.out"), "slurm/smoke.sh")
-    assert "megadrp smoke: done" in (tmp_path / "second.out").read_text()
+
+
+def _assert_same_as_straight(smoke: Path, root: Path) -> None:
     a, b = metrics(smoke / "prune"), metrics(root / "prune")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
@@ -99,6 +100,46 @@ def test_sigusr1_checkpoint_and_resubmit(slurm, smoke, tmp_path):
 
     wa, wb = (load_file(str(r / "continue" / "hf" / "model.safetensors")) for r in (smoke, root))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+def test_usr1_to_the_batch_shell_requeues_and_resumes(slurm, smoke, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@600 sends before the time limit): the shell
+    forwards it to the step, the run checkpoints, the script requeues its own job, and the
+    requeued job resumes from the checkpoint and finishes equal to the straight run; the one
+    output file (--open-mode=append) holds both segments."""
+    root = _copy_inputs(smoke, tmp_path)
+    env = dict(slurm, RUN_ROOT=str(root), STEPS="30")
+    out = tmp_path / "job.out"
+    job = _sbatch(env, "-o", str(out), "slurm/smoke.sh", wait=False)
+    _wait_for_prune_step(root, 5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
+    _wait_gone(job, env)
+    text = out.read_text()
+    info = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    assert "Restarts=1" in info and "JobState=COMPLETED" in info, (info, text[-3000:])
+    for needed in ("(restart 0)", "requeueing job", "(restart 1)", "megadrp smoke: done"):
+        assert needed in text, (needed, text[-3000:])
+    _assert_same_as_straight(smoke, root)
+
+
+def test_sigusr1_checkpoint_and_resubmit(slurm, smoke, tmp_path):
+    """scancel --signal=USR1 mid-prune: the job leaves a complete checkpoint and stops; a
+    resubmitted job finishes with the same numbers and model as the uninterrupted run."""
+    root = _copy_inputs(smoke, tmp_path)
+    env = dict(slurm, RUN_ROOT=str(root), STEPS="30", MEGADRP_NO_REQUEUE="1")
+    job = _sbatch(env, "-o", str(tmp_path / "first.out"), "slurm/smoke.sh", wait=False)
+    _wait_for_prune_step(root, 5)
+    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
+    _wait_gone(job, env)
+    first = (tmp_path / "first.out").read_text()
+    assert json.loads((root / "prune" / "status.json").read_text())["state"] == "interrupted", first[-3000:]
+    ckpts = sorted((root / "prune" / "checkpoints").glob("step*"))
+    assert ckpts and (ckpts[-1] / "megadrp_state.pt").is_file()
+    stopped_at = int(ckpts[-1].name[4:])
+    assert 5 <= stopped_at < 30 and not (root / "prune" / "hf").exists()
+    _sbatch(env, "-o", str(tmp_path / "second.out"), "slurm/smoke.sh")
+    assert "megadrp smoke: done" in (tmp_path / "second.out").read_text()
+    _assert_same_as_straight(smoke, root)
 
 
 def test_mpirun_prune(smoke, tmp_path):
