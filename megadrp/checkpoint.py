@@ -94,6 +94,23 @@ def save(engine, root: Path, step: int, states: Mapping[str, Stateful], keep: in
     return final
 
 
+def problem(path: Path, rank: int, world: int) -> str | None:
+    """Why this rank could not load the checkpoint at `path` (None: it looks loadable). Checked
+    on every rank before any loads, so that a rank missing its own partition file is found
+    before the ranks part ways in a collective load."""
+    own = [f for f in path.glob(f"*zero_pp_rank_{rank}_*") if f.is_file()] if path.is_dir() else []
+    if not own or any(f.stat().st_size == 0 for f in own):
+        return f"{path}: the DeepSpeed partition files of rank {rank} are missing or empty"
+    if rank == 0:
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated, corrupt, unpicklable: all mean "cannot resume from it"
+            return f"{path / STATE_FILE}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if state.get("world_size", world) != world:
+            return None  # load() raises the clear world-size error
+    return None
+
+
 def load(engine, path: Path, states: Mapping[str, Stateful]) -> None:
     """Collective. Loads the engine's state in place and each component's from
     `megadrp_state.pt`."""

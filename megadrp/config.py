@@ -6,6 +6,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +141,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     resume: str = "auto"
+    # Starting over (resume: none, or no checkpoint to resume) in a run_dir whose status.json
+    # says `done` would destroy a finished run's metrics and model: refused unless this is true.
+    overwrite: bool = False
     deepspeed: str = "ds_configs/zero3_cpu.json"
     dro: DROConfig = field(default_factory=DROConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -232,7 +236,11 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node[p], dict):
             raise ConfigError(f"override {item!r}: {p!r} is not a section")
         node = node[p]
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({first}); quote it or fix it") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -265,8 +273,34 @@ def validate(cfg: Config, where: str) -> None:
                    ("eval.interval", cfg.eval.interval), ("eval.tokens_per_domain", cfg.eval.tokens_per_domain)):
         if v < 1:
             raise ConfigError(f"{where}: {key}={v} must be at least 1")
-    if t.lr <= 0:
-        raise ConfigError(f"{where}: train.lr must be positive")
+    for key, v in (("train.log_interval", t.log_interval), ("eval.micro_batch", cfg.eval.micro_batch),
+                   ("train.prefetch_factor", t.prefetch_factor), ("train.max_bad_steps", t.max_bad_steps)):
+        if v < 1:
+            raise ConfigError(f"{where}: {key}={v} must be at least 1")
+    for key, v in (("train.num_workers", t.num_workers), ("train.warmup_steps", t.warmup_steps), ("seed", cfg.seed),
+                   ("save.interval", cfg.save.interval), ("save.keep", cfg.save.keep)):
+        if v < 0:
+            raise ConfigError(f"{where}: {key}={v} must not be negative")
+    if t.micro_batch > t.global_batch:
+        raise ConfigError(f"{where}: train.micro_batch={t.micro_batch} is larger than train.global_batch="
+                          f"{t.global_batch}; lower the micro-batch")
+    for key, v in (("train.lr", t.lr), ("prune.mask_lr", cfg.prune.mask_lr), ("prune.lambda_lr", cfg.prune.lambda_lr),
+                   ("dro.rho", cfg.dro.rho)):
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"{where}: {key}={v} must be a positive finite number")
+    for key, v in (("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip), ("train.eps", t.eps)):
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"{where}: {key}={v} must be a finite number ≥ 0")
+    for key, v in (("train.min_lr_ratio", t.min_lr_ratio), ("train.beta1", t.beta1), ("train.beta2", t.beta2),
+                   ("prune.ramp_fraction", cfg.prune.ramp_fraction), ("dro.min_prob", cfg.dro.min_prob)):
+        if not 0 <= v <= 1:
+            raise ConfigError(f"{where}: {key}={v} must lie in [0, 1]")
+    for key in ("reference_loss", "initial_proportion"):
+        value = getattr(cfg.dro, key)
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+        bad = [x for x in values if not math.isfinite(float(x))]
+        if bad:
+            raise ConfigError(f"{where}: dro.{key} holds {bad[0]}; every value must be a finite number")
     if cfg.stage == "pretrain" and cfg.model.shape is None:
         raise ConfigError(f"{where}: stage pretrain needs model.shape")
     if cfg.stage in ("prune", "continue") and not cfg.model.init:

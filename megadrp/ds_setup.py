@@ -62,6 +62,17 @@ def full_state_dict(engine, zero3: bool, rank: int) -> dict[str, torch.Tensor] |
     return {k: v.detach().cpu() for k, v in sd.items()} if rank == 0 and sd is not None else None
 
 
+def weights_finite(engine) -> bool:
+    """Whether this rank's share of the weights is finite (its ZeRO-3 partitions; the whole
+    model without ZeRO-3). Cheap next to writing a checkpoint; callers all-reduce it."""
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", None)
+        t = local if local is not None else p.data
+        if t.numel() and not torch.isfinite(t).all():
+            return False
+    return True
+
+
 def fp32_master(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each parameter's value from the optimizer's fp32 master copy, whole, on the CPU. The
     final masks are chosen from these: under bf16 the module's 16-bit copy rounds log α to 8

@@ -110,7 +110,7 @@ class Trainer:
                                   cfg.eval.micro_batch, self.rank, self.world)
         self.engine, self.group_names = ds_setup.build_engine(self.plan, self.rank)
         self.model = self.engine.module
-        self.state = TrainState(self.plan.k)
+        self.state = TrainState(self.plan.k, domains=self.plan.names)
         self.schedule = DomainSchedule(self.plan, self.rank, self.run_dir, self.faults)
         self.metrics: MetricsLog | None = None
 
@@ -131,6 +131,15 @@ class Trainer:
             raise ConfigError(box[0])
 
     def _check_run_dir(self) -> None:
+        status = self.run_dir / "status.json"
+        if self.cfg.resume == "none" and not self.cfg.overwrite and status.is_file():
+            try:
+                done = json.loads(status.read_text()).get("state") == "done"
+            except (OSError, ValueError):
+                done = False
+            if done:
+                raise ConfigError(f"run_dir {self.run_dir} holds a finished run ({status}: done) and resume=none would "
+                                  "start over in it; choose another run_dir, or pass overwrite=true to replace it")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / ".write-probe"
@@ -145,16 +154,39 @@ class Trainer:
         need = count_parameters(self.plan.model_config) * 16
         self._on_rank0(lambda: checkpoint.check_room(root, need))
 
-    def _resume_path(self, root: Path) -> Path | None:
+    def _resume(self, root: Path, stateful: dict) -> Path | None:
+        """Load the checkpoint to resume from: `resume: auto` takes the newest one that every
+        rank can load and says which it skipped and why; a given path must load."""
         r = self.cfg.resume
         if r == "none":
             return None
         if r == "auto":
-            return checkpoint.latest(root)
-        p = Path(r)
-        if not (p / checkpoint.STATE_FILE).is_file():
-            raise ConfigError(f"resume {p}: not a complete megadrp checkpoint (no {checkpoint.STATE_FILE})")
-        return p
+            candidates = [p for _, p in reversed(checkpoint.complete_checkpoints(root))]
+        else:
+            candidates = [Path(r)]
+            if not (candidates[0] / checkpoint.STATE_FILE).is_file():
+                raise ConfigError(f"resume {r}: not a complete megadrp checkpoint (no {checkpoint.STATE_FILE})")
+        for path in candidates:
+            problem = self._agree(checkpoint.problem(path, self.rank, self.world))
+            if problem is None:
+                try:
+                    checkpoint.load(self.engine, path, stateful)
+                    return path
+                except ValueError as e:  # written for another run (domains, world size): never skip
+                    raise ConfigError(str(e)) from e
+            if r != "auto":
+                raise ConfigError(f"resume {path}: {problem}")
+            log.warning("resume: skipping %s: %s", path, problem)
+        if candidates:
+            raise ConfigError(f"resume=auto: no checkpoint under {root} can be loaded (see the warnings above); "
+                              "remove the broken ones, or start fresh with resume=none")
+        return None
+
+    def _agree(self, problem: str | None) -> str | None:
+        """The first rank's problem (in rank order), the same on every rank."""
+        found = [None] * self.world
+        dist.all_gather_object(found, problem)
+        return next((f"rank {i}: {p}" if self.world > 1 else p for i, p in enumerate(found) if p), None)
 
     @property
     def stop_signal(self) -> int:
@@ -171,12 +203,7 @@ class Trainer:
         ckpt_root = self.run_dir / "checkpoints"
         self._check_room(ckpt_root)
         stateful = {"train": self.state, "schedule": self.schedule}  # what a checkpoint holds besides the engine
-        resume_from = self._resume_path(ckpt_root)
-        try:
-            if resume_from:
-                checkpoint.load(self.engine, resume_from, stateful)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        resume_from = self._resume(ckpt_root, stateful)
         if self.rank == 0:
             atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step if resume_from else None)
@@ -327,6 +354,12 @@ class Trainer:
 
     def _save(self, root: Path, step: int, stateful: dict) -> None:
         self._check_room(root)
+        if self._agree(None if ds_setup.weights_finite(self.engine) else "non-finite weights") is not None:
+            last = checkpoint.latest(root)
+            self._finish("failed")
+            raise TrainingStopped(f"step {step}: the model's weights are not finite; not saving them and not exporting. "
+                                  f"The last good checkpoint is {last or 'none (no checkpoint was written)'}; lower "
+                                  "train.lr or raise train.warmup_steps and resume from it")
         checkpoint.save(self.engine, root, step, stateful, self.cfg.save.keep, self.faults.kill_in_save)
 
     # ---- evaluation and the domain schedule -----------------------------------------------

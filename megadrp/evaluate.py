@@ -32,6 +32,9 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
 
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    if not any(Path(model_dir).glob(pat) for pat in ("*.safetensors", "pytorch_model*.bin")):
+        raise FileNotFoundError(f"{model_dir}: config.json but no weights (*.safetensors or pytorch_model*.bin); "
+                                "point --model at a complete export (RUN_DIR/hf)")
     manifest = load_manifest(data_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     losses = {}
@@ -60,16 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--domains", default=None, help="comma-separated subset of domains")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)
+    for flag, v in (("--tokens-per-domain", args.tokens_per_domain), ("--seq-len", args.seq_len)):
+        if v is not None and v < 1:
+            ap.error(f"{flag}={v}: must be at least 1")  # exit 2, before any work
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        ap.error(f"--out {args.out}: its folder does not exist; create it first")
     tokens, seq = args.tokens_per_domain, args.seq_len
     run_cfg = Path(args.model).parent / "config.yaml"
     if (tokens is None or seq is None) and run_cfg.is_file():
         import yaml
 
         rc = yaml.safe_load(run_cfg.read_text())
-        tokens = tokens or rc["eval"]["tokens_per_domain"]
-        seq = seq or rc["train"]["seq_len"]
+        tokens = tokens if tokens is not None else rc["eval"]["tokens_per_domain"]
+        seq = seq if seq is not None else rc["train"]["seq_len"]
     try:
-        res = evaluate(args.model, args.data, tokens or 16384, seq or 128,
+        res = evaluate(args.model, args.data, tokens if tokens is not None else 16384, seq if seq is not None else 128,
                        args.domains.split(",") if args.domains else None)
     except (FileNotFoundError, ManifestError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

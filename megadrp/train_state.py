@@ -23,6 +23,7 @@ def ema_update(ema: np.ndarray, loss_sums: np.ndarray, counts: np.ndarray, decay
 @dataclass
 class TrainState:
     k: int  # number of domains
+    domains: list[str] | None = None  # their names: a resume with other domains is refused
     step: int = 0
     tokens: np.ndarray = field(default=None)  # type: ignore[assignment]  # trained per domain, all ranks
     ema: np.ndarray = field(default=None)  # type: ignore[assignment]  # training-loss moving average, NaN until seen
@@ -51,10 +52,14 @@ class TrainState:
         return float(loss_sums.sum() / counts.sum())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens.tolist(), "ema": self.ema.tolist(),
+        return {"domains": self.domains, "step": self.step, "tokens": self.tokens.tolist(), "ema": self.ema.tolist(),
                 "bad_total": self.bad_total, "last_decision": self.last_decision}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
+        saved = st.get("domains")
+        if saved is not None and self.domains is not None and list(saved) != list(self.domains):
+            raise ValueError(f"the checkpoint was trained on domains {list(saved)}, this run has {list(self.domains)}; "
+                             "resume with the same `domains`, or start fresh (resume=none) in another run_dir")
         self.step = int(st["step"])
         self.tokens = np.asarray(st["tokens"], dtype=np.float64)
         self.ema = np.asarray(st["ema"], dtype=np.float64) if st.get("ema") is not None else np.full(self.k, np.nan)

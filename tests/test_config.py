@@ -27,6 +27,17 @@ def test_overrides_and_types(tmp_path):
     ("eval.interval=0", "eval.interval=0 must be at least 1"),
     ("model.init=null", "needs model.init"),
     ("bogus=1", "unknown config key 'bogus'"),
+    # values that used to fail late (after the model was built) or never
+    ("train.log_interval=0", "train.log_interval=0 must be at least 1"),
+    ("eval.micro_batch=0", "eval.micro_batch=0 must be at least 1"),
+    ("train.num_workers=-1", "train.num_workers=-1 must not be negative"),
+    ("seed=-1", "seed=-1 must not be negative"),
+    ("train.micro_batch=64", "train.micro_batch=64 is larger than train.global_batch=16"),
+    ("train.lr=.inf", "train.lr=inf must be a positive finite number"),
+    ("dro.rho=-1", "dro.rho=-1.0 must be a positive finite number"),
+    ("dro.rho=0", "dro.rho=0.0 must be a positive finite number"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio=2.0 must lie in [0, 1]"),
+    ("dro.reference_loss=[1, .nan, 2, 2, 2, 2]", "dro.reference_loss holds nan"),
 ])
 def test_bad_keys_are_named(override, msg):
     with pytest.raises(ConfigError) as e:
@@ -38,3 +49,9 @@ def test_bad_keys_are_named(override, msg):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_yaml_error_inside_an_override_names_it():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/tiny/prune.yaml", ["train.steps=["])
+    assert "override 'train.steps=['" in str(e.value) and "not valid YAML" in str(e.value)

@@ -181,3 +181,54 @@ def test_truncated_and_corrupt_shards_fail_before_training(tmp_path, data_dir, b
     i = bad / "math_eval.idx"
     i.write_bytes(b"XX" + i.read_bytes()[2:])
     _expect_error(cfg, tmp_path, "math_eval.idx", "wrong magic")
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def test_finished_runs_and_broken_checkpoints(tmp_path, data_dir, base_model):
+    """Nothing already written is destroyed by a bad second invocation: starting over a
+    finished run and resuming with other domains are refused before anything is touched
+    (every file's hash unchanged); resume=auto skips a checkpoint that cannot be read, says
+    why, and resumes from the one before."""
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "fin", train={"steps": 8}, save={"interval": 4, "keep": 3})
+    train(cfg, tmp_path)
+    run_dir = Path(cfg["run_dir"])
+    before = _hashes(run_dir)
+    p = train(cfg, tmp_path, check=False, extra=["resume=none"])
+    assert p.returncode == 2 and "holds a finished run" in p.stderr and "overwrite=true" in p.stderr, p.stderr[-2000:]
+    assert _hashes(run_dir) == before
+    p = train(cfg, tmp_path, check=False, extra=["domains=[code, math]", "dro.initial_proportion=uniform"])
+    assert p.returncode == 2 and "trained on domains" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert _hashes(run_dir) == before
+    state = run_dir / "checkpoints" / "step00000008" / "megadrp_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    p = train(cfg, tmp_path, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "skipping" in p.stderr and "step00000008" in p.stderr and "cannot be read" in p.stderr
+    assert "resumed from" in p.stderr and "step00000004" in p.stderr
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tokens-per-domain", "0"], "--tokens-per-domain=0: must be at least 1"),
+    (["--seq-len", "-4"], "--seq-len=-4: must be at least 1"),
+    (["--out", "/nonexistent-dir/x.json"], "its folder does not exist"),
+])
+def test_evaluate_refuses_bad_flags_before_any_work(args, needle, data_dir, base_model):
+    from conftest import run
+
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(base_model), "--data", str(data_dir), *args], check=False)
+    assert p.returncode == 2 and needle in p.stderr, p.stderr[-2000:]
+
+
+def test_evaluate_a_model_without_weights(tmp_path, data_dir, base_model):
+    from conftest import run
+
+    (tmp_path / "config.json").write_text((base_model / "config.json").read_text())
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(tmp_path), "--data", str(data_dir)], check=False)
+    assert p.returncode == 2 and "no weights" in p.stderr and "Traceback" not in p.stderr
