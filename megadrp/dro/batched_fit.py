@@ -28,7 +28,8 @@ EXP_CAP = 150.0
 LOG_FLOOR = -40.0
 MAX_EXPONENT_STEP = 1.0  # largest change of b or b2 in one step
 STUCK_DAMPING = 1e16  # a fit whose damping passes this found no lower cost in any direction
-POLISH = 3  # fits per problem polished beyond top_k (see `fit_batch`)
+POLISH = 3  # fits per problem polished beyond top_k (see `_fit_candidates`)
+SCREEN_ITER, SCREEN_KEEP = 8, 12  # after 8 iterations, each problem's best 12 starts go on
 
 
 @dataclass
@@ -114,26 +115,52 @@ def _to_external(theta: np.ndarray, data: _Data) -> np.ndarray:
     return out
 
 
+class _Buffers:
+    """Scratch arrays of (fits, points) for one size of the working set, reused every iteration.
+    Without them an iteration makes ~45 fresh 1 MB temporaries (64 domains × 36 starts × 64
+    points); glibc maps each from the OS and unmaps it on free, and the page faults cost as
+    much as the arithmetic."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        k, n = shape
+        self.r = [np.empty(shape), np.empty(shape)]  # the two trial steps' residuals
+        self.phi = [np.empty(shape), np.empty(shape)]
+        self.tmp = [np.empty(shape) for _ in range(3)]
+        self.flag = np.empty(shape, dtype=bool)
+        self.w_p = np.empty((k, 3, n))  # point weights × phi
+        self.w_pp = np.empty((k, 2, n))  # point weights × phi²
+
+
 # ---- cost and its derivatives ----------------------------------------------------------------
-def _residuals(theta: np.ndarray, data: _Data) -> tuple[np.ndarray, np.ndarray]:
+def _residuals(theta: np.ndarray, data: _Data, buf: _Buffers | None = None, which: int = 0,
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(r, phi) at every point: r = prediction − loss (0 at padding), phi = exp(−b·x − b2·z), so
     the power-law term is a·phi. The exponent is clipped at ±EXP_CAP, so nothing overflows; a
-    fit out there has a huge cost either way. (Fit.cost is recomputed unclipped, `_scipy_cost`.)"""
-    expo = -theta[:, 1, None] * data.x
+    fit out there has a huge cost either way. (Fit.cost is recomputed unclipped, `_scipy_cost`.)
+    With buf, written into buf.r[which], buf.phi[which]."""
+    shape = data.x.shape
+    r, phi = (buf.r[which], buf.phi[which]) if buf else (np.empty(shape), np.empty(shape))
+    np.multiply(-theta[:, 1, None], data.x, out=phi)
     if data.z is not None:
-        expo -= theta[:, 3, None] * data.z
-    phi = np.exp(np.clip(expo, -EXP_CAP, EXP_CAP))
-    r = theta[:, 0, None] * phi + theta[:, 2, None] - data.y
-    return r * data.mask, phi
+        tmp = buf.tmp[0] if buf else np.empty(shape)
+        np.multiply(theta[:, 3, None], data.z, out=tmp)
+        phi -= tmp
+    np.clip(phi, -EXP_CAP, EXP_CAP, out=phi)
+    np.exp(phi, out=phi)
+    np.multiply(theta[:, 0, None], phi, out=r)
+    r += theta[:, 2, None]
+    r -= data.y
+    r *= data.mask
+    return r, phi
 
 
-def huber_cost(r: np.ndarray) -> np.ndarray:
+def huber_cost(r: np.ndarray, buf: _Buffers | None = None) -> np.ndarray:
     """scipy's cost for loss="huber", f_scale=δ, summed over the last axis:
     0.5·Σ δ²·ρ(r²/δ²) with ρ(z) = z if z ≤ 1 else 2√z − 1, i.e. r²/2 inside δ, δ|r| − δ²/2 outside.
-    Written as m·(|r| − m/2) with m = min(|r|, δ), one expression for both branches."""
-    a = np.abs(r)
-    m = np.minimum(a, HUBER_DELTA)
-    return (m * (a - 0.5 * m)).sum(axis=-1)
+    Written as Σ m·|r| − m²/2 with m = min(|r|, δ), one expression for both branches."""
+    a = np.abs(r, out=buf.tmp[1] if buf else None)
+    m = np.minimum(a, HUBER_DELTA, out=buf.tmp[2] if buf else None)
+    return np.einsum("...j,...j->...", m, a) - 0.5 * np.einsum("...j,...j->...", m, m)
 
 
 # Jacobian columns, by parameter slot: a → phi, b → −x·a·phi, E → 1, b2 → −z·a·phi, i.e.
@@ -146,7 +173,7 @@ _PAIRS = {False: {(0, 0): 0, (0, 1): 1, (1, 1): 2},
 _LINEAR = {False: {0: 0, 1: 1}, True: {0: 0, 1: 1, 3: 2}}
 
 
-def _normal_equations(theta: np.ndarray, r: np.ndarray, phi: np.ndarray, data: _Data,
+def _normal_equations(theta: np.ndarray, r: np.ndarray, phi: np.ndarray, data: _Data, buf: _Buffers,
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H_exact, H_irls, g) for the Huber cost at θ.
 
@@ -154,16 +181,23 @@ def _normal_equations(theta: np.ndarray, r: np.ndarray, phi: np.ndarray, data: _
     and 0 outside: the cost's own curvature (scipy's robust-loss scaling amounts to the same).
     H_irls = Jᵀ diag(δ/max(|r|, δ)) J: the curvature of the quadratic that majorises the
     Huber cost at r (IRLS); it sees the points outside δ that a longer step would flip."""
-    absr = np.abs(r)
-    inside = (absr <= HUBER_DELTA) * data.mask
-    irls = HUBER_DELTA / np.maximum(absr, HUBER_DELTA) * data.mask
-    psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA)
-    p_in, p_irls = inside * phi, irls * phi
+    absr = np.abs(r, out=buf.tmp[0])
+    inside = np.multiply(np.less_equal(absr, HUBER_DELTA, out=buf.flag), data.mask, out=buf.tmp[1])
+    irls = np.maximum(absr, HUBER_DELTA, out=buf.tmp[2])
+    np.divide(HUBER_DELTA, irls, out=irls)
+    irls *= data.mask
+    psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA, out=buf.tmp[0])
     # The sums over points as stacked products (rows: point weights, columns: basis functions);
     # only the products some entry needs: 24 per point for the pruning law instead of 48.
-    s_pp = np.matmul(np.stack([p_in * phi, p_irls * phi], axis=1), data.basis)
-    s_p = np.matmul(np.stack([p_in, p_irls, psi * phi], axis=1), data.linear)
-    s_1 = np.stack([inside, irls, psi], axis=1).sum(-1)
+    w_p, w_pp = buf.w_p, buf.w_pp
+    np.multiply(inside, phi, out=w_p[:, 0])
+    np.multiply(irls, phi, out=w_p[:, 1])
+    np.multiply(psi, phi, out=w_p[:, 2])
+    np.multiply(w_p[:, 0], phi, out=w_pp[:, 0])
+    np.multiply(w_p[:, 1], phi, out=w_pp[:, 1])
+    s_pp = np.matmul(w_pp, data.basis)
+    s_p = np.matmul(w_p, data.linear)
+    s_1 = np.stack([inside.sum(-1), irls.sum(-1), psi.sum(-1)], axis=1)
     pruning = data.z is not None
     scale = {0: np.ones(len(theta)), 1: theta[:, 0], 3: theta[:, 0]}  # d(a·phi)/dθ_i = phi·scale_i·u_i
     h_exact = _assemble(s_pp[:, 0], s_p[:, 0], s_1[:, 0], scale, pruning)
@@ -259,21 +293,23 @@ class _Fits:
                      self.rows[keep], self.data.take(keep))
 
 
-def _best_of_two_steps(f: _Fits, h_exact: np.ndarray, h_irls: np.ndarray, g: np.ndarray, damp: np.ndarray):
+def _best_of_two_steps(f: _Fits, h_exact: np.ndarray, h_irls: np.ndarray, g: np.ndarray, damp: np.ndarray,
+                       buf: _Buffers) -> tuple[np.ndarray, ...]:
     """The step from H_exact and the one from H_irls (solved in one stacked call); per fit, the
-    one with the lower Huber cost: (trial θ, predicted decrease, r, phi, cost)."""
+    one with the lower Huber cost: (trial θ, predicted decrease, r, phi, cost), r and phi in buf."""
     n = len(f.theta)
     two = np.concatenate
     trial, predicted, ok = _damped_step(two([f.theta, f.theta]), two([h_exact, h_irls]), two([g, g]),
                                         two([damp, damp]), two([f.lam, f.lam]))
-    r1, phi1 = _residuals(trial[:n], f.data)
-    r2, phi2 = _residuals(trial[n:], f.data)
-    c1 = np.where(ok[:n], huber_cost(r1), np.inf)
-    c2 = np.where(ok[n:], huber_cost(r2), np.inf)
+    r1, phi1 = _residuals(trial[:n], f.data, buf, 0)
+    c1 = np.where(ok[:n], huber_cost(r1, buf), np.inf)
+    r2, phi2 = _residuals(trial[n:], f.data, buf, 1)
+    c2 = np.where(ok[n:], huber_cost(r2, buf), np.inf)
     second = c2 < c1
-    pick = second[:, None]
-    return (np.where(pick, trial[n:], trial[:n]), np.where(second, predicted[n:], predicted[:n]),
-            np.where(pick, r2, r1), np.where(pick, phi2, phi1), np.where(second, c2, c1))
+    np.copyto(r1, r2, where=second[:, None])
+    np.copyto(phi1, phi2, where=second[:, None])
+    return (np.where(second[:, None], trial[n:], trial[:n]), np.where(second, predicted[n:], predicted[:n]),
+            r1, phi1, np.where(second, c2, c1))
 
 
 def _levenberg_marquardt(theta: np.ndarray, data: _Data, max_iter: int, ftol: float,
@@ -292,18 +328,19 @@ def _levenberg_marquardt(theta: np.ndarray, data: _Data, max_iter: int, ftol: fl
     r, phi = _residuals(theta, data)
     k = len(theta)
     f = _Fits(theta, r, phi, huber_cost(r), np.full(k, lam0), np.full(k, 2.0), np.arange(k), data)
+    buf = _Buffers(r.shape)
     active = np.ones(k, dtype=bool)  # fits in f not finished yet
     for _ in range(max_iter):
-        h_exact, h_irls, g = _normal_equations(f.theta, f.r, f.phi, f.data)
+        h_exact, h_irls, g = _normal_equations(f.theta, f.r, f.phi, f.data, buf)
         # isotropic damping at the scale of the largest curvature
         damp = np.diagonal(h_irls, axis1=1, axis2=2).max(axis=1) + 1e-300
-        trial, predicted, r_new, phi_new, c_new = _best_of_two_steps(f, h_exact, h_irls, g, damp)
+        trial, predicted, r_new, phi_new, c_new = _best_of_two_steps(f, h_exact, h_irls, g, damp, buf)
         better = active & (c_new < f.cost)
         gain = np.clip((f.cost - c_new) / np.maximum(predicted, 1e-300), 0.0, 1.0)
         done = better & (f.cost - c_new <= ftol * f.cost)
         f.theta = np.where(better[:, None], trial, f.theta)
-        f.r = np.where(better[:, None], r_new, f.r)
-        f.phi = np.where(better[:, None], phi_new, f.phi)
+        np.copyto(f.r, r_new, where=better[:, None])
+        np.copyto(f.phi, phi_new, where=better[:, None])
         f.cost = np.where(better, c_new, f.cost)
         f.lam = np.where(better, f.lam * np.maximum(1 / 3, 1 - (2 * gain - 1) ** 3), f.lam * f.nu)
         f.nu = np.where(better, 2.0, f.nu * 2)
@@ -315,6 +352,7 @@ def _levenberg_marquardt(theta: np.ndarray, data: _Data, max_iter: int, ftol: fl
                 return theta, out_cost
             if active.sum() <= 0.8 * len(active):
                 f, active = f.take(active), np.ones(int(active.sum()), dtype=bool)
+                buf = _Buffers(f.r.shape)
     theta[f.rows[active]], out_cost[f.rows[active]] = f.theta[active], f.cost[active]
     return theta, out_cost
 
@@ -334,13 +372,8 @@ def fit_batch(problems: list[Problem], pruning: bool, top_k: int = 3, max_iter: 
               polish_iter: int = 100) -> list[tuple[list[Fit], str]]:
     """`scaling_law.fit_each`, all problems and starts in one vectorised fit: per problem, the
     top_k fits (lowest Huber cost first) and a reason ("" on success, or how many non-finite
-    points were dropped; no fits and "only N usable points" below 3 points).
-
-    Two passes. Every start gets max_iter iterations to a relative cost change of 1e-8 (scipy's
-    ftol); most have settled by then. Then each problem's top_k + POLISH best go on for up to
-    polish_iter iterations to 1e-13: only those can be selected, and the few that are still
-    moving (a slow valley: b against b2 when log s nearly follows log D, or E → 0) get there
-    without the whole grid paying for it."""
+    points were dropped; no fits and "only N usable points" below 3 points). max_iter: iterations
+    of the starts (the screened ones, see `_fit_candidates`); polish_iter: of the best few."""
     out: list[tuple[list[Fit], str]] = [([], "")] * len(problems)
     cleaned, where, dropped = [], [], []
     for i, (d, loss, s) in enumerate(problems):
@@ -364,18 +397,34 @@ def fit_batch(problems: list[Problem], pruning: bool, top_k: int = 3, max_iter: 
 def _fit_candidates(cleaned: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], pruning: bool, keep: int,
                     max_iter: int, polish_iter: int) -> np.ndarray:
     """Every start of every problem, then the `keep` best of each polished: (problems, keep, n),
-    external parameters."""
+    external parameters.
+
+    Three rounds, each on the best fits of the one before: all starts for SCREEN_ITER iterations
+    (to a relative cost change of 1e-8, scipy's ftol); the best SCREEN_KEEP of each problem on to
+    max_iter; the best `keep` of each polished for up to polish_iter more, to 1e-13. After a few
+    iterations most starts are far above their problem's best (the best never came from them in
+    the benchmark's histories), and only the best can be selected; the few still moving at the end
+    (a slow valley: b against b2 when log s nearly follows log D, or E → 0) get there without the
+    whole grid paying for it."""
     grid = np.array(starts(pruning), dtype=np.float64)
     n_start, n_prob = len(grid), len(cleaned)
     data = _pack(cleaned, pruning).take(np.repeat(np.arange(n_prob), n_start))  # start-major within a problem
-    theta, cost = _levenberg_marquardt(_to_internal(np.tile(grid, (n_prob, 1)), data), data, max_iter, 1e-8)
-    keep = min(keep, n_start)
-    best = np.argsort(cost.reshape(n_prob, n_start), axis=1, kind="stable")[:, :keep]
-    rows = (best + np.arange(n_prob)[:, None] * n_start).ravel()
-    kept = data.take(rows)
-    # polish from a small damping: these fits are near their minimum already
-    polished, _ = _levenberg_marquardt(theta[rows], kept, polish_iter, 1e-13, lam0=1e-6)
-    return _to_external(polished, kept).reshape(n_prob, keep, -1)
+    theta = _to_internal(np.tile(grid, (n_prob, 1)), data)
+    rounds = [(min(SCREEN_ITER, max_iter), 1e-8, 1e-3, SCREEN_KEEP), (max(max_iter - SCREEN_ITER, 0), 1e-8, 1e-3, keep),
+              (polish_iter, 1e-13, 1e-6, None)]  # polish from a small damping: these fits are near their minimum
+    width = n_start  # fits per problem in this round
+    for iters, ftol, lam0, next_width in rounds:
+        theta, cost = _levenberg_marquardt(theta, data, iters, ftol, lam0) if iters else (theta, _cost(theta, data))
+        if next_width is None or next_width >= width:
+            continue
+        best = np.argsort(cost.reshape(n_prob, width), axis=1, kind="stable")[:, :next_width]
+        rows = (best + np.arange(n_prob)[:, None] * width).ravel()
+        theta, data, width = theta[rows], data.take(rows), next_width
+    return _to_external(theta, data).reshape(n_prob, width, -1)
+
+
+def _cost(theta: np.ndarray, data: _Data) -> np.ndarray:
+    return huber_cost(_residuals(theta, data)[0])
 
 
 def _select(cand: np.ndarray, cost: np.ndarray, top_k: int) -> list[Fit]:
