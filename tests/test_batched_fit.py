@@ -83,11 +83,14 @@ def test_parameters_recovered(fitted):
 
 def test_reference_prediction_matches_scipy(fitted):
     _, made, batched, scipy = fitted
+    compared = 0
     for ((d, loss, s), _, (d_final, s_final)), (fits, _), (ref, _) in zip(made, batched, scipy):
         if all(abs(f.cost - r.cost) <= 1e-9 for f, r in zip(fits, ref)):  # the same fits, up to tolerance
             ours = scaling_law.reference_prediction(fits, d_final, s_final, float(loss.min()))
             theirs = scaling_law.reference_prediction(ref, d_final, s_final, float(loss.min()))
             assert ours == pytest.approx(theirs, rel=1e-3)
+            compared += 1
+    assert compared >= 2  # (scipy's 2nd/3rd fit can stop higher from its start; then there is nothing to compare)
 
 
 def test_few_and_non_finite_points_reasons_as_scipy():

@@ -10,6 +10,12 @@ decisions can be ready at lag 0.
 Same contract as `scaling_law.fit_each`: the same data cleaning and reasons, the same start
 grid, the top_k lowest-cost fits, and `Fit.cost` is scipy's Huber cost (loss="huber",
 f_scale=δ) at the returned parameters. `scaling_law.fit_each` stays the independent check.
+
+How (each part says why where it is): the fit runs in linear A and E at the centre of the data
+(`_Data`); each iteration tries the step from the Huber cost's own curvature and the IRLS step
+and keeps the better (`_levenberg_marquardt`); all starts run a few iterations, the best of each
+problem go on, and the best few are polished (`_fit_candidates`). Where the cost keeps falling
+as E → 0, the fit stops at log E = LOG_FLOOR, further than scipy goes, so its cost is lower.
 """
 from __future__ import annotations
 
@@ -410,7 +416,8 @@ def _fit_candidates(cleaned: list[tuple[np.ndarray, np.ndarray, np.ndarray | Non
     n_start, n_prob = len(grid), len(cleaned)
     data = _pack(cleaned, pruning).take(np.repeat(np.arange(n_prob), n_start))  # start-major within a problem
     theta = _to_internal(np.tile(grid, (n_prob, 1)), data)
-    rounds = [(min(SCREEN_ITER, max_iter), 1e-8, 1e-3, SCREEN_KEEP), (max(max_iter - SCREEN_ITER, 0), 1e-8, 1e-3, keep),
+    rounds = [(min(SCREEN_ITER, max_iter), 1e-8, 1e-3, max(SCREEN_KEEP, keep)),
+              (max(max_iter - SCREEN_ITER, 0), 1e-8, 1e-3, keep),
               (polish_iter, 1e-13, 1e-6, None)]  # polish from a small damping: these fits are near their minimum
     width = n_start  # fits per problem in this round
     for iters, ftol, lam0, next_width in rounds:
