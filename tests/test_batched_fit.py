@@ -1,0 +1,141 @@
+"""The batched scaling-law fit against scipy's per-problem fit (`scaling_law.fit_each`), the
+independent check: same or lower best cost, same reasons, parameters recovered, the same
+reference prediction where the fits agree; ragged histories; finite output where the best fits
+disagree."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megadrp.dro import scaling_law
+from megadrp.dro.batched_fit import fit_batch, huber_cost
+
+DELTA = scaling_law.HUBER_DELTA
+
+
+def history(rng: np.random.Generator, n: int, pruning: bool, noise: float = 1e-3):
+    """A history of n evaluations from a known law: ((d, loss, s), truth, (d_final, s_final)).
+    Pruning: s ramps to its target over the first fifth of the stage, then stays (so b and b2
+    are told apart by the plateau)."""
+    total = 10 ** rng.uniform(8, 9.5)
+    frac = np.sort(rng.uniform(0.02, rng.uniform(0.6, 1.0), n))
+    d = total * frac
+    b, e = rng.uniform(0.2, 0.6), rng.uniform(1.5, 3.0)
+    log_a = np.log(rng.uniform(0.5, 1.5)) + b * np.log(np.median(d))
+    truth, s, s_final = [log_a, b, np.log(e)], None, None
+    if pruning:
+        s_final = rng.uniform(0.4, 0.7)
+        s = s_final * np.minimum(1.0, frac / 0.2)
+        truth.append(rng.uniform(-0.4, -0.1))
+    loss = scaling_law.predict(np.array(truth), d, s) + rng.normal(0, noise, n)
+    return (d, loss, s), np.array(truth), (total, s_final)
+
+
+def scipy_cost(fit: scaling_law.Fit, d, loss, s) -> float:
+    """scipy's least_squares cost for loss="huber", f_scale=δ, written out independently."""
+    r = fit.predict(d, s) - loss
+    z = (r / DELTA) ** 2
+    rho = np.where(z <= 1, z, 2 * np.sqrt(z) - 1)
+    return float(0.5 * DELTA**2 * rho.sum())
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["continued", "pruning"])
+def fitted(request):
+    """Three ragged histories (12, 24 and 40 points) fitted both ways."""
+    pruning = request.param
+    rng = np.random.default_rng(7 if pruning else 3)
+    made = [history(rng, n, pruning) for n in (12, 24, 40)]
+    problems = [m[0] for m in made]
+    return pruning, made, fit_batch(problems, pruning), scaling_law.fit_each(problems, pruning)
+
+
+def test_best_cost_at_most_scipys(fitted):
+    _, made, batched, scipy = fitted
+    for (fits, why), (ref, ref_why) in zip(batched, scipy):
+        assert why == ref_why == ""
+        assert len(fits) == len(ref) == 3
+        assert fits[0].cost <= ref[0].cost + 1e-9
+        costs = [f.cost for f in fits]
+        assert costs == sorted(costs)
+
+
+def test_cost_is_scipys_definition(fitted):
+    _, made, batched, _ = fitted
+    for ((d, loss, s), _, _), (fits, _) in zip(made, batched):
+        for f in fits:
+            assert f.cost == pytest.approx(scipy_cost(f, d, loss, s), rel=1e-12, abs=1e-18)
+
+
+def test_parameters_recovered(fitted):
+    pruning, made, batched, _ = fitted
+    for (problem, truth, _), (fits, _) in zip(made, batched):
+        best = fits[0]
+        got = [best.log_a, best.b, best.log_e] + ([best.b2] if pruning else [])
+        # b (and b2) within 0.1, E within 5%; the 12-point history pins them down less
+        tol = 0.2 if len(problem[0]) == 12 else 0.1
+        assert abs(got[1] - truth[1]) < tol
+        assert abs(np.exp(got[2]) / np.exp(truth[2]) - 1) < 0.05
+        if pruning:
+            assert abs(got[3] - truth[3]) < tol
+        d, loss, s = problem  # and the curve itself, on the data, within a few noise σ
+        assert np.max(np.abs(best.predict(d, s) - scaling_law.predict(truth, d, s))) < 5e-3
+
+
+def test_reference_prediction_matches_scipy(fitted):
+    _, made, batched, scipy = fitted
+    compared = 0
+    for ((d, loss, s), _, (d_final, s_final)), (fits, _), (ref, _) in zip(made, batched, scipy):
+        if all(abs(f.cost - r.cost) <= 1e-9 for f, r in zip(fits, ref)):  # the same fits, up to tolerance
+            ours = scaling_law.reference_prediction(fits, d_final, s_final, float(loss.min()))
+            theirs = scaling_law.reference_prediction(ref, d_final, s_final, float(loss.min()))
+            assert ours == pytest.approx(theirs, rel=1e-3)
+            compared += 1
+    assert compared >= 2  # (scipy's 2nd/3rd fit can stop higher from its start; then there is nothing to compare)
+
+
+def test_few_and_non_finite_points_reasons_as_scipy():
+    rng = np.random.default_rng(11)
+    (d, loss, s), _, _ = history(rng, 12, True)
+    bad_d, bad_loss, bad_s = d.copy(), loss.copy(), s.copy()
+    bad_d[3], bad_loss[5], bad_s[7], bad_d[9] = np.nan, np.inf, np.nan, -1.0
+    problems = [
+        (bad_d, bad_loss, bad_s),  # 4 bad points of 12 (3 without the sparsity)
+        (d[:2], loss[:2], s[:2]),  # only 2 points
+        (np.array([1e6, np.nan, 3e6, 4e6]), np.array([3.0, 2.9, np.nan, 2.7]), np.array([0.1, 0.2, 0.3, 0.4])),
+    ]
+    for pruning, dropped in ((True, 4), (False, 3)):
+        probs = problems if pruning else [(p[0], p[1], None) for p in problems]
+        batched = fit_batch(probs, pruning)
+        scipy = scaling_law.fit_each(probs, pruning)
+        assert [why for _, why in batched] == [why for _, why in scipy] == \
+            [f"dropped {dropped} non-finite points", "only 2 usable points", "only 2 usable points"]
+        assert len(batched[0][0]) == 3 and batched[0][0][0].cost <= scipy[0][0][0].cost + 1e-9
+        assert batched[1][0] == batched[2][0] == []
+    assert fit_batch([], True) == []
+    three = fit_batch([(d[:3], loss[:3], s[:3])], True)  # fewer points than parameters: still fitted
+    assert three[0][1] == "" and all(np.isfinite(f.cost) for f in three[0][0])
+
+
+def test_disagreeing_fits_stay_finite():
+    """s proportional to D (the ramp without its plateau): b and b2 are one direction, the best
+    fits sit anywhere along it and predict differently off the history's line; and a flat
+    history, where A, b and E trade off freely. Output must still be finite."""
+    rng = np.random.default_rng(5)
+    d = np.linspace(1e7, 5e7, 40)
+    s = 0.5 * d / d[-1]
+    loss = 3.0 * (d / 1e7) ** -0.2 * s ** 0.1 + 1.0 + rng.normal(0, 2e-3, 40)
+    flat = 2.0 + rng.normal(0, 1e-3, 40)
+    batched = fit_batch([(d, loss, s), (d, flat, s)], True)
+    for (fits, why), y in zip(batched, (loss, flat)):
+        assert why == "" and len(fits) == 3
+        for f in fits:
+            assert np.all(np.isfinite([f.log_a, f.b, f.log_e, f.b2, f.cost]))
+        pred = scaling_law.reference_prediction(fits, 4 * d[-1], 0.6, float(y.min()))
+        assert np.isfinite(pred) and 0 <= pred <= y.min()
+
+
+def test_huber_cost_branches():
+    r = np.array([0.0, DELTA / 2, -DELTA, 3 * DELTA, -10 * DELTA])
+    z = (r / DELTA) ** 2
+    want = 0.5 * DELTA**2 * np.where(z <= 1, z, 2 * np.sqrt(z) - 1).sum()
+    assert huber_cost(r) == pytest.approx(want, rel=1e-15)
