@@ -34,14 +34,15 @@ def controller_ms(k: int, pruning: bool, repeats: int = 3) -> float:
 
     rng = np.random.default_rng(0)
     s = ControllerSettings(mode="drpruning", domains=[f"d{i}" for i in range(k)], p0=list(rng.dirichlet(np.ones(k))),
-                           total_steps=1000, reference_loss=None, pruning=pruning, target_sparsity=0.5,
+                           total_steps=1000, reference_loss=None, pruning=pruning,
                            history_start=0.0, fit_start=0.0)
     c = Controller(s)
     a, e = rng.uniform(5, 20, k), rng.uniform(1, 3, k)
 
     def obs(step):
         d = 1e5 * step * np.ones(k)
-        return Observation(step, (a * d ** -0.3 + e + rng.normal(0, 1e-3, k)).tolist(), d.tolist(), 0.5 * step / 1000)
+        return Observation(step, (a * d ** -0.3 + e + rng.normal(0, 1e-3, k)).tolist(), d.tolist(), 0.5 * step / 1000,
+                           target_sparsity=0.5)
 
     for step in range(1, 65):  # fill the history (fits are skipped while it is short)
         c.s.fit_start = 2.0

@@ -139,3 +139,18 @@ def test_huber_cost_branches():
     z = (r / DELTA) ** 2
     want = 0.5 * DELTA**2 * np.where(z <= 1, z, 2 * np.sqrt(z) - 1).sum()
     assert huber_cost(r) == pytest.approx(want, rel=1e-15)
+
+
+def test_a_real_pruning_history_whose_best_basin_no_spec_start_reaches():
+    """A domain's history from a real prune run (eval loss against tokens and expected
+    sparsity, which ran up to 0.96): from SPEC §3.1's starts scipy reaches a b2 ≈ −5.3 basin
+    that the batched fit missed with SPEC's starts alone (cost 7.0e-4 against 5.6e-4); the
+    extra b2 starts find it."""
+    d = np.array([1024, 2176, 3200, 4224, 5248, 6016, 6912, 7552, 8960, 10368, 11648, 12928, 14336], float)
+    loss = np.array([1.546168, 1.553592, 1.568595, 1.566945, 1.810476, 2.522591, 3.454758, 3.392533, 2.968539,
+                     2.696244, 2.545375, 2.403232, 2.297956])
+    s = np.array([0.007533, 0.01256, 0.026473, 0.093922, 0.38674, 0.795183, 0.931242, 0.956266, 0.961563, 0.961546,
+                  0.959202, 0.953298, 0.93629])
+    (ref, _), = scaling_law.fit_each([(d, loss, s)], True)
+    (ours, why), = fit_batch([(d, loss, s)], True)
+    assert why == "" and ours[0].cost <= ref[0].cost + 1e-9, (ours[0], ref[0])
