@@ -138,3 +138,40 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def first_problem(problem: str | None, world: int) -> str | None:
+    """Collective: the first rank's problem (in rank order), the same on every rank."""
+    found = [None] * world
+    dist.all_gather_object(found, problem)
+    return next((f"rank {i}: {p}" if world > 1 else p for i, p in enumerate(found) if p), None)
+
+
+def resume(engine, root: Path, setting: str, states: Mapping[str, Stateful], world: int) -> Path | None:
+    """Collective. Load the checkpoint `setting` names (config `resume`): `none`; `auto`, the
+    newest under `root` that every rank can load (the ones skipped are logged with the reason);
+    or a path, which must load. Returns the checkpoint loaded, None for a fresh start. Raises
+    ValueError with one line when nothing can be resumed that should be."""
+    import logging
+
+    if setting == "none":
+        return None
+    rank = dist.get_rank()
+    if setting == "auto":
+        candidates = [p for _, p in reversed(complete_checkpoints(root))]
+    else:
+        candidates = [Path(setting)]
+        if not (candidates[0] / STATE_FILE).is_file():
+            raise ValueError(f"resume {setting}: not a complete megadrp checkpoint (no {STATE_FILE})")
+    for path in candidates:
+        why = first_problem(problem(path, rank, world), world)
+        if why is None:
+            load(engine, path, states)  # a ValueError here (other domains, world size) is never skipped
+            return path
+        if setting != "auto":
+            raise ValueError(f"resume {path}: {why}")
+        logging.getLogger("megadrp").warning("resume: skipping %s: %s", path, why)
+    if candidates:
+        raise ValueError(f"resume=auto: no checkpoint under {root} can be loaded (see the warnings above); "
+                         "remove the broken ones, or start fresh with resume=none")
+    return None

@@ -31,16 +31,17 @@ import torch.distributed as dist
 from megadrp import checkpoint, ds_setup
 from megadrp.atomic import atomic_write_text
 from megadrp.config import Config, ConfigError, dump_yaml, to_dict
-from megadrp.data.mixture import MixtureDataset, digest_hex, weights_digest
+from megadrp.data.mixture import MixtureDataset, digest_hex
 from megadrp.distributed import DistInfo
 from megadrp.domain_schedule import DomainSchedule
 from megadrp.evaluator import EvalResult, Evaluator
 from megadrp.export import export
 from megadrp.faults import Faults
-from megadrp.metrics import MetricsLog, Progress, Wandb
+from megadrp.metrics import MetricsLog, Progress, Wandb, evaluation_record
 from megadrp.model.llama import count_parameters
 from megadrp.optim import group_lrs
 from megadrp.plan import make_plan
+from megadrp.run_dir import check_run_dir, on_rank0
 from megadrp.train_state import TrainState
 
 log = logging.getLogger("megadrp")
@@ -104,7 +105,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.faults = Faults.from_env()
         self.stop = stop or StopRequest().install()
-        self._on_rank0(self._check_run_dir)
+        on_rank0(lambda: check_run_dir(self.run_dir, cfg.resume, cfg.overwrite), self.rank, self.world)
         self.plan = make_plan(cfg, self.world, self.rank)
         self.evaluate = Evaluator(self.plan.domains, cfg.train.seq_len, cfg.eval.tokens_per_domain,
                                   cfg.eval.micro_batch, self.rank, self.world)
@@ -114,79 +115,16 @@ class Trainer:
         self.schedule = DomainSchedule(self.plan, self.rank, self.run_dir, self.faults)
         self.metrics: MetricsLog | None = None
 
-    # ---- collective-safe checks ------------------------------------------------------------
-    def _on_rank0(self, check) -> None:
-        """Run `check` on rank 0 and raise its error on every rank, so that no rank is left
-        waiting in a collective for one that failed."""
-        msg = None
-        if self.rank == 0:
-            try:
-                check()
-            except (OSError, ConfigError) as e:
-                msg = str(e)
-        box = [msg]
-        if dist.is_initialized() and self.world > 1:
-            dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            raise ConfigError(box[0])
-
-    def _check_run_dir(self) -> None:
-        status = self.run_dir / "status.json"
-        if self.cfg.resume == "none" and not self.cfg.overwrite and status.is_file():
-            try:
-                done = json.loads(status.read_text()).get("state") == "done"
-            except (OSError, ValueError):
-                done = False
-            if done:
-                raise ConfigError(f"run_dir {self.run_dir} holds a finished run ({status}: done) and resume=none would "
-                                  "start over in it; choose another run_dir, or pass overwrite=true to replace it")
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-probe"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"run_dir {self.run_dir}: cannot write there ({e.strerror}); "
-                              "choose a writable run_dir") from e
-
     def _check_room(self, root: Path) -> None:
         # fp32 master weights and Adam's two moments (12 bytes) plus the 16/32-bit module copy
         need = count_parameters(self.plan.model_config) * 16
-        self._on_rank0(lambda: checkpoint.check_room(root, need))
+        on_rank0(lambda: checkpoint.check_room(root, need), self.rank, self.world)
 
     def _resume(self, root: Path, stateful: dict) -> Path | None:
-        """Load the checkpoint to resume from: `resume: auto` takes the newest one that every
-        rank can load and says which it skipped and why; a given path must load."""
-        r = self.cfg.resume
-        if r == "none":
-            return None
-        if r == "auto":
-            candidates = [p for _, p in reversed(checkpoint.complete_checkpoints(root))]
-        else:
-            candidates = [Path(r)]
-            if not (candidates[0] / checkpoint.STATE_FILE).is_file():
-                raise ConfigError(f"resume {r}: not a complete megadrp checkpoint (no {checkpoint.STATE_FILE})")
-        for path in candidates:
-            problem = self._agree(checkpoint.problem(path, self.rank, self.world))
-            if problem is None:
-                try:
-                    checkpoint.load(self.engine, path, stateful)
-                    return path
-                except ValueError as e:  # written for another run (domains, world size): never skip
-                    raise ConfigError(str(e)) from e
-            if r != "auto":
-                raise ConfigError(f"resume {path}: {problem}")
-            log.warning("resume: skipping %s: %s", path, problem)
-        if candidates:
-            raise ConfigError(f"resume=auto: no checkpoint under {root} can be loaded (see the warnings above); "
-                              "remove the broken ones, or start fresh with resume=none")
-        return None
-
-    def _agree(self, problem: str | None) -> str | None:
-        """The first rank's problem (in rank order), the same on every rank."""
-        found = [None] * self.world
-        dist.all_gather_object(found, problem)
-        return next((f"rank {i}: {p}" if self.world > 1 else p for i, p in enumerate(found) if p), None)
+        try:
+            return checkpoint.resume(self.engine, root, self.cfg.resume, stateful, self.world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     @property
     def stop_signal(self) -> int:
@@ -354,7 +292,8 @@ class Trainer:
 
     def _save(self, root: Path, step: int, stateful: dict) -> None:
         self._check_room(root)
-        if self._agree(None if ds_setup.weights_finite(self.engine) else "non-finite weights") is not None:
+        if checkpoint.first_problem(None if ds_setup.weights_finite(self.engine) else "non-finite weights",
+                                    self.world) is not None:
             last = checkpoint.latest(root)
             self._finish("failed")
             raise TrainingStopped(f"step {step}: the model's weights are not finite; not saving them and not exporting. "
@@ -386,48 +325,26 @@ class Trainer:
 
     def _write_metrics(self, step: int, ev: EvalResult, weights: np.ndarray, digests: list, lambdas,
                        eval_time: float, waited: float) -> None:
-        st, names = self.state, self.plan.names
-        d = st.last_decision
-        named = lambda xs: None if xs is None else {n: float(x) for n, x in zip(names, xs)}  # noqa: E731
+        st, t = self.state, self.cfg.train
         lrs = self._lrs(max(step, 1))
-        rec = {
-            "step": step, "stage": self.cfg.stage, "world_size": self.world,
-            "tokens": {n: int(x) for n, x in zip(names, st.tokens)},
-            "eval_loss": named(ev.loss),
-            "train_loss_ema": named(st.ema),
-            "weights": named(weights),
-            "weights_digest": weights_digest(weights),
-            "weights_digests": digests,
-            "reference_loss": named(d.reference_loss) if d else None,
-            "reference_ratio": named(d.reference_ratio) if d else None,
-            "controller": None if d is None else {"from_step": d.step, "fits": d.fits,
-                                                   "predicted_loss": d.predicted_loss, "reasons": d.reasons},
-            "controller_restarts": self.schedule.controller_restarts,
-            "lr": lrs["weights"],
-            "lr_groups": {g: lrs[g] for g in self.group_names},
-            "bad_steps": st.bad_total,
-            "eval_seconds": round(eval_time, 3),
-            "controller_wait_seconds": round(waited, 4),
-        }
+        rec = evaluation_record(
+            step, self.cfg.stage, self.world, self.plan.names, st, ev, weights, digests,
+            controller_restarts=self.schedule.controller_restarts, lrs={g: lrs[g] for g in self.group_names},
+            eval_seconds=eval_time, wait_seconds=waited)
         if self._interval_steps_done():
-            secs = self._train_seconds
-            rec["train_seconds"] = round(secs, 3)
-            rec["train_tokens_per_s"] = round(
-                self._interval_steps * self.cfg.train.global_batch * self.cfg.train.seq_len / secs, 1)
+            rec["train_seconds"] = round(self._train_seconds, 3)
+            rec["train_tokens_per_s"] = round(self._interval_steps * t.global_batch * t.seq_len / self._train_seconds, 1)
         if self.plan.pruning:
             l0 = self.model.l0
             assert ev.shape is not None and l0 is not None
-            rec["expected_shape"] = {k: v for k, v in ev.shape.items() if k != "sparsity"}
-            rec["target_shape"] = l0.target_shape(step)
-            rec["lagrangian"] = ev.lagrangian
-            rec["lambdas"] = lambdas
-            rec["expected_sparsity"] = ev.shape["sparsity"]
-            rec["target_sparsity"] = l0.target_sparsity(step)
+            rec.update(expected_shape={k: v for k, v in ev.shape.items() if k != "sparsity"},
+                       target_shape=l0.target_shape(step), lagrangian=ev.lagrangian, lambdas=lambdas,
+                       expected_sparsity=ev.shape["sparsity"], target_sparsity=l0.target_sparsity(step))
         assert self.metrics is not None
         self.metrics.write(rec)
         self.wandb.log({"eval_loss": rec["eval_loss"], "weights": rec["weights"]}, step)
-        print(f"eval step {step}: mean loss {float(np.mean(ev.loss)):.4f} | "
-              + " ".join(f"{n}={x:.3f}" for n, x in zip(names, ev.loss)), file=sys.stderr, flush=True)
+        log.info("eval step %d: mean loss %.4f | %s", step, float(np.mean(ev.loss)),
+                 " ".join(f"{n}={x:.3f}" for n, x in zip(self.plan.names, ev.loss)))
 
     def _interval_steps_done(self) -> int:
         return getattr(self, "_interval_steps", 0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -44,7 +43,6 @@ def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
             "stage": plan.cfg.stage, "steps": plan.cfg.train.steps, "source": plan.cfg.model.init,
             "parameters": count_parameters(config), "source_parameters": count_parameters(plan.model_config),
             "domains": plan.names}, indent=2) + "\n")
-        log.info("exported %s (%s parameters)", out, f"{count_parameters(config):,}")
-        print(f"exported model: {out}", file=sys.stderr, flush=True)
+        log.info("exported model: %s (%s parameters)", out, f"{count_parameters(config):,}")
     dist.barrier()
     return out

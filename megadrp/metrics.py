@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,36 @@ class MetricsLog:
             f.write(json.dumps(record, default=_jsonable) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def evaluation_record(step: int, stage: str, world: int, names: list[str], state, ev, weights, digests: list, *,
+                      controller_restarts: int, lrs: dict[str, float], eval_seconds: float,
+                      wait_seconds: float) -> dict[str, Any]:
+    """The metrics.jsonl object of one evaluation (the fields the README lists), from the
+    loop's state (`TrainState`), the evaluation (`EvalResult`) and the weights now in force."""
+    from megadrp.data.mixture import weights_digest
+
+    d = state.last_decision
+    named = lambda xs: None if xs is None else {n: float(x) for n, x in zip(names, xs)}  # noqa: E731
+    return {
+        "step": step, "stage": stage, "world_size": world,
+        "tokens": {n: int(x) for n, x in zip(names, state.tokens)},
+        "eval_loss": named(ev.loss),
+        "train_loss_ema": named(state.ema),
+        "weights": named(weights),
+        "weights_digest": weights_digest(weights),
+        "weights_digests": digests,
+        "reference_loss": named(d.reference_loss) if d else None,
+        "reference_ratio": named(d.reference_ratio) if d else None,
+        "controller": None if d is None else {"from_step": d.step, "fits": d.fits,
+                                               "predicted_loss": d.predicted_loss, "reasons": d.reasons},
+        "controller_restarts": controller_restarts,
+        "lr": lrs.get("weights"),
+        "lr_groups": lrs,
+        "bad_steps": state.bad_total,
+        "eval_seconds": round(eval_seconds, 3),
+        "controller_wait_seconds": round(wait_seconds, 4),
+    }
 
 
 def _jsonable(x: Any) -> Any:
@@ -81,7 +110,7 @@ class Wandb:
             self.run = wandb.init(project=project, name=name, mode=mode, dir=str(run_dir), config=config,
                                   reinit=True)
         except Exception as e:  # wandb must never stop training
-            print(f"wandb disabled: {e}", file=sys.stderr)
+            log.warning("wandb disabled: %s", e)
 
     def log(self, data: dict, step: int) -> None:
         if self.run is not None:
