@@ -127,11 +127,19 @@ class IndexedDatasetWriter:
         self._closed = True
 
     def abort(self) -> None:
-        """Drop the temporary files (used when preprocessing fails)."""
-        if not self._bin.closed:
-            self._bin.close()
+        """Drop the temporary files (used when preprocessing fails). Never raises: it runs
+        while another error (often a full disk, which makes closing the buffered file fail
+        again) is on its way out, and must not replace it or leave a ``.tmp`` behind."""
+        try:
+            if not self._bin.closed:
+                self._bin.close()
+        except OSError:
+            pass
         for p in (self._bin_tmp, self._idx_tmp):
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass
         self._closed = True
 
 
