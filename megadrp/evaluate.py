@@ -32,7 +32,7 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
 
     if not Path(model_dir, "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
-    if not any(Path(model_dir).glob(pat) for pat in ("*.safetensors", "pytorch_model*.bin")):
+    if not any(any(Path(model_dir).glob(pat)) for pat in ("*.safetensors", "pytorch_model*.bin")):
         raise FileNotFoundError(f"{model_dir}: config.json but no weights (*.safetensors or pytorch_model*.bin); "
                                 "point --model at a complete export (RUN_DIR/hf)")
     manifest = load_manifest(data_dir)

@@ -109,7 +109,7 @@ def test_per_layer_sets_are_not_nested_with_the_layer_mask():
     with torch.no_grad():
         m.lambdas.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]]))  # rows: layer, head
     probs = {"layer": torch.tensor([0.5, 0.5, 0.5, 0.5]), "head": torch.full((4, 2), 0.5)}
-    assert float(m.lagrangian(5, probs)) == pytest.approx(0.0, abs=1e-7)
+    assert float(m.lagrangian(5, probs).detach()) == pytest.approx(0.0, abs=1e-7)
 
 
 # 6. One mask sample per forward micro-batch ---------------------------------------------------
