@@ -323,7 +323,7 @@ def main() -> None:
     if args.section in ("all", "fit"):
         fit_section(args)
     if args.section in ("all", "step"):
-        step_section()
+        step_section(args.rounds)
 
 
 if __name__ == "__main__":

@@ -98,9 +98,13 @@ def problem(path: Path, rank: int, world: int) -> str | None:
     """Why this rank could not load the checkpoint at `path` (None: it looks loadable). Checked
     on every rank before any loads, so that a rank missing its own partition file is found
     before the ranks part ways in a collective load."""
-    own = [f for f in path.glob(f"*zero_pp_rank_{rank}_*") if f.is_file()] if path.is_dir() else []
+    if not path.is_dir():
+        return f"{path}: not a directory"
+    partitioned = any(path.glob("*zero_pp_rank_*"))  # ZeRO: one file set per rank; else one model file
+    own = [f for f in path.glob(f"*zero_pp_rank_{rank}_*" if partitioned else "mp_rank_*_model_states.pt")
+           if f.is_file()]
     if not own or any(f.stat().st_size == 0 for f in own):
-        return f"{path}: the DeepSpeed partition files of rank {rank} are missing or empty"
+        return f"{path}: the DeepSpeed files of rank {rank} are missing or empty"
     if rank == 0:
         try:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)

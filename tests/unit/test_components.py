@@ -245,3 +245,16 @@ def test_non_finite_step_leaves_optimizer_state_unchanged(gloo):
         assert torch.equal(before[k], after[k]), k
     step(False)  # and training goes on from there
     assert not engine.optimizer.overflow and not torch.equal(before["fp32.0"], snapshot()["fp32.0"])
+
+
+def test_checkpoint_problem_names_what_a_rank_cannot_load(tmp_path):
+    d = tmp_path / "step00000008"
+    d.mkdir()
+    for r in (0,):  # rank 1's partition files are missing
+        (d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
+        (d / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    torch.save({"train": {}, "world_size": 2}, d / checkpoint.STATE_FILE)
+    assert checkpoint.problem(d, 0, 2) is None
+    assert "files of rank 1 are missing" in checkpoint.problem(d, 1, 2)
+    (d / checkpoint.STATE_FILE).write_bytes(b"\x80\x02truncated")
+    assert "cannot be read" in checkpoint.problem(d, 0, 2)
