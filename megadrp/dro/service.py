@@ -22,6 +22,7 @@ from megadrp.atomic import atomic_write_text
 from megadrp.dro.controller import Controller, ControllerSettings, Decision, Observation
 
 log = logging.getLogger("megadrp.dro")
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _child(settings: ControllerSettings, state: dict | None, inq: mp.Queue, outq: mp.Queue, raise_at: int) -> None:
@@ -65,7 +66,18 @@ class ControllerService:
         self.inq, self.outq = self._ctx.Queue(), self._ctx.Queue()
         self._proc = self._ctx.Process(target=_child, args=(self.settings, self.state, self.inq, self.outq, self.raise_at),
                                        daemon=True, name="megadrp-controller")
-        self._proc.start()
+        # One BLAS/OpenMP thread in the child: its fits are small, and idle BLAS threads that
+        # spin after each call would take CPU from the training ranks on the same node.
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        os.environ.update({k: "1" for k in _THREAD_VARS})
+        try:
+            self._proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         if self.pid_file:
             atomic_write_text(self.pid_file, f"{self._proc.pid}\n")
         for seq, obs in self.pending:
