@@ -419,3 +419,18 @@ def init(info: DistInfo) -> None:
                                  f"{os.environ.get('MASTER_ADDR')} holds it; retry (the Slurm scripts requeue), "
                                  "or set MEGADRP_MASTER_PORT") from e
         raise
+
+
+def shutdown() -> None:
+    """Leave the process group together: a barrier, then destroy it.
+
+    Without this a rank that finishes first exits while its peers' gloo threads still
+    talk to it, and the C++ runtime aborts them at interpreter exit ("terminate called
+    without an active exception", exit -6) after all the work was done. Only for a clean
+    end: after a failure on one rank the barrier would wait for a peer that never comes.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

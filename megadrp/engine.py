@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megadrp import checkpoint, ds_setup
+from megadrp import checkpoint, distributed, ds_setup
 from megadrp.atomic import atomic_write_text
 from megadrp.config import Config, ConfigError, dump_yaml, to_dict
 from megadrp.data.mixture import MixtureDataset, digest_hex
@@ -169,7 +169,7 @@ class Trainer:
         soon as another rank exits)."""
         if self.rank == 0:
             atomic_write_text(self.run_dir / "status.json", json.dumps({"state": status, "time": time.time()}) + "\n")
-        dist.barrier()
+        distributed.shutdown()
         if status == "interrupted":
             return self.stop.exit_code
         return 0

@@ -21,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_set_full_fp32_param  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
+from megadrp.distributed import shutdown  # noqa: E402
 from megadrp.ds_setup import fp32_master  # noqa: E402
 from megadrp.model.llama import MaskedLlama  # noqa: E402
 from megadrp.model.masks import Shape, deterministic_z  # noqa: E402
@@ -56,3 +57,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown()
