@@ -588,6 +588,7 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
                 raise CorpusError(f"domain {name!r}: no usable documents left in the "
                                   f"{'train' if stats['train_docs'] == 0 else 'eval'} split after skipping "
                                   "bad lines; fix the lines or lower --eval-docs")
+            stats["max_token_id"] = max(w.max_token_id for w in writers.values())
             for w in writers.values():
                 w.finalize()
             writers = {}

@@ -108,7 +108,7 @@ class Trainer:
         on_rank0(lambda: check_run_dir(self.run_dir, cfg.resume, cfg.overwrite), self.rank, self.world)
         self.plan = make_plan(cfg, self.world, self.rank)
         self.evaluate = Evaluator(self.plan.domains, cfg.train.seq_len, cfg.eval.tokens_per_domain,
-                                  cfg.eval.micro_batch, self.rank, self.world)
+                                  cfg.eval.micro_batch, self.rank, self.world, self.plan.model_config.vocab_size)
         self.engine, self.group_names = ds_setup.build_engine(self.plan, self.rank)
         self.model = self.engine.module
         self.state = TrainState(self.plan.k, domains=self.plan.names)
@@ -179,7 +179,7 @@ class Trainer:
         sampler = self.schedule.sampler
         ds = MixtureDataset([d.train for d in self.plan.domains], t.seq_len, self.plan.layout, self.schedule.table,
                             cfg.seed, t.steps, start_step=self.state.step, start_counts=sampler.counts,
-                            names=self.plan.names)
+                            names=self.plan.names, vocab_size=self.plan.model_config.vocab_size)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=t.num_workers,
             prefetch_factor=t.prefetch_factor if t.num_workers > 0 else None,

@@ -37,9 +37,10 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
                                 "point --model at a complete export (RUN_DIR/hf)")
     manifest = load_manifest(data_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    manifest.check_vocab(model.config.vocab_size, domains)
     losses = {}
     for d in manifest.select(domains):
-        ew = EvalWindows(d.eval, seq_len, tokens_per_domain, d.name)
+        ew = EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, model.config.vocab_size)
         total, count = 0.0, 0
         for s in range(0, ew.n, batch):
             x = torch.from_numpy(np.stack([ew[i] for i in range(s, min(s + batch, ew.n))]))

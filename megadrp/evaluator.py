@@ -26,9 +26,10 @@ class EvalResult:
 
 
 class Evaluator:
-    def __init__(self, domains, seq_len: int, tokens_per_domain: int, micro_batch: int, rank: int, world: int) -> None:
+    def __init__(self, domains, seq_len: int, tokens_per_domain: int, micro_batch: int, rank: int, world: int,
+                 vocab_size: int | None = None) -> None:
         try:
-            self.sets = [EvalWindows(d.eval, seq_len, tokens_per_domain, d.name) for d in domains]
+            self.sets = [EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, vocab_size) for d in domains]
         except ValueError as e:
             from megadrp.config import ConfigError
 

@@ -139,6 +139,7 @@ def _model_config(cfg: Config, manifest: Manifest):
     if mc.vocab_size < manifest.vocab_size:
         raise ConfigError(f"model vocab_size {mc.vocab_size} is smaller than the data's vocabulary "
                           f"({manifest.vocab_size}, {manifest.data_dir}/manifest.json)")
+    manifest.check_vocab(mc.vocab_size, cfg.domains)
     if cfg.train.seq_len > mc.max_position_embeddings:
         import logging
 

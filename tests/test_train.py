@@ -248,3 +248,35 @@ def test_dry_run_plans_without_building(tmp_path, data_dir, base_model):
     assert not (tmp_path / "dry").exists()  # nothing written
     p = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run", "--world-size", "64"], check=False)
     assert p.returncode == 2 and "cannot be split evenly over 64 ranks" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_token_ids_past_the_model_vocabulary_are_refused(tmp_path, data_dir):
+    """Shards whose ids reach past the model's embedding: refused before any compute from the
+    manifest's recorded maximum (dry run, evaluate); without that record (a foreign or older
+    manifest), the first window read names the shard. Never an IndexError from the embedding."""
+    import shutil
+
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    man = json.loads((data_dir / "manifest.json").read_text())
+    top = max(d["max_token_id"] for d in man["domains"].values())
+    assert 0 < top < man["vocab_size"]
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    man["vocab_size"] = top // 2  # as if the data came from another, larger tokenizer
+    (data / "manifest.json").write_text(json.dumps(man))
+    small = tmp_path / "small"
+    LlamaForCausalLM(tiny_llama_config(vocab=top // 2 + 1)).save_pretrained(small)
+    cfg = prune_cfg(tmp_path, data, small, "vocab")
+    p = run([PY, "megadrp/train.py", "--config", str(write_config(tmp_path / "v.yaml", **cfg)), "--dry-run"],
+            check=False)
+    assert p.returncode == 2 and "reach past the model's vocab_size" in p.stderr and "Traceback" not in p.stderr
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(small), "--data", str(data)], check=False)
+    assert p.returncode == 2 and "reach past the model's vocab_size" in p.stderr, p.stderr[-2000:]
+    for d in man["domains"].values():
+        del d["max_token_id"]
+    (data / "manifest.json").write_text(json.dumps(man))
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(small), "--data", str(data)], check=False)
+    assert p.returncode == 2 and "outside the model's vocabulary" in p.stderr and "_eval.bin" in p.stderr
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -87,6 +87,7 @@ class IndexedDatasetWriter:
         self._pending: list[int] = []
         self.num_tokens = 0
         self.num_docs = 0
+        self.max_token_id = -1  # recorded in the manifest: the vocabulary check before training
         self._closed = False
 
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
@@ -100,6 +101,7 @@ class IndexedDatasetWriter:
                     f"{self._bin_tmp}: token id {hi if hi > self._max_id else lo} does not fit dtype "
                     f"{self.dtype.name}; use int32 shards for vocabularies of 65500 or more"
                 )
+            self.max_token_id = max(self.max_token_id, hi)
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._pending.append(arr.size)
         if len(self._pending) >= 65536:
@@ -163,8 +165,13 @@ def write_index(path: Path, lengths: np.ndarray, dtype: np.dtype) -> None:
 class IndexedDataset:
     """Memory-mapped, validated reader for a ``.bin``/``.idx`` pair (ours or Megatron's)."""
 
-    def __init__(self, prefix: str | os.PathLike) -> None:
+    def __init__(self, prefix: str | os.PathLike, vocab_size: int | None = None) -> None:
+        """`vocab_size`: the model's; every window read is checked against it (a max over a
+        few thousand ids, nothing beside a training step), so shards made with another
+        tokenizer fail with the shard's name, not an IndexError deep in the embedding (a
+        device-side assert on GPU)."""
         self.prefix = Path(prefix)
+        self.vocab_size = vocab_size
         idx_path, bin_path = index_file(prefix), data_file(prefix)
         for p in (idx_path, bin_path):
             if not p.is_file():
@@ -235,4 +242,11 @@ class IndexedDataset:
         """Tokens [start, start+length) of the concatenated stream, as int64."""
         if start < 0 or start + length > self.num_tokens:
             raise IndexError(f"window [{start}, {start + length}) outside {self.prefix} ({self.num_tokens} tokens)")
-        return np.asarray(self.tokens[start : start + length], dtype=np.int64)
+        out = np.asarray(self.tokens[start : start + length], dtype=np.int64)
+        if self.vocab_size is not None and out.size and (int(out.max()) >= self.vocab_size or int(out.min()) < 0):
+            bad = int(out.max()) if int(out.max()) >= self.vocab_size else int(out.min())
+            raise IndexedDatasetError(
+                f"{data_file(self.prefix)}: token id {bad} near token {start} is outside the model's vocabulary "
+                f"of {self.vocab_size}; the shards were made with another tokenizer: re-run "
+                "data_tools/preprocess.py with the model's tokenizer")
+        return out

@@ -25,6 +25,7 @@ class DomainShards:
     eval_tokens: int
     train_docs: int
     eval_docs: int
+    max_token_id: int | None = None  # largest id in either split (None: a manifest from before it was recorded)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,17 @@ class Manifest:
             raise ManifestError(f"{self.data_dir / MANIFEST}: no domain {', '.join(map(repr, missing))}; "
                                 f"it has {', '.join(self.domains)}")
         return [self.domains[n] for n in names]
+
+    def check_vocab(self, model_vocab: int, names: list[str] | None = None) -> None:
+        """Refuse, before any compute, data whose recorded token ids reach past the model's
+        embedding (an IndexError on CPU, a device-side assert on GPU, deep in a step). Shards
+        without a recorded maximum are checked window by window as they are read."""
+        over = [f"{d.name} (max id {d.max_token_id})" for d in self.select(names)
+                if d.max_token_id is not None and d.max_token_id >= model_vocab]
+        if over:
+            raise ManifestError(f"{self.data_dir / MANIFEST}: token ids of {', '.join(over)} reach past the model's "
+                                f"vocab_size {model_vocab}; the data was made with another tokenizer: re-run "
+                                "data_tools/preprocess.py with the model's tokenizer")
 
 
 def write_manifest(data_dir: Path, content: dict[str, Any]) -> Path:
@@ -72,6 +84,7 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
                 name=name, train=d / v["train"], eval=d / v["eval"],
                 train_tokens=int(v["train_tokens"]), eval_tokens=int(v["eval_tokens"]),
                 train_docs=int(v["train_docs"]), eval_docs=int(v["eval_docs"]),
+                max_token_id=None if v.get("max_token_id") is None else int(v["max_token_id"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{path}: domain {name!r} entry is incomplete ({e!r})") from e

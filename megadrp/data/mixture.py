@@ -177,8 +177,9 @@ class DomainSampler:
 class DomainWindows:
     """The `seq_len + 1`-token training windows of one domain, reshuffled every epoch."""
 
-    def __init__(self, prefix, seq_len: int, seed: int, domain_index: int, name: str = "") -> None:
-        self.ds = IndexedDataset(prefix)
+    def __init__(self, prefix, seq_len: int, seed: int, domain_index: int, name: str = "",
+                 vocab_size: int | None = None) -> None:
+        self.ds = IndexedDataset(prefix, vocab_size)
         self.seq_len, self.seed, self.domain_index = seq_len, seed, domain_index
         self.n = (self.ds.num_tokens - 1) // seq_len
         if self.n < 1:
@@ -205,14 +206,15 @@ class MixtureDataset(IterableDataset):
 
     def __init__(self, prefixes: list, seq_len: int, layout: BatchLayout, table: WeightsTable,
                  seed: int, total_steps: int, start_step: int = 0, start_counts: np.ndarray | None = None,
-                 names: list[str] | None = None) -> None:
+                 names: list[str] | None = None, vocab_size: int | None = None) -> None:
         super().__init__()
         self.prefixes, self.seq_len, self.layout, self.table = list(prefixes), seq_len, layout, table
         self.seed, self.total_steps, self.start_step = seed, total_steps, start_step
         self.start_counts = None if start_counts is None else np.asarray(start_counts, np.int64)
         self.names = names or [str(p) for p in prefixes]
         # Open once here: validates every shard (and fails) before any worker starts.
-        self._windows = [DomainWindows(p, seq_len, seed, i, n) for i, (p, n) in enumerate(zip(self.prefixes, self.names))]
+        self._windows = [DomainWindows(p, seq_len, seed, i, n, vocab_size)
+                         for i, (p, n) in enumerate(zip(self.prefixes, self.names))]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -244,8 +246,8 @@ class EvalWindows:
     """The fixed eval windows of one domain: the first `tokens // seq_len` non-overlapping
     windows of its eval split (the same ones `megadrp.evaluate` scores)."""
 
-    def __init__(self, prefix, seq_len: int, tokens: int, name: str = "") -> None:
-        self.ds = IndexedDataset(prefix)
+    def __init__(self, prefix, seq_len: int, tokens: int, name: str = "", vocab_size: int | None = None) -> None:
+        self.ds = IndexedDataset(prefix, vocab_size)
         self.seq_len = seq_len
         available = (self.ds.num_tokens - 1) // seq_len
         self.n = min(available, max(1, tokens // seq_len))
