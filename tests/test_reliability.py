@@ -1,4 +1,4 @@
-"""Faults: SIGKILL at random moments (also inside a save), SIGTERM, non-finite losses, a
+"""Faults: SIGKILL at random moments (also inside a save), SIGTERM and Ctrl-C (SIGINT to the whole job), non-finite losses, a
 run directory that cannot be written or has no room, and bad inputs of every kind — each a
 clear message, a non-zero exit and nothing half-written."""
 from __future__ import annotations
@@ -23,8 +23,9 @@ def _popen(cfg: dict, tmp: Path, env: dict | None = None) -> subprocess.Popen:
     path = write_config(tmp / f"{Path(cfg['run_dir']).name}.yaml", **cfg)
     port = str(29700 + random.randint(0, 200))
     cmd = [*DS, port, "megadrp/train.py", "--config", str(path)]
+    log = open(tmp / f"{Path(cfg['run_dir']).name}.log", "a")  # read by a failing assert
     return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _kill_tree(p: subprocess.Popen) -> None:
@@ -34,6 +35,26 @@ def _kill_tree(p: subprocess.Popen) -> None:
         pass
     p.wait()
     time.sleep(1.0)  # let the orphaned workers and the controller notice and go
+
+
+def _latest_step(run_dir: Path) -> int:
+    return max(int(c.name[4:]) for c in (run_dir / "checkpoints").glob("step*"))
+
+
+def _popen_training(cfg: dict, tmp: Path, timeout: float = 300) -> subprocess.Popen:
+    """Start the run and return once it has evaluated a step (it is training again), or has
+    exited. Its own log says so: the metrics file still holds the rows of the run before."""
+    log = tmp / f"{Path(cfg['run_dir']).name}.log"
+    start = log.stat().st_size if log.exists() else 0
+    p = _popen(cfg, tmp)
+    t0 = time.time()
+    while time.time() - t0 < timeout and p.poll() is None:
+        with open(log, "rb") as f:
+            f.seek(start)
+            if b"megadrp: eval step" in f.read():
+                return p
+        time.sleep(0.1)
+    return p
 
 
 def test_sigkill_many_times_then_equal_to_straight(tmp_path, data_dir, base_model):
@@ -51,17 +72,20 @@ def test_sigkill_many_times_then_equal_to_straight(tmp_path, data_dir, base_mode
     kills += 1
     assert (run_dir / "checkpoints" / ".tmp-step00000004").is_dir()
     assert not (run_dir / "checkpoints" / "step00000004").exists()
+    # ... then Ctrl-C at a terminal: SIGINT to the whole foreground group (launcher, ranks, their
+    # workers and controller). A clean stop: a checkpoint where it stopped, status interrupted.
+    resumed_at = _latest_step(run_dir)
+    p = _popen_training(cfg, tmp_path)
+    assert p.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(p.pid, signal.SIGINT)
+    p.wait(timeout=300)
+    time.sleep(1.0)
+    log = (tmp_path / "killed.log").read_text()[-4000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted", log
+    assert _latest_step(run_dir) > resumed_at, log  # the stop saved where it was
     # ... then SIGKILLs of the whole job at random moments once it is training again
-    mfile = run_dir / "metrics.jsonl"
     for _ in range(3):
-        resumed_at = max(int(c.name[4:]) for c in (run_dir / "checkpoints").glob("step*"))
-        p = _popen(cfg, tmp_path)
-        t0 = time.time()
-        while time.time() - t0 < 300 and p.poll() is None:
-            steps = [json.loads(x)["step"] for x in mfile.read_text().splitlines() if x] if mfile.exists() else []
-            if steps and max(steps) > resumed_at:
-                break
-            time.sleep(0.1)
+        p = _popen_training(cfg, tmp_path)
         time.sleep(rng.uniform(0, 3))
         if p.poll() is not None:
             break
