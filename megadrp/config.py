@@ -66,6 +66,12 @@ class PruneConfig:
     mask_lr: float = 1.0
     lambda_lr: float = 1.0
     ramp_fraction: float = 0.2  # target ramps from source to target over this share of steps
+    # Starting value of every λ2 (the quadratic penalty's multiplier). 0 is the reference. Under
+    # Adam λ2 grows by about lambda_lr per step whatever the gap (gap² is never negative), so the
+    # reference's λ2 is in the hundreds by the end of its 640-step ramp and holds the masks on
+    # target; a run of a few hundred steps never gets there, and λ1, wound up while the masks
+    # could not yet move, drives them far past the target (issue #20). Start λ2 where it would be.
+    lambda2_init: float = 0.0
 
 
 @dataclass
@@ -288,7 +294,8 @@ def validate(cfg: Config, where: str) -> None:
                    ("dro.rho", cfg.dro.rho)):
         if not (math.isfinite(v) and v > 0):
             raise ConfigError(f"{where}: {key}={v} must be a positive finite number")
-    for key, v in (("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip), ("train.eps", t.eps)):
+    for key, v in (("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip), ("train.eps", t.eps),
+                   ("prune.lambda2_init", cfg.prune.lambda2_init)):
         if not (math.isfinite(v) and v >= 0):
             raise ConfigError(f"{where}: {key}={v} must be a finite number ≥ 0")
     for key, v in (("train.min_lr_ratio", t.min_lr_ratio), ("train.beta1", t.beta1), ("train.beta2", t.beta2),

@@ -28,7 +28,7 @@ def build_engine(plan: RunPlan, rank: int):
     else:
         with deepspeed.zero.Init(config_dict_or_path=plan.ds_config, enabled=plan.zero3):
             model = MaskedLlama(plan.model_config, plan.target, plan.ramp_steps, cfg.model.activation_checkpointing,
-                                sets=cfg.prune.sets)
+                                sets=cfg.prune.sets, lambda2_init=cfg.prune.lambda2_init)
         load_weights(model, cfg.model.init, zero3=plan.zero3, rank=rank)
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.prune.mask_lr, cfg.prune.lambda_lr)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=plan.ds_config)

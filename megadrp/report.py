@@ -86,7 +86,7 @@ def plot_shape(m: list[dict], out: Path) -> Path:
     keys = ["layers", "hidden", "heads", "intermediate"]
     rows = [r for r in m if r.get("expected_shape")]
     has_lambdas = any(r.get("lambdas") for r in rows)
-    fig, axes = plt.subplots(1, 5 if has_lambdas else 4, figsize=(20 if has_lambdas else 16, 3))
+    fig, axes = plt.subplots(1, 6 if has_lambdas else 4, figsize=(24 if has_lambdas else 16, 3))
     steps = [r["step"] for r in rows]
     for ax, k in zip(axes, keys):
         ax.plot(steps, [r["expected_shape"][k] for r in rows], label="expected")
@@ -97,14 +97,15 @@ def plot_shape(m: list[dict], out: Path) -> Path:
         ax.set_xlabel("prune step")
     axes[0].legend(fontsize=7)
     if has_lambdas:
-        ax = axes[4]
-        for s in next(r["lambdas"] for r in rows if r.get("lambdas")):
-            for j, name in enumerate(("λ1", "λ2")):
-                ax.plot(steps, [r["lambdas"][s][j] if r.get("lambdas") else np.nan for r in rows],
-                        "-" if j == 0 else ":", label=f"{s} {name}")
-        ax.set_title("Lagrange multipliers")
-        ax.set_xlabel("prune step")
-        ax.legend(fontsize=6)
+        # λ1 and λ2 on their own axes: λ2 may start in the hundreds (prune.lambda2_init) and
+        # would flatten λ1, the one that shows wind-up.
+        sets = next(r["lambdas"] for r in rows if r.get("lambdas"))
+        for j, (ax, name) in enumerate(zip(axes[4:], ("λ1", "λ2"))):
+            for s in sets:
+                ax.plot(steps, [r["lambdas"][s][j] if r.get("lambdas") else np.nan for r in rows], label=s)
+            ax.set_title(f"Lagrange multiplier {name}")
+            ax.set_xlabel("prune step")
+            ax.legend(fontsize=6)
     return _save(plt, fig, out / "expected_shape.png")
 
 

@@ -38,6 +38,7 @@ def test_overrides_and_types(tmp_path):
     ("dro.rho=0", "dro.rho=0.0 must be a positive finite number"),
     ("train.min_lr_ratio=2", "train.min_lr_ratio=2.0 must lie in [0, 1]"),
     ("dro.reference_loss=[1, .nan, 2, 2, 2, 2]", "dro.reference_loss holds nan"),
+    ("prune.lambda2_init=-5", "prune.lambda2_init=-5.0 must be a finite number ≥ 0"),
 ])
 def test_bad_keys_are_named(override, msg):
     with pytest.raises(ConfigError) as e:

@@ -112,6 +112,18 @@ def test_per_layer_sets_are_not_nested_with_the_layer_mask():
     assert float(m.lagrangian(5, probs).detach()) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_lambda2_starts_where_configured():
+    # prune.lambda2_init (default 0, the reference): every active set's λ2 starts there, λ1 at 0,
+    # so the first step's penalty is λ2·gap² alone: 2 layers × 2 kv heads → 1, one layer keeps
+    # both heads, the other none: mean((1 − 0.5)², (0 − 0.5)²) = 0.25 → 0.25·λ2.
+    ref = L0Masks(Shape(2, 8, 2, 2, 4), Shape(2, 8, 1, 1, 4), ramp_steps=1)
+    assert torch.equal(ref.lambdas.detach(), torch.zeros(1, 2))
+    m = L0Masks(Shape(2, 8, 2, 2, 4), Shape(2, 8, 1, 1, 4), ramp_steps=1, lambda2_init=40.0)
+    assert m.lambdas.detach().tolist() == [[0.0, 40.0]]
+    lag = m.lagrangian(5, {"head": torch.tensor([[1.0, 1.0], [0.0, 0.0]])})
+    assert float(lag.detach()) == pytest.approx(10.0)
+
+
 # 6. One mask sample per forward micro-batch ---------------------------------------------------
 def test_micro_batch_index_is_the_same_for_one_and_two_ranks():
     # Global batch 16, micro-batch 4: 1 rank runs 4 micro-batches, 2 ranks run 2 each.

@@ -235,7 +235,8 @@ class MaskedLlama(nn.Module):
     """
 
     def __init__(self, config, target: Shape | None = None, ramp_steps: int = 1,
-                 activation_checkpointing: bool = False, sets: tuple[str, ...] | list[str] = SETS) -> None:
+                 activation_checkpointing: bool = False, sets: tuple[str, ...] | list[str] = SETS,
+                 lambda2_init: float = 0.0) -> None:
         super().__init__()
         check_config(config)  # unknown family, unsupported rope: refused before any weight exists
         self.config = config
@@ -247,7 +248,7 @@ class MaskedLlama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.l0 = (L0Masks(shape_of(config), target, ramp_steps, head_dim_of(config), sets)
+        self.l0 = (L0Masks(shape_of(config), target, ramp_steps, head_dim_of(config), sets, lambda2_init)
                    if target is not None else None)
         inv_freq, self.attention_scaling = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

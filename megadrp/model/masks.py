@@ -136,11 +136,12 @@ class _ReverseGrad(torch.autograd.Function):
 
 class L0Masks(nn.Module):
     def __init__(self, source: Shape, target: Shape, ramp_steps: int, head_dim: int = 1,
-                 sets: tuple[str, ...] | list[str] = SETS) -> None:
+                 sets: tuple[str, ...] | list[str] = SETS, lambda2_init: float = 0.0) -> None:
         """`head_dim` only weighs heads against channels in the parameter counts behind
         `expected_sparsity`; it never changes which units are kept. `sets` (config
         `prune.sets`): the sets that may be trained; the others stay inactive (no log α,
-        no λ) even where the target is smaller, and their dimension keeps the source size."""
+        no λ) even where the target is smaller, and their dimension keeps the source size.
+        `lambda2_init` (config `prune.lambda2_init`): every λ2's starting value, λ1 starts at 0."""
         super().__init__()
         self.sets = check_sets(sets)
         self.source, self.target, self.ramp_steps = source, target, max(1, ramp_steps)
@@ -164,7 +165,8 @@ class L0Masks(nn.Module):
         })
         # λ1, λ2 per active set, maximised (see _ReverseGrad). At least one row: ZeRO-3 does not
         # partition empty parameters (a target equal to the source leaves no set active).
-        self.lambdas = nn.Parameter(torch.zeros(max(1, len(self.active)), 2))
+        self.lambdas = nn.Parameter(torch.zeros(max(1, len(self.active)), 2).index_fill_(1, torch.tensor([1]),
+                                                                                        float(lambda2_init)))
 
     # ---- targets and expectations -------------------------------------------------------
     def target_fraction(self, m: str, step: int) -> float:
