@@ -60,21 +60,46 @@ def _tiny_qwen2(out: Path) -> Path:
     return out
 
 
-def test_multilingual_qwen2_prune_two_ranks(tmp_path, corpus, tokenizer):
-    data = _multilingual_data(corpus, tokenizer, tmp_path)
-    base = _tiny_qwen2(tmp_path / "qwen2")
-    cfg = tiny_run_config(tmp_path, data, "prune", "qwen2_prune", model={"init": str(base)},
-                          prune={"target": TARGET, "sets": ["head", "intermediate", "hidden"], "mask_lr": 0.5,
-                                 "lambda_lr": 0.5},
-                          train={"steps": 8}, save={"interval": 0, "keep": 1},
-                          dro={"mode": "drpruning", "reference_loss": "auto", "fit_start": 0.3, "history_start": 0.0,
-                               "initial_proportion": "tokens^0.3"})
-    path = write_config(tmp_path / "qwen2_prune.yaml", **cfg)
+def _prune_two_ranks(tmp: Path, data: Path, base: Path, name: str, sets: list[str], target: dict,
+                     **over) -> tuple[Path, list]:
+    """A few prune steps on 2 ranks ZeRO-3, evaluation every 4; returns the run dir and its metrics."""
+    cfg = tiny_run_config(tmp, data, "prune", name, model={"init": str(base)},
+                          prune={"target": target, "sets": sets, "mask_lr": 0.5, "lambda_lr": 0.5},
+                          train={"steps": 8}, save={"interval": 0, "keep": 1}, **over)
+    path = write_config(tmp / f"{name}.yaml", **cfg)
     run([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
          "megadrp/train.py", "--config", str(path)], timeout=900)
     run_dir = Path(cfg["run_dir"])
     m = metrics(run_dir)
     assert [r["step"] for r in m] == [0, 4, 8] and m[-1]["world_size"] == 2
+    return run_dir, m
+
+
+def _check_export(run_dir: Path, data: Path, m: list, cls_name: str, target: dict) -> None:
+    """The export loads as the family's own class, has the target shape and the tokenizer the
+    data was made with (the source's, in a real run), and megadrp.evaluate reproduces the run's
+    last eval loss within 1%."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert type(model) is getattr(transformers, cls_name)
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size) == tuple(target.values())
+    assert (run_dir / "hf" / "tokenizer_config.json").is_file()  # the tokenizer the data was made with
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(run_dir / "hf"), "--data", str(data)])
+    ev = json.loads(p.stdout.strip().splitlines()[-1])  # window and size from RUN_DIR/config.yaml
+    for d, v in m[-1]["eval_loss"].items():
+        assert abs(ev["domain_loss"][d] - v) / v < 0.01, (d, ev["domain_loss"][d], v)
+
+
+def test_multilingual_qwen2_prune_two_ranks(tmp_path, corpus, tokenizer):
+    data = _multilingual_data(corpus, tokenizer, tmp_path)
+    base = _tiny_qwen2(tmp_path / "qwen2")
+    run_dir, m = _prune_two_ranks(tmp_path, data, base, "qwen2_prune", ["head", "intermediate", "hidden"], TARGET,
+                                  dro={"mode": "drpruning", "reference_loss": "auto", "fit_start": 0.3,
+                                       "history_start": 0.0, "initial_proportion": "tokens^0.3"})
     manifest = json.loads((data / "manifest.json").read_text())
     tok = np.array([manifest["domains"][d]["train_tokens"] for d in ("en", "ru", "zh")], dtype=float) ** 0.3
     assert np.allclose([m[0]["weights"][d] for d in ("en", "ru", "zh")], tok / tok.sum(), atol=1e-12)
@@ -82,15 +107,21 @@ def test_multilingual_qwen2_prune_two_ranks(tmp_path, corpus, tokenizer):
     saved = json.loads((run_dir / "hf" / "config.json").read_text())
     assert saved["architectures"] == ["Qwen2ForCausalLM"] and saved["model_type"] == "qwen2"
     assert saved["head_dim"] == 16 and saved["tie_word_embeddings"] is True
-    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+    _check_export(run_dir, data, m, "Qwen2ForCausalLM", TARGET)
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
-    assert type(model) is Qwen2ForCausalLM and model.model.layers[0].self_attn.q_proj.bias is not None
-    c = model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-            c.intermediate_size) == tuple(TARGET.values())
-    p = run([PY, "-m", "megadrp.evaluate", "--model", str(run_dir / "hf"), "--data", str(data),
-             "--tokens-per-domain", str(cfg["eval"]["tokens_per_domain"]), "--seq-len", str(cfg["train"]["seq_len"])])
-    ev = json.loads(p.stdout.strip().splitlines()[-1])
-    for d, v in m[-1]["eval_loss"].items():
-        assert abs(ev["domain_loss"][d] - v) / v < 0.01, (d, ev["domain_loss"][d], v)
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "hf").model.layers[0].self_attn.q_proj.bias is not None
+
+
+@pytest.mark.parametrize("name,cls_name", [("llama3.1", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM")])
+def test_family_prune_two_ranks_evaluates_the_same(name, cls_name, tmp_path, data_dir):
+    """Llama 3.1 (GQA, llama3 rope scaling) and Mistral (a sliding window no shorter than the
+    sequence) prune every set on 2 ranks and export to their own class."""
+    from test_families import _source
+
+    _source(tmp_path, name, vocab=1024)
+    target = {**TARGET, "num_hidden_layers": 2}
+    run_dir, m = _prune_two_ranks(tmp_path, data_dir, tmp_path / name, f"{name}_prune",
+                                  ["layer", "head", "intermediate", "hidden"], target)
+    assert m[-1]["expected_shape"]["layers"] < 3  # the layer mask trained
+    _check_export(run_dir, data_dir, m, cls_name, target)
