@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from megadrp.atomic import atomic_write_text  # noqa: E402
+
 
 def machine() -> dict:
     import torch
@@ -23,9 +25,9 @@ def machine() -> dict:
 def save(name: str, data: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {"command": " ".join(["python", *sys.argv]), "machine": machine(), **data}
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(data, indent=2) + "\n")
     md = f"# {name}\n\nCommand: `{data['command']}`  \nMachine: {data['machine']}\n\n{markdown}\n"
-    (RESULTS / f"{name}.md").write_text(md)
+    atomic_write_text(RESULTS / f"{name}.md", md)
     print(md)
 
 

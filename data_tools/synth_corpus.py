@@ -19,10 +19,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from typing import Callable  # noqa: E402
+
+from megadrp.atomic import atomic_open  # noqa: E402
 
 _CONS = "bcdfghjklmnprstvwz"
 _VOW = "aeiou"
@@ -251,11 +252,9 @@ def write_corpus(out: Path, seed: int = 0, docs_per_domain: int = 2000) -> dict[
     for i, (name, make) in enumerate(DOMAINS.items()):
         rng = random.Random(seed * 1000003 + i)
         doc = make(rng)
-        tmp = out / f".{name}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for _ in range(docs_per_domain):
                 f.write(json.dumps({"text": doc()}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out / f"{name}.jsonl")
         sizes[name] = (out / f"{name}.jsonl").stat().st_size
     return sizes
 

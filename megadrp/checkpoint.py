@@ -19,7 +19,7 @@ from typing import Any, Mapping, Protocol
 import torch
 import torch.distributed as dist
 
-from megadrp.atomic import atomic_write_text
+from megadrp.atomic import atomic_open, atomic_write_text
 
 STATE_FILE = "megadrp_state.pt"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -76,9 +76,8 @@ def save(engine, root: Path, step: int, states: Mapping[str, Stateful], keep: in
     state = {name: obj.state_dict() for name, obj in states.items()}
     state["world_size"] = dist.get_world_size()
     if rank == 0:
-        f = tmp / f".{STATE_FILE}.tmp"
-        torch.save(state, f)
-        os.replace(f, tmp / STATE_FILE)
+        with atomic_open(tmp / STATE_FILE, "wb") as f:
+            torch.save(state, f)
         _fsync_dir(tmp)
     dist.barrier()
     final = root / tag

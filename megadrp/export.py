@@ -38,11 +38,11 @@ def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
             with torch.no_grad():
                 z = masks.deterministic(final=True)
             weights, config = prune_state_dict(weights, config, z)
-        out = export_hf(weights, config, run_dir / "hf", plan.manifest.tokenizer)
-        (out / "megadrp.json").write_text(json.dumps({
+        about = json.dumps({
             "stage": plan.cfg.stage, "steps": plan.cfg.train.steps, "source": plan.cfg.model.init,
             "parameters": count_parameters(config), "source_parameters": count_parameters(plan.model_config),
-            "domains": plan.names}, indent=2) + "\n")
+            "domains": plan.names}, indent=2) + "\n"
+        out = export_hf(weights, config, run_dir / "hf", plan.manifest.tokenizer, extra={"megadrp.json": about})
         log.info("exported model: %s (%s parameters)", out, f"{count_parameters(config):,}")
     dist.barrier()
     return out

@@ -157,10 +157,12 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, zero3: bool = 
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], config, out_dir: str | os.PathLike,
-              tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> Path:
+              tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+              extra: dict[str, str] | None = None) -> Path:
     """Write a directory of the config's own family class (a Qwen2 config gives
     `Qwen2ForCausalLM`) atomically (tmp dir, then rename); `architectures` names it, so
-    `AutoModelForCausalLM` loads the same class."""
+    `AutoModelForCausalLM` loads the same class. `extra`: more text files (name → content)
+    written into it before the rename, so they appear with the model, never after it."""
     cls = model_class(config)
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -184,6 +186,8 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, out_dir: str | os.Pat
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     if out.exists():
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
