@@ -1,12 +1,17 @@
 """Independent per-domain evaluation of any Hugging Face causal LM on megadrp's eval windows.
 
     python -m megadrp.evaluate --model HF_DIR --data DATA_DIR [--tokens-per-domain N]
-        [--seq-len N] [--out FILE] [--domains a,b,...]
+        [--seq-len N] [--out FILE] [--domains a,b,...] [--shift [--p0 SPEC] [--rho R]]
 
 Loads the model with transformers (not megadrp's model class: this is the check that the
 export is a standard model) and scores the same fixed windows the trainer evaluates. The
 last line printed is a JSON object:
 {"domain_loss": {...}, "domain_ppl": {...}, "mean_ppl": x, "worst_ppl": x}.
+
+`--shift` adds a "shift" object: the loss (and perplexity) the model would have under the
+uniform mix, under p0, under the worst mix inside the χ² ball of radius ρ around p0 (the
+DRO objective; the mix is reported) and on the single worst domain. p0 and ρ default to the
+run's `dro.initial_proportion` and `dro.rho` (RUN_DIR/config.yaml beside the model).
 """
 from __future__ import annotations
 
@@ -54,6 +59,36 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
             "worst_ppl": max(ppl.values())}
 
 
+def shift_report(losses: dict[str, float], p0: np.ndarray, rho: float) -> dict:
+    """Mean loss under domain mixes a deployment may meet: uniform, p0, the worst in the χ²
+    ball of radius ρ around p0, the worst single domain. A mix's loss is Σ q_i·loss_i (each
+    domain's mean token loss, weighted by the share of tokens it gets)."""
+    from megadrp.dro.weights import worst_mix
+
+    names = list(losses)
+    loss = np.array([losses[n] for n in names])
+    q = worst_mix(loss, p0, rho)
+    j = int(np.argmax(loss))
+
+    def at(value: float, **more) -> dict:
+        return {"loss": float(value), "ppl": math.exp(value), **more}
+
+    return {"rho": rho, "p0": dict(zip(names, map(float, p0))),
+            "uniform": at(loss.mean()), "p0_mix": at(float(p0 @ loss)),
+            "worst_chi2": at(float(q @ loss), mix=dict(zip(names, map(float, q)))),
+            "worst_domain": at(loss[j], domain=names[j])}
+
+
+def _p0(spec, manifest, names: list[str]) -> np.ndarray:
+    """--p0 (uniform | tokens | tokens^0.3 | comma-separated values in the domains' order) or
+    the run config's dro.initial_proportion."""
+    from megadrp.plan import initial_proportion
+
+    if isinstance(spec, str) and "," in spec:
+        spec = [float(x) for x in spec.split(",")]
+    return initial_proportion(spec, manifest.select(names), names)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face model directory")
@@ -63,23 +98,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="window length (default: the trainer's, else 128)")
     ap.add_argument("--domains", default=None, help="comma-separated subset of domains")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
+    ap.add_argument("--shift", action="store_true", help="also report losses under shifted domain mixes")
+    ap.add_argument("--p0", default=None, help="with --shift: uniform, tokens, tokens^0.3 or comma-separated "
+                    "values (default: the run's dro.initial_proportion, else uniform)")
+    ap.add_argument("--rho", type=float, default=None, help="with --shift: χ² radius (default: the run's dro.rho, "
+                    "else 0.1)")
     args = ap.parse_args(argv)
     for flag, v in (("--tokens-per-domain", args.tokens_per_domain), ("--seq-len", args.seq_len)):
         if v is not None and v < 1:
             ap.error(f"{flag}={v}: must be at least 1")  # exit 2, before any work
     if args.out and not Path(args.out).resolve().parent.is_dir():
         ap.error(f"--out {args.out}: its folder does not exist; create it first")
-    tokens, seq = args.tokens_per_domain, args.seq_len
+    if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
+        ap.error(f"--rho={args.rho}: must be a positive finite number")
     run_cfg = Path(args.model).parent / "config.yaml"
-    if (tokens is None or seq is None) and run_cfg.is_file():
+    rc: dict = {}
+    if run_cfg.is_file():
         import yaml
 
-        rc = yaml.safe_load(run_cfg.read_text())
-        tokens = tokens if tokens is not None else rc["eval"]["tokens_per_domain"]
-        seq = seq if seq is not None else rc["train"]["seq_len"]
+        rc = yaml.safe_load(run_cfg.read_text()) or {}
+    tokens = args.tokens_per_domain if args.tokens_per_domain is not None else \
+        rc.get("eval", {}).get("tokens_per_domain", 16384)
+    seq = args.seq_len if args.seq_len is not None else rc.get("train", {}).get("seq_len", 128)
     try:
-        res = evaluate(args.model, args.data, tokens if tokens is not None else 16384, seq if seq is not None else 128,
-                       args.domains.split(",") if args.domains else None)
+        res = evaluate(args.model, args.data, tokens, seq, args.domains.split(",") if args.domains else None)
+        if args.shift:
+            names = list(res["domain_loss"])
+            p0 = _p0(args.p0 if args.p0 is not None else rc.get("dro", {}).get("initial_proportion", "uniform"),
+                     load_manifest(args.data), names)
+            res["shift"] = shift_report(res["domain_loss"], p0,
+                                        args.rho if args.rho is not None else float(rc.get("dro", {}).get("rho", 0.1)))
     except (FileNotFoundError, ManifestError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -88,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out, line + "\n")
     for name, v in res["domain_loss"].items():
         print(f"{name:>14}: loss {v:.4f}  ppl {res['domain_ppl'][name]:.3f}", file=sys.stderr)
+    if "shift" in res:
+        sh = res["shift"]
+        for key, label in (("uniform", "uniform mix"), ("p0_mix", "p0 mix"),
+                           ("worst_chi2", f"worst mix, χ² ≤ {sh['rho']:g}"), ("worst_domain", "worst domain")):
+            print(f"{label:>22}: loss {sh[key]['loss']:.4f}  ppl {sh[key]['ppl']:.3f}", file=sys.stderr)
     print(line)
     return 0
 

@@ -61,7 +61,7 @@ def make_plan(cfg: Config, world_size: int, rank: int) -> RunPlan:
     target = _target(cfg, model_config)
     return RunPlan(cfg=cfg, manifest=manifest, domains=domains, layout=layout, model_config=model_config,
                    target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * cfg.train.steps))),
-                   ds_config=_ds_config(cfg, layout), p0=_initial_proportion(cfg, domains, names),
+                   ds_config=_ds_config(cfg, layout), p0=initial_proportion(cfg.dro.initial_proportion, domains, names),
                    reference_loss=_reference_loss(cfg, names))
 
 
@@ -199,8 +199,9 @@ def per_domain(value, key: str, names: list[str]) -> list[float] | None:
     return None
 
 
-def _initial_proportion(cfg: Config, domains, names: list[str]) -> np.ndarray:
-    ip = cfg.dro.initial_proportion
+def initial_proportion(ip, domains, names: list[str]) -> np.ndarray:
+    """p0 from `dro.initial_proportion`'s value (a list, a mapping, 'uniform', 'tokens' or
+    'tokens^0.3'), normalised; also what `megadrp.evaluate --shift` weighs losses with."""
     given = per_domain(ip, "dro.initial_proportion", names)
     if given is not None:
         p = np.array(given, dtype=np.float64)

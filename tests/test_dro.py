@@ -6,7 +6,7 @@ import pytest
 
 from megadrp.dro import scaling_law
 from megadrp.dro.controller import Controller, ControllerSettings, Observation
-from megadrp.dro.weights import chi2, dro_weights, sheared_update, update_ratio
+from megadrp.dro.weights import chi2, dro_weights, sheared_update, update_ratio, worst_mix
 
 
 def test_dro_hand_computed_two_domains():
@@ -48,6 +48,32 @@ def test_dro_degenerate():
     assert one.q.tolist() == [1.0] and "one domain" in one.reason
     nan = dro_weights(np.array([np.nan, 1.0]), np.array([1.0, 1.0]), np.array([0.5, 0.5]))
     assert nan.q.tolist() == [0.5, 0.5] and "non-finite" in nan.reason
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_worst_mix_is_the_maximum_over_the_ball(seed):
+    """`evaluate --shift`'s worst χ² mix: inside the ball, and no feasible mix found by a
+    general constrained optimiser (SLSQP from two starts) has a larger mean loss."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 9))
+    p, loss, rho = rng.dirichlet(np.ones(k)), rng.uniform(1, 5, k), float(rng.choice([0.01, 0.1, 0.5, 2.0, 10.0]))
+    q = worst_mix(loss, p, rho)
+    assert q.min() >= 0 and q.sum() == pytest.approx(1.0) and chi2(q, p) <= rho * (1 + 1e-6)
+    cons = [{"type": "eq", "fun": lambda x: x.sum() - 1}, {"type": "ineq", "fun": lambda x: rho - chi2(x, p)}]
+    for x0 in (p, np.ones(k) / k):
+        r = minimize(lambda x: -x @ loss, x0, bounds=[(0, 1)] * k, constraints=cons, method="SLSQP")
+        if r.success:
+            assert q @ loss >= -r.fun - 1e-5
+
+
+def test_worst_mix_edges():
+    p = np.array([0.5, 0.3, 0.2])
+    assert np.array_equal(worst_mix(np.array([1.0, 2.0, 3.0]), p, 100.0), [0, 0, 1])  # the ball holds a vertex
+    assert np.allclose(worst_mix(np.full(3, 2.0), p, 0.1), p)  # equal losses: nothing to tilt toward
+    q = worst_mix(np.array([1.0, 2.0, 3.0]), p, 0.1)
+    assert chi2(q, p) == pytest.approx(0.1, rel=1e-6) and q[2] > p[2] and q[0] < p[0]
 
 
 def test_update_ratio_clamps():

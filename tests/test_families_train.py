@@ -88,10 +88,23 @@ def _check_export(run_dir: Path, data: Path, m: list, cls_name: str, target: dic
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
             c.intermediate_size) == tuple(target.values())
     assert (run_dir / "hf" / "tokenizer_config.json").is_file()  # the tokenizer the data was made with
-    p = run([PY, "-m", "megadrp.evaluate", "--model", str(run_dir / "hf"), "--data", str(data)])
-    ev = json.loads(p.stdout.strip().splitlines()[-1])  # window and size from RUN_DIR/config.yaml
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(run_dir / "hf"), "--data", str(data), "--shift"])
+    ev = json.loads(p.stdout.strip().splitlines()[-1])  # window, size, p0 and ρ from RUN_DIR/config.yaml
     for d, v in m[-1]["eval_loss"].items():
         assert abs(ev["domain_loss"][d] - v) / v < 0.01, (d, ev["domain_loss"][d], v)
+    # --shift: p0 is the run's own (its first weights), the worst χ² mix lies between the p0
+    # mix and the worst domain and on the ball's edge (or is that domain)
+    from megadrp.dro.weights import chi2
+
+    sh, loss = ev["shift"], ev["domain_loss"]
+    names = list(loss)
+    assert np.allclose([sh["p0"][d] for d in names], [m[0]["weights"][d] for d in names], atol=1e-9)
+    assert sh["uniform"]["loss"] == pytest.approx(np.mean(list(loss.values())))
+    assert sh["p0_mix"]["loss"] == pytest.approx(sum(sh["p0"][d] * loss[d] for d in names))
+    assert sh["worst_domain"]["loss"] == max(loss.values()) and loss[sh["worst_domain"]["domain"]] == max(loss.values())
+    assert sh["p0_mix"]["loss"] <= sh["worst_chi2"]["loss"] <= sh["worst_domain"]["loss"]
+    q, p0 = (np.array([x[d] for d in names]) for x in (sh["worst_chi2"]["mix"], sh["p0"]))
+    assert chi2(q, p0) <= sh["rho"] * (1 + 1e-6) and sh["rho"] == 0.1
 
 
 def test_multilingual_qwen2_prune_two_ranks(tmp_path, corpus, tokenizer):

@@ -106,6 +106,22 @@ def dro_weights(loss: np.ndarray, ref: np.ndarray, p: np.ndarray, rho: float = 0
     return DROResult(q, q_raw, eta, True, scale, "; ".join(reasons))
 
 
+def worst_mix(loss: np.ndarray, p: np.ndarray, rho: float) -> np.ndarray:
+    """The mix q in the χ² ball ½·Σ p_i(q_i/p_i − 1)² ≤ ρ around p with the largest mean loss
+    q·loss: the DRO objective itself (SPEC §3.2, without the floor a sampler needs).
+    q_i ∝ p_i·(loss_i − η)₊ with η set so the ball's edge is reached; a ball wide enough to
+    hold the worst domain alone gives that domain."""
+    loss, p = np.asarray(loss, dtype=np.float64), normalise(p)
+    j = int(np.argmax(loss))
+    vertex = np.eye(len(p))[j]
+    if chi2(vertex, p) <= rho or np.ptp(loss) == 0:
+        return vertex if np.ptp(loss) > 0 else p.copy()
+    r = dro_weights(loss - loss.min() + 1.0, np.zeros_like(loss), p, rho=rho, min_prob=0.0, tol=1e-9, max_iter=400)
+    if not r.converged:
+        raise ValueError(f"worst mix in the χ² ball of radius {rho}: {r.reason}")
+    return r.q_raw
+
+
 def update_ratio(p: np.ndarray, q: np.ndarray, p0: np.ndarray, momentum: float = 0.9) -> np.ndarray:
     """Move the reference ratio toward q (SPEC §3.3), the two clamps applied in sequence as
     the reference code does: p ← normalise(0.9·p + 0.1·q); clamp to [p0/2, 2·p0],
