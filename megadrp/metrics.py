@@ -75,6 +75,29 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
+def prediction_accuracy(rows: list[dict], fractions: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, dict]:
+    """How well the fitted scaling laws foresaw a stage's end: for each fraction f, the
+    controller's predicted end-of-stage loss at the last evaluation no later than f·steps,
+    against the eval loss the stage reached at its end (absolute % error per domain, and
+    their mean). Fractions at which no law had been fitted yet are left out."""
+    evals = [r for r in rows if r.get("eval_loss")]
+    if not evals:
+        return {}
+    final, total = evals[-1]["eval_loss"], evals[-1]["step"]
+    out: dict[str, dict] = {}
+    for f in fractions:
+        at = [r for r in evals if r["step"] <= f * total and r.get("controller")
+              and any(v is not None for v in r["controller"].get("predicted_loss", {}).values())]
+        if not at:
+            continue
+        row = at[-1]
+        err = {n: 100 * abs(p - final[n]) / final[n] for n, p in row["controller"]["predicted_loss"].items()
+               if p is not None and n in final}
+        out[f"{round(100 * f)}%"] = {"step": row["step"], "mape": float(sum(err.values()) / len(err)),
+                                     "per_domain": err}
+    return out
+
+
 class Progress:
     """One line per log interval: step, loss, tokens/s, ETA."""
 

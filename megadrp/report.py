@@ -124,13 +124,45 @@ def plot_ppl(evals: dict[str, dict], out: Path) -> Path:
     return _save(plt, fig, out / "perplexity.png")
 
 
+SHIFTS = (("uniform", "uniform mix"), ("p0_mix", "p0 mix"), ("worst_chi2", "worst χ² mix"))
+
+
 def ppl_table(evals: dict[str, dict]) -> str:
+    """Per-domain perplexity, and (from `evaluate --shift`) the perplexity under the uniform
+    mix, p0 and the worst mix in the χ² ball around p0."""
     names = list(next(iter(evals.values()))["domain_ppl"])
-    lines = ["| model | " + " | ".join(names) + " | mean | worst |", "|---" * (len(names) + 3) + "|"]
+    shift = all("shift" in ev for ev in evals.values())
+    head = ["mean", "worst"] + ([label for _, label in SHIFTS] if shift else [])
+    lines = ["| model | " + " | ".join(names + head) + " |", "|---" * (len(names) + len(head) + 1) + "|"]
     for label, ev in evals.items():
-        lines.append(f"| {label} | " + " | ".join(f"{ev['domain_ppl'][n]:.2f}" for n in names)
-                     + f" | {ev['mean_ppl']:.2f} | {ev['worst_ppl']:.2f} |")
+        cells = [ev["domain_ppl"][n] for n in names] + [ev["mean_ppl"], ev["worst_ppl"]]
+        cells += [ev["shift"][k]["ppl"] for k, _ in SHIFTS] if shift else []
+        lines.append(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    if shift:
+        sh = next(iter(evals.values()))["shift"]
+        lines += ["", f"Mixes weigh each domain's mean token loss: p0 = {_fmt_mix(sh['p0'])}; the worst χ² mix "
+                  f"(ρ = {sh['rho']:g}) of the last model: {_fmt_mix(list(evals.values())[-1]['shift']['worst_chi2']['mix'])}."]
     return "\n".join(lines)
+
+
+def _fmt_mix(mix: dict[str, float]) -> str:
+    return ", ".join(f"{n} {v:.3f}" for n, v in mix.items())
+
+
+def prediction_table(runs: dict[str, list[dict]]) -> str:
+    """Scaling-law prediction accuracy per stage (metrics.prediction_accuracy); empty when no
+    stage fitted a law."""
+    from megadrp.metrics import prediction_accuracy
+
+    lines = []
+    for stage, rows in runs.items():
+        for frac, a in prediction_accuracy(rows).items():
+            lines.append(f"| {stage} | {frac} (step {a['step']}) | {a['mape']:.2f}% | "
+                         + ", ".join(f"{n} {v:.1f}%" for n, v in a["per_domain"].items()) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| stage | predicted at | mean abs. error vs the stage's final eval loss | per domain |",
+                      "|---|---|---|---|", *lines])
 
 
 def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], extra: str = "") -> Path:
@@ -141,8 +173,12 @@ def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], ext
     if runs:
         plot_losses({k: v for k, v in runs.items() if k != "pretrain"} or runs, out)
         plot_weights({k: v for k, v in runs.items() if k != "pretrain"} or runs, out)
-        parts += ["## Eval loss, fitted scaling laws and reference losses", "", "![eval loss](eval_loss.png)", "",
-                  "## Domain weights", "", "![weights](weights.png)", ""]
+        parts += ["## Eval loss, fitted scaling laws and reference losses", "", "![eval loss](eval_loss.png)", ""]
+        pred = prediction_table(runs)
+        if pred:
+            parts += ["How well the fitted laws foresaw each stage's end: the end-of-stage loss predicted at 25%, "
+                      "50% and 75% of the stage against the eval loss reached.", "", pred, ""]
+        parts += ["## Domain weights", "", "![weights](weights.png)", ""]
     if "prune" in runs:
         plot_shape(runs["prune"], out)
         last = runs["prune"][-1]

@@ -18,6 +18,10 @@ def test_demo_end_to_end_then_reuse(tmp_path):
     text = (out / "report.md").read_text()
     for label in ("base", "pruned", "continued"):
         assert f"| {label} |" in text, label
+        ev = json.loads((out / {"base": "pretrain", "pruned": "prune", "continued": "continue"}[label]
+                         / "eval.json").read_text())
+        assert ev["shift"]["p0_mix"]["loss"] <= ev["shift"]["worst_chi2"]["loss"] <= ev["shift"]["worst_domain"]["loss"]
+    assert "| worst χ² mix |" in text and "p0 mix" in text  # evaluate --shift's columns
     for png in ("perplexity.png", "eval_loss.png", "weights.png", "expected_shape.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     params = {s: json.loads((out / s / "hf" / "megadrp.json").read_text())["parameters"]

@@ -258,3 +258,23 @@ def test_checkpoint_problem_names_what_a_rank_cannot_load(tmp_path):
     assert "files of rank 1 are missing" in checkpoint.problem(d, 1, 2)
     (d / checkpoint.STATE_FILE).write_bytes(b"\x80\x02truncated")
     assert "cannot be read" in checkpoint.problem(d, 0, 2)
+
+
+def test_prediction_accuracy_by_hand():
+    """The prediction made at the last evaluation no later than 25/50/75% of the stage against
+    the stage's final eval loss; fractions before the first fitted law are left out."""
+    from megadrp.metrics import prediction_accuracy
+    from megadrp.report import prediction_table
+
+    def row(step, loss, pred=None):
+        return {"step": step, "eval_loss": {"a": loss, "b": 2 * loss},
+                "controller": {"predicted_loss": pred or {"a": None, "b": None}}}
+
+    rows = [row(0, 4.0), row(20, 3.5), row(40, 3.0, {"a": 2.2, "b": None}), row(60, 2.8, {"a": 1.9, "b": 4.4}),
+            row(80, 2.6, {"a": 2.0, "b": 4.0}), row(100, 2.0)]
+    acc = prediction_accuracy(rows)
+    assert list(acc) == ["50%", "75%"]  # nothing fitted by step 25
+    assert acc["50%"]["step"] == 40 and acc["50%"]["per_domain"] == {"a": pytest.approx(10.0)}
+    assert acc["75%"]["step"] == 60 and acc["75%"]["mape"] == pytest.approx((5.0 + 10.0) / 2)
+    assert "| prune | 75% (step 60) | 7.50% |" in prediction_table({"prune": rows})
+    assert prediction_accuracy([row(0, 4.0), row(10, 3.0)]) == {} and prediction_table({"x": [row(0, 1.0)]}) == ""
