@@ -29,6 +29,15 @@ def _fitted_updates(metrics: Path) -> int:
     return sum(1 for r in read_metrics(metrics) if r.get("controller") and any(r["controller"].get("fits", {}).values()))
 
 
+def _prediction_errors(root: Path) -> dict[str, float]:
+    """Mean absolute % error of the end-of-stage loss predicted at 25/50/75% of each stage
+    (megadrp.metrics.prediction_accuracy), keyed 'prune 25%' … 'continue 75%'."""
+    from megadrp.metrics import prediction_accuracy, read_metrics
+
+    return {f"{stage} {frac}": a["mape"] for stage in ("prune", "continue")
+            for frac, a in prediction_accuracy(read_metrics(root / stage / "metrics.jsonl")).items()}
+
+
 def main() -> None:
     from megadrp import pipeline
 
@@ -47,6 +56,7 @@ def main() -> None:
     pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}"])
     evals: dict[str, list[dict]] = {m: [] for m in MODES}
     fitted: dict[str, list[int]] = {m: [] for m in MODES}
+    predicted: dict[str, list[dict]] = {m: [] for m in MODES}
     for seed in range(args.seeds):
         for mode in MODES:
             root = args.root / f"seed{seed}" / mode
@@ -59,9 +69,10 @@ def main() -> None:
                                  quiet=True)
             evals[mode].append(pipeline.evaluate(root / "continue" / "hf", data, 4096, 128, root / "eval.json"))
             fitted[mode].append(sum(_fitted_updates(root / stage / "metrics.jsonl") for stage in ("prune", "continue")))
+            predicted[mode].append(_prediction_errors(root))
             pipeline.log(f"{mode} seed {seed}: mean ppl {evals[mode][-1]['mean_ppl']:.3f} "
                          f"worst {evals[mode][-1]['worst_ppl']:.3f}")
-    table = summarise(evals, fitted)
+    table = summarise(evals, fitted, predicted)
     names = list(evals[MODES[0]][0]["domain_ppl"])
     pm = "±"
     md = ["| schedule | " + " | ".join(names) + " | mean ppl | worst ppl | mean vs sheared (paired) "
@@ -71,6 +82,25 @@ def main() -> None:
                   + f" | {r['mean_ppl']:.3f} {pm} {r['mean_ppl_sd']:.3f} | {r['worst_ppl']:.3f} {pm} {r['worst_ppl_sd']:.3f}"
                   f" | {_interval(r['mean_vs_sheared_pct'])} | {_interval(r['worst_vs_sheared_pct'])}"
                   f" | {r['fitted_updates']:g} |")
+    md += ["", "Under shifted domain mixes (megadrp.evaluate --shift; perplexity of the mix's mean token loss, "
+           f"mean {pm} sd over seeds; the χ² ball has the run's ρ around its p0):", "",
+           "| schedule | uniform mix | p0 mix | worst χ² mix | worst χ² mix vs sheared (paired) | worst domain |",
+           "|---|---|---|---|---|---|"]
+    for mode, r in table.items():
+        s = r["shift"]
+        md.append(f"| {mode} | " + " | ".join(f"{s[k]['mean']:.3f} {pm} {s[k]['sd']:.3f}" for k in SHIFT_KEYS[:3])
+                  + f" | {_interval(r['worst_chi2_vs_sheared_pct'])} | {s['worst_domain']['mean']:.3f} "
+                  f"{pm} {s['worst_domain']['sd']:.3f} |")
+    cols = sorted({k for r in table.values() for k in r["prediction_mape"]},
+                  key=lambda k: (k.split()[0] != "prune", int(k.split()[1][:-1])))
+    if cols:
+        md += ["", "Scaling-law prediction accuracy: mean absolute % error of the end-of-stage eval loss predicted "
+               "at 25/50/75% of a stage (mean over seeds and domains; blank: no law fitted yet):", "",
+               "| schedule | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for mode, r in table.items():
+            if r["prediction_mape"]:
+                md.append(f"| {mode} | " + " | ".join(f"{r['prediction_mape'][c]:.2f}%" if c in r["prediction_mape"]
+                                                       else "" for c in cols) + " |")
     md += ["", f"{args.seeds} seed(s); perplexities are means over seeds ± their standard deviation. The paired "
            "columns: per seed, 100·(schedule / sheared − 1) on the same seed's base, data and batches; the mean of "
            "those differences with its 95% interval (Student's t over seeds), then the per-seed values. "
@@ -79,6 +109,7 @@ def main() -> None:
            "all. Perplexities from megadrp.evaluate on 32 eval windows of 128 tokens per domain."]
     save(args.name, {"seeds": args.seeds, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
+                     "prediction_errors_per_seed": predicted,
                      "seconds": round(time.time() - t0)}, "\n".join(md))
 
 
@@ -98,7 +129,11 @@ def _interval(p: dict) -> str:
     return f"{p['mean']:+.2f}% [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] ({seeds})"
 
 
-def summarise(evals: dict[str, list[dict]], fitted: dict[str, list[int]]) -> dict[str, dict]:
+SHIFT_KEYS = ("uniform", "p0_mix", "worst_chi2", "worst_domain")
+
+
+def summarise(evals: dict[str, list[dict]], fitted: dict[str, list[int]],
+              predicted: dict[str, list[dict]] | None = None) -> dict[str, dict]:
     names = list(evals[MODES[0]][0]["domain_ppl"])
     ref = evals["sheared"]
     table = {}
@@ -114,6 +149,12 @@ def summarise(evals: dict[str, list[dict]], fitted: dict[str, list[int]]) -> dic
             "mean_vs_sheared_pct": paired([100 * (a["mean_ppl"] / b["mean_ppl"] - 1) for a, b in zip(runs, ref)]),
             "worst_vs_sheared_pct": paired([100 * (a["worst_ppl"] / b["worst_ppl"] - 1) for a, b in zip(runs, ref)]),
             "fitted_updates": float(np.mean(fitted[mode])),
+            "shift": {k: {"mean": float(np.mean(v)), "sd": sd(np.array(v))}
+                      for k in SHIFT_KEYS for v in [[e["shift"][k]["ppl"] for e in runs]]},
+            "worst_chi2_vs_sheared_pct": paired([100 * (a["shift"]["worst_chi2"]["ppl"] / b["shift"]["worst_chi2"]["ppl"]
+                                                        - 1) for a, b in zip(runs, ref)]),
+            "prediction_mape": {k: float(np.mean([p[k] for p in (predicted or {}).get(mode, []) if k in p]))
+                                for k in sorted({k for p in (predicted or {}).get(mode, []) for k in p})},
         }
     return table
 
