@@ -3,7 +3,10 @@ with masks sampling, megadrp's model without masks, and transformers' LlamaForCa
 the same shape — side by side in one run; and the pruned export against a freshly built
 model of the target shape.
 
-    python benchmarks/model_bench.py [--rounds 15] [--threads N] [--batch 4] [--name model_step]
+    python benchmarks/model_bench.py [--rounds 15] [--threads N] [--batch 4] [--family llama|qwen2] [--name NAME]
+
+`--family qwen2`: a Qwen2-shaped model (GQA 8/2, q/k/v biases, tied embeddings) against
+`Qwen2ForCausalLM`; results under model_step_qwen2 unless --name says otherwise.
 
 Variants run interleaved, one step each per round, so machine noise hits each alike; a
 ratio is the median over rounds of the two variants' same-round ratio.
@@ -25,11 +28,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="rounds of one step per variant")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
-    ap.add_argument("--name", default="model_step", help="results file name under benchmarks/results")
+    ap.add_argument("--family", choices=("llama", "qwen2"), default="llama")
+    ap.add_argument("--name", default=None, help="results file name under benchmarks/results "
+                    "(default model_step, or model_step_qwen2)")
     args = ap.parse_args()
+    args.name = args.name or ("model_step" if args.family == "llama" else "model_step_qwen2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from megadrp.model.hf_io import export_hf
     from megadrp.model.llama import MaskedLlama, count_parameters
@@ -37,11 +43,17 @@ def main() -> None:
     from megadrp.model.prune import prune_state_dict
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
-                      num_attention_heads=8, num_key_value_heads=8, head_dim=64)
-    target = Shape(layers=4, hidden=384, heads=6, kv_heads=6, intermediate=688)
+    shape = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8)
+    if args.family == "qwen2":
+        cfg = Qwen2Config(**shape, num_key_value_heads=2, tie_word_embeddings=True)
+        target = Shape(layers=4, hidden=384, heads=4, kv_heads=1, intermediate=688)
+        hf_cls = Qwen2ForCausalLM
+    else:
+        cfg = LlamaConfig(**shape, num_key_value_heads=8, head_dim=64)
+        target = Shape(layers=4, hidden=384, heads=6, kv_heads=6, intermediate=688)
+        hf_cls = LlamaForCausalLM
     n = count_parameters(cfg)
-    hf = LlamaForCausalLM(cfg)
+    hf = hf_cls(cfg)
     ours = MaskedLlama(cfg, target, ramp_steps=10)
     ours.load_state_dict(hf.state_dict(), strict=False)
     plain = MaskedLlama(cfg)
@@ -67,9 +79,10 @@ def main() -> None:
         small_sd, small_cfg = prune_state_dict(sd, cfg, z)
     with tempfile.TemporaryDirectory() as tmp:
         exported = AutoModelForCausalLM.from_pretrained(export_hf(small_sd, small_cfg, f"{tmp}/hf"))
-    fresh = LlamaForCausalLM(small_cfg)
+    fresh = hf_cls(small_cfg)
+    hf_name = f"transformers {hf_cls.__name__}"
     fns = {"megadrp, masks sampling": step_ours(ours, True), "megadrp, no masks": step_ours(plain, False),
-           "transformers LlamaForCausalLM": step_hf(hf), "pruned export (transformers)": step_hf(exported),
+           hf_name: step_hf(hf), "pruned export (transformers)": step_hf(exported),
            "fresh model of the target shape (transformers)": step_hf(fresh)}
     for f in fns.values():
         f()
@@ -81,7 +94,7 @@ def main() -> None:
             fns[k]()
             samples[k].append(time.perf_counter() - t0)
     pairs = {"masked / unmasked": ("megadrp, masks sampling", "megadrp, no masks", "≤ 1.10"),
-             "ours unmasked / transformers": ("megadrp, no masks", "transformers LlamaForCausalLM", "≤ 1.00"),
+             "ours unmasked / transformers": ("megadrp, no masks", hf_name, "≤ 1.00"),
              "pruned export / fresh target-shape model": ("pruned export (transformers)",
                                                           "fresh model of the target shape (transformers)", "≈ 1.00")}
     ratios = {name: round(paired_median(samples[a], samples[b]), 3)
@@ -96,7 +109,7 @@ def main() -> None:
     md += ["", f"Source model {n:,} parameters (batch {args.batch} × 256 tokens); target {count_parameters(small_cfg):,}; "
            f"{torch.get_num_threads()} torch threads; {args.rounds} rounds, one step of each variant per round "
            "in rotated order."]
-    save(args.name, {"batch": args.batch, "step_ms": r, "median_step_ms": med, "ratios": ratios, "ratio_of_minima": ratio_of_minima,
+    save(args.name, {"family": args.family, "batch": args.batch, "step_ms": r, "median_step_ms": med, "ratios": ratios, "ratio_of_minima": ratio_of_minima,
                         "parameters": n, "rounds": args.rounds,
                         "threads": torch.get_num_threads()}, "\n".join(md))
 
