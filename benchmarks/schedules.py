@@ -3,6 +3,11 @@ continue with each of constant, sheared, dro, dro_dyloss, drpruning at equal tok
 evaluate every result with megadrp.evaluate (transformers).
 
     python benchmarks/schedules.py [--seeds 1] [--prune-steps 100] [--continue-steps 100] [--eval-interval 10]
+        [--corpus DIR --root runs/schedules_debian]
+
+`--corpus DIR`: a directory of NAME.jsonl domains (e.g. data_tools/debian_corpus.py's real
+text) instead of the embedded corpus: its own tokenizer and base model are built under
+ROOT/base, and p0 ∝ tokens^0.3 (SPEC §1) since its domains have no recipe proportions.
 
 SPEC §3.1 fits a domain's scaling law only once its history holds more than 10 evaluations,
 so `--eval-interval` decides whether `dro_dyloss` and `drpruning` ever use a fitted
@@ -47,13 +52,15 @@ def main() -> None:
     ap.add_argument("--continue-steps", type=int, default=100)
     ap.add_argument("--eval-interval", type=int, default=10, help="steps between evaluations (and DRO updates)")
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "schedules")
+    ap.add_argument("--corpus", type=Path, default=None, help="directory of NAME.jsonl domains (default: embedded)")
     ap.add_argument("--name", default="schedules", help="results file name under benchmarks/results")
     args = ap.parse_args()
     t0 = time.time()
-    demo = ROOT / "runs" / "demo"
-    data = pipeline.prepare_data(demo)
-    base = demo / "pretrain"
-    pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}"])
+    work = args.root / "base" if args.corpus else ROOT / "runs" / "demo"
+    data = pipeline.prepare_data(work, args.corpus.resolve() if args.corpus else None)
+    base = work / "pretrain"
+    mix = ["domains=null", "dro.initial_proportion=tokens^0.3"] if args.corpus else []
+    pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *mix])
     evals: dict[str, list[dict]] = {m: [] for m in MODES}
     fitted: dict[str, list[int]] = {m: [] for m in MODES}
     predicted: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -61,7 +68,7 @@ def main() -> None:
         for mode in MODES:
             root = args.root / f"seed{seed}" / mode
             common = [f"data_dir={data}", f"seed={1234 + seed}", f"dro.mode={mode}", "train.log_interval=1000",
-                      f"eval.interval={args.eval_interval}"]
+                      f"eval.interval={args.eval_interval}", *mix]
             pipeline.train_stage("configs/tiny/prune.yaml", root / "prune",
                                  common + [f"model.init={base / 'hf'}", f"train.steps={args.prune_steps}"], quiet=True)
             pipeline.train_stage("configs/tiny/continue.yaml", root / "continue",
