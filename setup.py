@@ -29,6 +29,9 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=7", "megatron-core>=0.9"],
+        # megadrp.evaluate --tasks: downstream accuracy with lm-evaluation-harness, the harness
+        # published numbers use (its HF backend needs accelerate)
+        "eval": ["lm_eval>=0.4.5", "accelerate>=0.26"],
+        "test": ["pytest>=7", "megatron-core>=0.9", "lm_eval>=0.4.5", "accelerate>=0.26"],
     },
 )

@@ -2,6 +2,7 @@
 
     python -m megadrp.evaluate --model HF_DIR --data DATA_DIR [--tokens-per-domain N]
         [--seq-len N] [--out FILE] [--domains a,b,...] [--shift [--p0 SPEC] [--rho R]]
+        [--tasks arc_easy,hellaswag,... [--task-dir DIR] [--limit N] [--num-fewshot K]]
 
 Loads the model with transformers (not megadrp's model class: this is the check that the
 export is a standard model) and scores the same fixed windows the trainer evaluates. The
@@ -12,6 +13,9 @@ last line printed is a JSON object:
 uniform mix, under p0, under the worst mix inside the χ² ball of radius ρ around p0 (the
 DRO objective; the mix is reported) and on the single worst domain. p0 and ρ default to the
 run's `dro.initial_proportion` and `dro.rho` (RUN_DIR/config.yaml beside the model).
+
+`--tasks` adds a "downstream" object: lm-evaluation-harness's metrics per task
+(megadrp/downstream.py; `pip install -e .[eval]`).
 """
 from __future__ import annotations
 
@@ -103,7 +107,19 @@ def main(argv: list[str] | None = None) -> int:
                     "values (default: the run's dro.initial_proportion, else uniform)")
     ap.add_argument("--rho", type=float, default=None, help="with --shift: χ² radius (default: the run's dro.rho, "
                     "else 0.1)")
+    ap.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks: downstream accuracy")
+    ap.add_argument("--task-dir", default=None, help="with --tasks: a directory of your own lm-eval task YAMLs")
+    ap.add_argument("--limit", type=int, default=None, help="with --tasks: at most N examples a task")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples (task default)")
     args = ap.parse_args(argv)
+    for flag, v in (("--limit", args.limit), ("--num-fewshot", args.num_fewshot)):
+        if v is not None and (v < 0 or (flag == "--limit" and v == 0)):
+            ap.error(f"{flag}={v}: must be {'at least 1' if flag == '--limit' else 'non-negative'}")
+    if args.tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            ap.error("--tasks needs lm-evaluation-harness: pip install -e '.[eval]'")
     for flag, v in (("--tokens-per-domain", args.tokens_per_domain), ("--seq-len", args.seq_len)):
         if v is not None and v < 1:
             ap.error(f"{flag}={v}: must be at least 1")  # exit 2, before any work
@@ -121,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         rc.get("eval", {}).get("tokens_per_domain", 16384)
     seq = args.seq_len if args.seq_len is not None else rc.get("train", {}).get("seq_len", 128)
     try:
+        manager = None
+        if args.tasks:  # a task name lm-eval does not know fails here, before any evaluation
+            from megadrp.downstream import task_manager
+
+            manager = task_manager(args.tasks.split(","), args.task_dir)
         res = evaluate(args.model, args.data, tokens, seq, args.domains.split(",") if args.domains else None)
         if args.shift:
             names = list(res["domain_loss"])
@@ -128,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                      load_manifest(args.data), names)
             res["shift"] = shift_report(res["domain_loss"], p0,
                                         args.rho if args.rho is not None else float(rc.get("dro", {}).get("rho", 0.1)))
+        if args.tasks:
+            from megadrp.downstream import downstream
+
+            res["downstream"] = downstream(args.model, args.tasks.split(","), args.task_dir, args.limit,
+                                           num_fewshot=args.num_fewshot, manager=manager)
     except (FileNotFoundError, ManifestError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -141,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, label in (("uniform", "uniform mix"), ("p0_mix", "p0 mix"),
                            ("worst_chi2", f"worst mix, χ² ≤ {sh['rho']:g}"), ("worst_domain", "worst domain")):
             print(f"{label:>22}: loss {sh[key]['loss']:.4f}  ppl {sh[key]['ppl']:.3f}", file=sys.stderr)
+    for task, m in res.get("downstream", {}).get("tasks", {}).items():
+        print(f"{task:>22}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "sample_len"), file=sys.stderr)
     print(line)
     return 0
 

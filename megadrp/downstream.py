@@ -1,0 +1,59 @@
+"""Downstream accuracy of an exported model with lm-evaluation-harness (`lm_eval`).
+
+`python -m megadrp.evaluate --model RUN_DIR/hf --data DATA_DIR --tasks arc_easy,hellaswag`
+adds a "downstream" object to the evaluation JSON: per task, lm-eval's metrics (acc,
+acc_norm and their standard errors). The paper's set (README, "Downstream tasks") needs the
+datasets from the Hugging Face hub; on a machine without network, `--task-dir DIR` adds
+task YAMLs of your own (lm-eval reads local `json` datasets), as the tests do.
+
+We call lm-eval's Python API rather than reimplementing multiple-choice scoring: its
+tokenisation of (context, continuation) pairs, few-shot formatting and metric definitions
+are what published numbers are computed with, so ours are comparable to them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def task_manager(tasks: list[str], task_dir: str | os.PathLike | None = None):
+    """lm-eval's task index (with `task_dir`'s YAMLs); unknown names raise ValueError naming
+    them, so a typo fails before any model is loaded or any domain evaluated."""
+    # Local data only unless the user's environment says otherwise: a hub lookup on a
+    # machine without network would hang on retries before failing.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    if task_dir is not None and not Path(task_dir).is_dir():
+        raise ValueError(f"--task-dir {task_dir}: not a directory of lm-eval task YAMLs")
+    manager = TaskManager(include_path=str(task_dir) if task_dir else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"--tasks: lm-eval knows no task {', '.join(map(repr, unknown))}"
+                         + ("" if task_dir else "; for a task of your own give --task-dir with its YAML"))
+    return manager
+
+
+def downstream(model_dir: str | os.PathLike, tasks: list[str], task_dir: str | os.PathLike | None = None,
+               limit: int | None = None, batch_size: int = 8, num_fewshot: int | None = None,
+               log_samples: bool = False, manager=None) -> dict:
+    """Runs lm-eval's `simple_evaluate` on a Hugging Face model directory. Returns
+    {"tasks": {task: {metric: value}}, "lm_eval_version": ..., "samples": ... (if asked)}.
+    Unknown task names raise ValueError naming them before any model is loaded."""
+    manager = manager or task_manager(tasks, task_dir)  # indexing lm-eval's tasks takes seconds: reuse
+    import lm_eval
+    import torch
+
+    res = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=tasks,
+        task_manager=manager, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
+        device="cuda" if torch.cuda.is_available() else "cpu", log_samples=log_samples)
+    out: dict = {"tasks": {}, "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
+    for task in tasks:
+        metrics = res["results"].get(task, {})
+        out["tasks"][task] = {key.split(",")[0]: float(v) for key, v in metrics.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if log_samples:
+        out["samples"] = res.get("samples", {})
+    return out
