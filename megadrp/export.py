@@ -1,6 +1,11 @@
 """End of a stage: the final masks (from the fp32 master log α), fold and slice them into a
-smaller model of the same family, and write a standard Hugging Face directory with the
-data's tokenizer and a `megadrp.json` provenance file. Collective (gathers), rank 0 writes.
+smaller model of the same family, and write a standard Hugging Face directory with its
+tokenizer and a `megadrp.json` provenance file. Collective (gathers), rank 0 writes.
+
+The tokenizer: the source model's own files (its chat template, special tokens, a
+sentencepiece `tokenizer.model` a re-saved copy may lack) when they have the vocabulary the
+data was made with; otherwise, with a warning, the tokenizer the data was made with, since
+that is what the model was trained on.
 """
 from __future__ import annotations
 
@@ -12,13 +17,33 @@ import torch
 import torch.distributed as dist
 
 from megadrp import ds_setup
-from megadrp.model.hf_io import export_hf
+from megadrp.model.hf_io import export_hf, tokenizer_files
 from megadrp.model.llama import count_parameters, shape_of
 from megadrp.model.masks import L0Masks
 from megadrp.model.prune import prune_state_dict
 from megadrp.plan import RunPlan
 
 log = logging.getLogger("megadrp")
+
+
+def tokenizer_source(source: str | None, data_tokenizer: Path) -> Path:
+    """The directory whose tokenizer files the export carries (see the module docstring)."""
+    if not source or not Path(source).is_dir() or not tokenizer_files(source):
+        return data_tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        same = (AutoTokenizer.from_pretrained(source).get_vocab()
+                == AutoTokenizer.from_pretrained(str(data_tokenizer)).get_vocab())
+    except (OSError, ValueError) as e:
+        log.warning("export: the tokenizer in %s cannot be loaded (%s); exporting the data's (%s)",
+                    source, e, data_tokenizer)
+        return data_tokenizer
+    if not same:
+        log.warning("export: the tokenizer in %s has another vocabulary than the one the data was made with; "
+                    "exporting the data's (%s), which the model was trained on", source, data_tokenizer)
+        return data_tokenizer
+    return Path(source)
 
 
 def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
@@ -42,7 +67,8 @@ def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
             "stage": plan.cfg.stage, "steps": plan.cfg.train.steps, "source": plan.cfg.model.init,
             "parameters": count_parameters(config), "source_parameters": count_parameters(plan.model_config),
             "domains": plan.names}, indent=2) + "\n"
-        out = export_hf(weights, config, run_dir / "hf", plan.manifest.tokenizer, extra={"megadrp.json": about})
+        tok = tokenizer_source(plan.cfg.model.init, plan.manifest.tokenizer)
+        out = export_hf(weights, config, run_dir / "hf", tok, extra={"megadrp.json": about})
         log.info("exported model: %s (%s parameters)", out, f"{count_parameters(config):,}")
     dist.barrier()
     return out

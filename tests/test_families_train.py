@@ -130,11 +130,36 @@ def test_multilingual_qwen2_prune_two_ranks(tmp_path, corpus, tokenizer):
 def test_family_prune_two_ranks_evaluates_the_same(name, cls_name, tmp_path, data_dir):
     """Llama 3.1 (GQA, llama3 rope scaling) and Mistral (a sliding window no shorter than the
     sequence) prune every set on 2 ranks and export to their own class."""
+    import shutil
+
     from test_families import _source
 
     _source(tmp_path, name, vocab=1024)
+    for f in Path(data_dir / "tokenizer").iterdir():  # the source ships its tokenizer, with a chat template
+        shutil.copy2(f, tmp_path / name / f.name)
+    (tmp_path / name / "chat_template.jinja").write_text("{{ messages }}")
     target = {**TARGET, "num_hidden_layers": 2}
     run_dir, m = _prune_two_ranks(tmp_path, data_dir, tmp_path / name, f"{name}_prune",
                                   ["layer", "head", "intermediate", "hidden"], target)
     assert m[-1]["expected_shape"]["layers"] < 3  # the layer mask trained
     _check_export(run_dir, data_dir, m, cls_name, target)
+    assert (run_dir / "hf" / "chat_template.jinja").read_text() == "{{ messages }}"  # the source's own files
+
+
+def test_export_tokenizer_is_the_sources_only_with_the_datas_vocabulary(tmp_path, tokenizer):
+    from megadrp.export import tokenizer_source
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    assert tokenizer_source(str(src), tokenizer) == tokenizer  # no tokenizer files: the data's
+    assert tokenizer_source(None, tokenizer) == tokenizer
+    for f in Path(tokenizer).iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    assert tokenizer_source(str(src), tokenizer) == src  # same vocabulary: the source's
+    tj = json.loads((src / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    tok, idx = next((k, v) for k, v in vocab.items() if v > 100)
+    vocab["zz_other_" + tok] = vocab.pop(tok)  # one token differs: another vocabulary
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    assert tokenizer_source(str(src), tokenizer) == tokenizer

@@ -156,6 +156,18 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, zero3: bool = 
                     p.data.copy_(reader.get(key).to(p.dtype))
 
 
+# What a tokenizer is made of on disk (sentencepiece, BPE, tiktoken, chat templates): the
+# only files `export_hf` copies from a tokenizer directory, which may be a whole model dir.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def tokenizer_files(d: str | os.PathLike) -> list[Path]:
+    d = Path(d)
+    return sorted(f for f in d.iterdir() if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix == ".tiktoken"))
+
+
 def export_hf(state_dict: dict[str, torch.Tensor], config, out_dir: str | os.PathLike,
               tokenizer_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
               extra: dict[str, str] | None = None) -> Path:
@@ -183,9 +195,8 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, out_dir: str | os.Pat
         model.tie_weights()
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        for f in tokenizer_files(tokenizer_dir):
+            shutil.copy2(f, tmp / f.name)
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     if out.exists():
