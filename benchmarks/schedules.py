@@ -51,10 +51,13 @@ def main() -> None:
     ap.add_argument("--prune-steps", type=int, default=100)
     ap.add_argument("--continue-steps", type=int, default=100)
     ap.add_argument("--eval-interval", type=int, default=10, help="steps between evaluations (and DRO updates)")
-    ap.add_argument("--root", type=Path, default=ROOT / "runs" / "schedules")
+    ap.add_argument("--root", type=Path, default=None, help="run directories (default runs/schedules, or "
+                    "runs/schedules_<corpus folder> with --corpus: never the embedded corpus's runs)")
     ap.add_argument("--corpus", type=Path, default=None, help="directory of NAME.jsonl domains (default: embedded)")
     ap.add_argument("--name", default="schedules", help="results file name under benchmarks/results")
     args = ap.parse_args()
+    if args.root is None:
+        args.root = ROOT / "runs" / (f"schedules_{args.corpus.resolve().name}" if args.corpus else "schedules")
     t0 = time.time()
     work = args.root / "base" if args.corpus else ROOT / "runs" / "demo"
     data = pipeline.prepare_data(work, args.corpus.resolve() if args.corpus else None)

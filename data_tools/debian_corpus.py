@@ -19,7 +19,9 @@ writes DIR/<domain>.jsonl (one {"text": ...} per line, each file written atomica
 DIR/sources.json (documents and bytes per domain, files skipped and why). Deterministic for
 a machine: files are taken in sorted order, the sample spread evenly over that order. A
 domain with fewer than --min-docs documents is left out and said; fewer than 5 domains left
-is an error (exit 2), since the comparison needs several kinds of text.
+(or than --domains names, if fewer) is an error (exit 2), since the comparison needs several
+kinds of text. Identical files (one source package's copyright in many binary packages) count
+once, so no document lands in both the train and the eval split.
 """
 from __future__ import annotations
 
@@ -119,6 +121,14 @@ DOMAINS: dict[str, Callable[[Path, int], Iterator[str]]] = {
 }
 
 
+def _unique(docs: Iterator[str]) -> list[str]:
+    """Each text once, in first-seen order: packages built from one source ship identical
+    copyright files and changelogs (half of all copyright files on a typical system), and a
+    duplicate would put the same document in both the train and the eval split."""
+    seen: set[str] = set()
+    return [d for d in docs if not (d in seen or seen.add(d))]
+
+
 def _spread(docs: list[str], k: int) -> list[str]:
     """k documents spread evenly over the sorted order (all when there are fewer)."""
     if len(docs) <= k:
@@ -135,17 +145,23 @@ def build(out: Path, root: Path = Path("/"), max_docs: int = 2000, min_docs: int
     collected, report = {}, {"root": str(root), "domains": {}, "left_out": {}}
     for name in names:
         t0 = time.time()
-        docs = _spread(list(DOMAINS[name](root, max_doc_bytes)), max_docs)
+        docs = _spread(_unique(DOMAINS[name](root, max_doc_bytes)), max_docs)
         print(f"debian_corpus: {name}: {len(docs)} documents ({time.time() - t0:.1f}s)", file=sys.stderr)
         if len(docs) < min_docs:
             report["left_out"][name] = f"{len(docs)} documents, fewer than --min-docs={min_docs}"
             continue
         collected[name] = docs
-    if len(collected) < MIN_DOMAINS:
+    need = min(MIN_DOMAINS, len(names))  # --domains with fewer names asks for just those
+    if len(collected) < need:
         raise ValueError(f"{root}: only {len(collected)} domains with at least {min_docs} documents "
                          f"({', '.join(collected) or 'none'}; left out: {report['left_out']}); "
-                         f"need {MIN_DOMAINS}: lower --min-docs or install documentation (man pages, /usr/share/doc)")
+                         f"need {need}: lower --min-docs or install documentation (man pages, /usr/share/doc)")
     out.mkdir(parents=True, exist_ok=True)
+    # A domain file from an earlier build that this one left out would still be read as a
+    # domain by preprocess (every *.jsonl is one): remove it.
+    for name in DOMAINS:
+        if name not in collected:
+            (out / f"{name}.jsonl").unlink(missing_ok=True)
     for name, docs in collected.items():
         with atomic_open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for d in docs:

@@ -16,13 +16,18 @@ import os
 from pathlib import Path
 
 
-def task_manager(tasks: list[str], task_dir: str | os.PathLike | None = None):
+def task_manager(tasks: list[str], task_dir: str | os.PathLike | None = None, online: bool = False):
     """lm-eval's task index (with `task_dir`'s YAMLs); unknown names raise ValueError naming
-    them, so a typo fails before any model is loaded or any domain evaluated."""
-    # Local data only unless the user's environment says otherwise: a hub lookup on a
-    # machine without network would hang on retries before failing.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    them, so a typo fails before any model is loaded or any domain evaluated.
+
+    Offline unless `online` (`--online`) or the environment already says otherwise: a hub
+    lookup on a machine without network retries for minutes before it fails. Set before
+    lm-eval (and `datasets`, which reads them at import) is imported."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if online:
+            os.environ[var] = "0"
+        else:
+            os.environ.setdefault(var, "1")
     from lm_eval.tasks import TaskManager
 
     if task_dir is not None and not Path(task_dir).is_dir():
@@ -50,10 +55,12 @@ def downstream(model_dir: str | os.PathLike, tasks: list[str], task_dir: str | o
         task_manager=manager, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
         device="cuda" if torch.cuda.is_available() else "cpu", log_samples=log_samples)
     out: dict = {"tasks": {}, "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
-    for task in tasks:
-        metrics = res["results"].get(task, {})
-        out["tasks"][task] = {key.split(",")[0]: float(v) for key, v in metrics.items()
-                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    # Every result lm-eval returns: a group or tag (`truthfulqa`, `mmlu`) reports its
+    # subtasks under their own names. A metric keeps its filter unless that is "none"
+    # (gsm8k reports exact_match under strict-match and flexible-extract).
+    for task, metrics in res["results"].items():
+        out["tasks"][task] = {(key.split(",")[0] if key.endswith(",none") else key): float(v)
+                              for key, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if log_samples:
         out["samples"] = res.get("samples", {})
     return out

@@ -83,14 +83,17 @@ def shift_report(losses: dict[str, float], p0: np.ndarray, rho: float) -> dict:
             "worst_domain": at(loss[j], domain=names[j])}
 
 
-def _p0(spec, manifest, names: list[str]) -> np.ndarray:
+def _p0(spec, manifest, names: list[str], key: str) -> np.ndarray:
     """--p0 (uniform | tokens | tokens^0.3 | comma-separated values in the domains' order) or
     the run config's dro.initial_proportion."""
     from megadrp.plan import initial_proportion
 
     if isinstance(spec, str) and "," in spec:
-        spec = [float(x) for x in spec.split(",")]
-    return initial_proportion(spec, manifest.select(names), names)
+        try:
+            spec = [float(x) for x in spec.split(",")]
+        except ValueError as e:
+            raise ValueError(f"{key}={spec!r}: not a comma-separated list of numbers") from e
+    return initial_proportion(spec, manifest.select(names), names, key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens-per-domain", type=int, default=None,
                     help="eval tokens per domain (default: the trainer's, from RUN_DIR/config.yaml beside the model, else 16384)")
     ap.add_argument("--seq-len", type=int, default=None, help="window length (default: the trainer's, else 128)")
-    ap.add_argument("--domains", default=None, help="comma-separated subset of domains")
+    ap.add_argument("--domains", default=None, help="comma-separated subset of domains (default: the run's "
+                    "`domains` from RUN_DIR/config.yaml beside the model, else all in the manifest)")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     ap.add_argument("--shift", action="store_true", help="also report losses under shifted domain mixes")
     ap.add_argument("--p0", default=None, help="with --shift: uniform, tokens, tokens^0.3 or comma-separated "
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task-dir", default=None, help="with --tasks: a directory of your own lm-eval task YAMLs")
     ap.add_argument("--limit", type=int, default=None, help="with --tasks: at most N examples a task")
     ap.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples (task default)")
+    ap.add_argument("--online", action="store_true", help="with --tasks: let lm-eval download datasets from the "
+                    "Hugging Face hub (default: offline, local and cached data only)")
     args = ap.parse_args(argv)
     for flag, v in (("--limit", args.limit), ("--num-fewshot", args.num_fewshot)):
         if v is not None and (v < 0 or (flag == "--limit" and v == 0)):
@@ -136,17 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.tokens_per_domain if args.tokens_per_domain is not None else \
         rc.get("eval", {}).get("tokens_per_domain", 16384)
     seq = args.seq_len if args.seq_len is not None else rc.get("train", {}).get("seq_len", 128)
+    # The run's own domains, in its order, unless --domains says otherwise: a p0 given as a
+    # list in the run's config is in that order.
+    domains = args.domains.split(",") if args.domains else rc.get("domains") or None
     try:
-        manager = None
+        manager = p0 = None
         if args.tasks:  # a task name lm-eval does not know fails here, before any evaluation
             from megadrp.downstream import task_manager
 
-            manager = task_manager(args.tasks.split(","), args.task_dir)
-        res = evaluate(args.model, args.data, tokens, seq, args.domains.split(",") if args.domains else None)
-        if args.shift:
-            names = list(res["domain_loss"])
-            p0 = _p0(args.p0 if args.p0 is not None else rc.get("dro", {}).get("initial_proportion", "uniform"),
-                     load_manifest(args.data), names)
+            manager = task_manager(args.tasks.split(","), args.task_dir, online=args.online)
+        if args.shift:  # likewise a p0 that does not fit the domains
+            manifest = load_manifest(args.data)
+            names = domains or list(manifest.domains)
+            spec, where = (args.p0, "--p0") if args.p0 is not None else \
+                (rc.get("dro", {}).get("initial_proportion", "uniform"), f"{run_cfg}: dro.initial_proportion")
+            p0 = _p0(spec, manifest, names, where)
+        res = evaluate(args.model, args.data, tokens, seq, domains)
+        if p0 is not None:
             res["shift"] = shift_report(res["domain_loss"], p0,
                                         args.rho if args.rho is not None else float(rc.get("dro", {}).get("rho", 0.1)))
         if args.tasks:

@@ -35,7 +35,7 @@ def tokenizer_source(source: str | None, data_tokenizer: Path) -> Path:
     try:
         same = (AutoTokenizer.from_pretrained(source).get_vocab()
                 == AutoTokenizer.from_pretrained(str(data_tokenizer)).get_vocab())
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 — any failure here must not strand the other ranks at export
         log.warning("export: the tokenizer in %s cannot be loaded (%s); exporting the data's (%s)",
                     source, e, data_tokenizer)
         return data_tokenizer

@@ -79,7 +79,12 @@ def prediction_accuracy(rows: list[dict], fractions: tuple[float, ...] = (0.25, 
     """How well the fitted scaling laws foresaw a stage's end: for each fraction f, the
     controller's predicted end-of-stage loss at the last evaluation no later than f·steps,
     against the eval loss the stage reached at its end (absolute % error per domain, and
-    their mean). Fractions at which no law had been fitted yet are left out."""
+    their mean). Fractions at which no law had been fitted yet are left out.
+
+    In a prune stage the controller predicts for the step's ramped target sparsity, not the
+    final one, and clips a prediction to the lowest loss seen (SPEC §3.1): a prediction made
+    during the ramp is for a less pruned model, so its error there mixes the law's accuracy
+    with the pruning still to come. The continue stage's numbers measure the law alone."""
     evals = [r for r in rows if r.get("eval_loss")]
     if not evals:
         return {}

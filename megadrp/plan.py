@@ -199,10 +199,10 @@ def per_domain(value, key: str, names: list[str]) -> list[float] | None:
     return None
 
 
-def initial_proportion(ip, domains, names: list[str]) -> np.ndarray:
+def initial_proportion(ip, domains, names: list[str], key: str = "dro.initial_proportion") -> np.ndarray:
     """p0 from `dro.initial_proportion`'s value (a list, a mapping, 'uniform', 'tokens' or
     'tokens^0.3'), normalised; also what `megadrp.evaluate --shift` weighs losses with."""
-    given = per_domain(ip, "dro.initial_proportion", names)
+    given = per_domain(ip, key, names)
     if given is not None:
         p = np.array(given, dtype=np.float64)
     elif ip in (None, "uniform"):
@@ -211,9 +211,9 @@ def initial_proportion(ip, domains, names: list[str]) -> np.ndarray:
         tok = np.array([d.train_tokens for d in domains], dtype=np.float64)
         p = tok ** (0.3 if ip == "tokens^0.3" else 1.0)
     else:
-        raise ConfigError(f"dro.initial_proportion={ip!r}: give a list, a mapping, 'uniform', 'tokens' or 'tokens^0.3'")
+        raise ConfigError(f"{key}={ip!r}: give a list, a mapping, 'uniform', 'tokens' or 'tokens^0.3'")
     if np.any(p <= 0) or not np.all(np.isfinite(p)):
-        raise ConfigError("dro.initial_proportion values must be positive")
+        raise ConfigError(f"{key} values must be positive")
     return p / p.sum()
 
 

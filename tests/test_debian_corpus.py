@@ -16,6 +16,9 @@ def _fake_root(root: Path, n: int = 6) -> None:
         doc.mkdir(parents=True)
         (doc / "changelog.Debian.gz").write_bytes(gzip.compress(f"pkg{i} (1.{i}) unstable; urgency=low\n".encode()))
         (doc / "copyright").write_text(f"Files: *\nCopyright: {2000 + i} Someone\nLicense: GPL-2+\n")
+        twin = root / "usr/share/doc" / f"pkg{i}-common"  # one source package, two binaries: same file
+        twin.mkdir()
+        (twin / "copyright").write_text((doc / "copyright").read_text())
         man = root / "usr/share/man/man1"
         man.mkdir(parents=True, exist_ok=True)
         (man / f"tool{i}.1.gz").write_bytes(gzip.compress(f".TH TOOL{i} 1\n.SH NAME\ntool{i}\n".encode()))
@@ -43,6 +46,8 @@ def test_builds_every_domain_deterministically(tmp_path):
     assert set(src["domains"]) == {"changelog", "copyright", "manpage", "perl", "packages", "python"}
     assert src["left_out"] == {"shell": "0 documents, fewer than --min-docs=3"}
     assert all(v["documents"] == 4 for v in src["domains"].values())  # 6 found, 4 spread over them
+    texts = [json.loads(x)["text"] for x in (out / "copyright.jsonl").read_text().splitlines()]
+    assert len(set(texts)) == len(texts)  # the twins' identical files count once
     pkgs = [json.loads(x)["text"] for x in (out / "packages.jsonl").read_text().splitlines()]
     assert pkgs[0] == "pkg0: tool number 0\nmore about it\n\na second paragraph"
     assert ".TH TOOL0 1" in (out / "manpage.jsonl").read_text()  # gunzipped
@@ -51,6 +56,10 @@ def test_builds_every_domain_deterministically(tmp_path):
          "--max-docs-per-domain", "4"])
     for f in out.glob("*.jsonl"):
         assert f.read_bytes() == (again / f.name).read_bytes(), f.name
+    # a rebuild with fewer domains leaves no file of the old ones behind (each *.jsonl is a domain)
+    run([PY, "data_tools/debian_corpus.py", "--out", str(out), "--root", str(root), "--min-docs", "3",
+         "--domains", "changelog,perl"])
+    assert sorted(f.name for f in out.glob("*.jsonl")) == ["changelog.jsonl", "perl.jsonl"]
 
 
 @pytest.mark.parametrize("args,needle", [

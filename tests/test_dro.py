@@ -72,6 +72,10 @@ def test_worst_mix_edges():
     p = np.array([0.5, 0.3, 0.2])
     assert np.array_equal(worst_mix(np.array([1.0, 2.0, 3.0]), p, 100.0), [0, 0, 1])  # the ball holds a vertex
     assert np.allclose(worst_mix(np.full(3, 2.0), p, 0.1), p)  # equal losses: nothing to tilt toward
+    # two domains tie for the worst: a wide ball holds their shared corner (in p's proportions)
+    assert np.allclose(worst_mix(np.array([2.0, 2.0, 1.0]), p, 100.0), [0.625, 0.375, 0.0])
+    q = worst_mix(np.array([2.0, 2.0, 1.0]), np.ones(3) / 3, 0.05)
+    assert chi2(q, np.ones(3) / 3) == pytest.approx(0.05, rel=1e-6) and q[0] == pytest.approx(q[1])
     q = worst_mix(np.array([1.0, 2.0, 3.0]), p, 0.1)
     assert chi2(q, p) == pytest.approx(0.1, rel=1e-6) and q[2] > p[2] and q[0] < p[0]
 

@@ -112,10 +112,12 @@ def worst_mix(loss: np.ndarray, p: np.ndarray, rho: float) -> np.ndarray:
     q_i ∝ p_i·(loss_i − η)₊ with η set so the ball's edge is reached; a ball wide enough to
     hold the worst domain alone gives that domain."""
     loss, p = np.asarray(loss, dtype=np.float64), normalise(p)
-    j = int(np.argmax(loss))
-    vertex = np.eye(len(p))[j]
-    if chi2(vertex, p) <= rho or np.ptp(loss) == 0:
-        return vertex if np.ptp(loss) > 0 else p.copy()
+    if np.ptp(loss) == 0:
+        return p.copy()  # nothing to tilt toward
+    worst = p * (loss == loss.max())  # the worst domains (ties share), in p's proportions
+    corner = worst / worst.sum()
+    if chi2(corner, p) <= rho:
+        return corner
     r = dro_weights(loss - loss.min() + 1.0, np.zeros_like(loss), p, rho=rho, min_prob=0.0, tol=1e-9, max_iter=400)
     if not r.converged:
         raise ValueError(f"worst mix in the χ² ball of radius {rho}: {r.reason}")
