@@ -118,17 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--online", action="store_true", help="with --tasks: let lm-eval download datasets from the "
                     "Hugging Face hub (default: offline, local and cached data only)")
     args = ap.parse_args(argv)
-    for flag, v in (("--limit", args.limit), ("--num-fewshot", args.num_fewshot)):
-        if v is not None and (v < 0 or (flag == "--limit" and v == 0)):
-            ap.error(f"{flag}={v}: must be {'at least 1' if flag == '--limit' else 'non-negative'}")
+    for flag, v, lowest in (("--tokens-per-domain", args.tokens_per_domain, 1), ("--seq-len", args.seq_len, 1),
+                            ("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0)):
+        if v is not None and v < lowest:
+            ap.error(f"{flag}={v}: must be at least {lowest}")  # exit 2, before any work
     if args.tasks:
         try:
             import lm_eval  # noqa: F401
         except ImportError:
             ap.error("--tasks needs lm-evaluation-harness: pip install -e '.[eval]'")
-    for flag, v in (("--tokens-per-domain", args.tokens_per_domain), ("--seq-len", args.seq_len)):
-        if v is not None and v < 1:
-            ap.error(f"{flag}={v}: must be at least 1")  # exit 2, before any work
     if args.out and not Path(args.out).resolve().parent.is_dir():
         ap.error(f"--out {args.out}: its folder does not exist; create it first")
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):

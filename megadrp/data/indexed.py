@@ -243,8 +243,11 @@ class IndexedDataset:
         if start < 0 or start + length > self.num_tokens:
             raise IndexError(f"window [{start}, {start + length}) outside {self.prefix} ({self.num_tokens} tokens)")
         out = np.asarray(self.tokens[start : start + length], dtype=np.int64)
-        if self.vocab_size is not None and out.size and (int(out.max()) >= self.vocab_size or int(out.min()) < 0):
-            bad = int(out.max()) if int(out.max()) >= self.vocab_size else int(out.min())
+        if self.vocab_size is not None and out.size:
+            hi, lo = int(out.max()), int(out.min())
+            if hi < self.vocab_size and lo >= 0:
+                return out
+            bad = hi if hi >= self.vocab_size else lo
             raise IndexedDatasetError(
                 f"{data_file(self.prefix)}: token id {bad} near token {start} is outside the model's vocabulary "
                 f"of {self.vocab_size}; the shards were made with another tokenizer: re-run "
