@@ -35,7 +35,7 @@ from megadrp.data.mixture import MixtureDataset, digest_hex
 from megadrp.distributed import DistInfo
 from megadrp.domain_schedule import DomainSchedule
 from megadrp.evaluator import EvalResult, Evaluator
-from megadrp.export import export
+from megadrp.export import export, final_masks
 from megadrp.faults import Faults
 from megadrp.metrics import MetricsLog, Progress, Wandb, evaluation_record
 from megadrp.model.llama import count_parameters
@@ -306,6 +306,8 @@ class Trainer:
         cfg, t, st = self.cfg, self.cfg.train, self.state
         mode = ("final" if step == t.steps else "expected") if self.plan.pruning else None
         t0 = time.time()
+        if mode == "final":  # score the masks the export keeps: from the fp32 master (collective)
+            final_masks(self.model.l0)
         ev = self.evaluate(self.engine, step, mode)
         eval_time = time.time() - t0
         lambdas = ds_setup.lambdas(self.model, self.plan.zero3) if self.plan.pruning else None

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megadrp import ds_setup
 from megadrp.model.hf_io import export_hf, tokenizer_files
-from megadrp.model.llama import count_parameters, shape_of
+from megadrp.model.llama import count_parameters
 from megadrp.model.masks import L0Masks
 from megadrp.model.prune import prune_state_dict
 from megadrp.plan import RunPlan
@@ -46,22 +46,25 @@ def tokenizer_source(source: str | None, data_tokenizer: Path) -> Path:
     return Path(source)
 
 
+def final_masks(l0: L0Masks) -> dict[str, torch.Tensor]:
+    """The masks of the exported shape, chosen from the fp32 master log α (SPEC §2), on the
+    CPU. Collective under ZeRO-3 (every rank calls it); the engine's last evaluation and the
+    export both take their masks from here, so the last eval loss is the exported model's."""
+    l0.master_log_alpha = ds_setup.fp32_master(dict(l0.log_alpha.items()))
+    with torch.no_grad():
+        return l0.deterministic(final=True, log_alpha=l0.master_log_alpha)
+
+
 def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
     sd = ds_setup.full_state_dict(engine, plan.zero3, rank)
     l0 = engine.module.l0
-    log_alpha = ds_setup.fp32_master(dict(l0.log_alpha.items())) if plan.pruning and l0 is not None else {}
+    z = final_masks(l0) if plan.pruning and l0 is not None else {}
     out = None
     if rank == 0:
         assert sd is not None
         weights = {k: v for k, v in sd.items() if not k.startswith("l0.")}
         config = plan.model_config
         if plan.pruning:
-            assert plan.target is not None
-            masks = L0Masks(shape_of(config), plan.target, 1, sets=plan.cfg.prune.sets)
-            masks.load_state_dict({**{k[3:]: v.float() for k, v in sd.items() if k.startswith("l0.")},
-                                   **{f"log_alpha.{m}": v for m, v in log_alpha.items()}})
-            with torch.no_grad():
-                z = masks.deterministic(final=True)
             weights, config = prune_state_dict(weights, config, z)
         about = json.dumps({
             "stage": plan.cfg.stage, "steps": plan.cfg.train.steps, "source": plan.cfg.model.init,

@@ -2,7 +2,8 @@
 
 Run as `python tests/bf16_masks.py` (1 rank) or `deepspeed --num_gpus 2 tests/bf16_masks.py`.
 Sets the fp32 master of one intermediate-mask row to 3.000, 3.001, 3.002, 3.003, … (all
-equal to 3.0 in bf16), reads the masks back the way the exporter does and the way the
+equal to 3.0 in bf16), reads the masks back the way the exporter does (`export.final_masks`),
+the way the trainer's last evaluation does (a 'final' forward of the masks) and the way the
 consolidated 16-bit state dict would, and prints one JSON line on rank 0: which channels
 each path keeps.
 """
@@ -23,6 +24,7 @@ from transformers import LlamaConfig  # noqa: E402
 
 from megadrp.distributed import shutdown  # noqa: E402
 from megadrp.ds_setup import fp32_master  # noqa: E402
+from megadrp.export import final_masks  # noqa: E402
 from megadrp.model.llama import MaskedLlama  # noqa: E402
 from megadrp.model.masks import Shape, deterministic_z  # noqa: E402
 
@@ -43,16 +45,26 @@ def main() -> None:
     wanted = (3.0 + 0.001 * torch.arange(8, dtype=torch.float32)).repeat(2, 1)  # rising: the last 4 win
     safe_set_full_fp32_param(la, wanted)
     fp32 = fp32_master({"intermediate": la})["intermediate"]
+    l0 = engine.module.l0
+    with deepspeed.zero.GatheredParameters(list(l0.parameters())), torch.no_grad():
+        before = l0(1, "final")[0]["intermediate"].float()  # no master read yet: the module's bf16 values
+    exported = final_masks(l0)["intermediate"]  # what export() folds into the weights
+    with deepspeed.zero.GatheredParameters(list(l0.parameters())), torch.no_grad():
+        evaluated = l0(1, "final")[0]["intermediate"].float()  # what the last evaluation scores
     sd = engine._zero3_consolidated_16bit_state_dict()
     if rank == 0:
         bf16 = sd["l0.log_alpha.intermediate"].float()
 
+        def nonzero(z: torch.Tensor) -> list[list[int]]:
+            return [sorted(torch.nonzero(row).flatten().tolist()) for row in z]
+
         def kept(v: torch.Tensor) -> list[list[int]]:
-            return [sorted(torch.nonzero(row).flatten().tolist()) for row in deterministic_z(v, 4)]
+            return nonzero(deterministic_z(v, 4))
 
         print(json.dumps({"world": world, "module_dtype": str(sd["l0.log_alpha.intermediate"].dtype),
                           "fp32_exact": bool(torch.equal(fp32, wanted)), "bf16_distinct": len(set(bf16[0].tolist())),
-                          "kept_fp32": kept(fp32), "kept_bf16": kept(bf16)}))
+                          "kept_fp32": kept(fp32), "kept_bf16": kept(bf16), "kept_export": nonzero(exported),
+                          "kept_eval_before": nonzero(before), "kept_eval": nonzero(evaluated)}))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,16 @@ def test_reference_is_the_mean_of_clipped_predictions():
     assert float(averaged.predict(1e4)) == pytest.approx(0.743544, rel=1e-5)
 
 
+def test_a_fit_that_predicts_no_number_is_left_out_of_the_mean():
+    # The reference drops its NaN fits and averages the rest. log A = 800 overflows at any D
+    # (e^(800 − 0.5·ln 1e4) = inf); the other two predict 0.5 + e^−1 and 0.8 + e^−5, both
+    # below the lowest loss 0.9: mean (0.867879 + 0.806738) / 2 = 0.837309.
+    fits = [Fit(800.0, 0.5, 0.0), Fit(math.log(50), 0.5, -1.0), Fit(math.log(80), 0.5, -5.0)]
+    want = (0.5 + math.exp(-1) + 0.8 + math.exp(-5)) / 2
+    assert reference_prediction(fits, 1e4, None, 0.9) == pytest.approx(want, rel=1e-12)
+    assert math.isnan(reference_prediction(fits[:1], 1e4, None, 0.9))  # none finite: no reference
+
+
 def test_controller_takes_the_mean_of_predictions():
     c = Controller(_settings("dro_dyloss", reference_loss=[5.0, 5.0, 5.0], min_fit_points=2))
     fits = [Fit(math.log(100), 0.5, -9.0), Fit(math.log(50), 0.5, -1.0), Fit(math.log(80), 0.5, -5.0)]
@@ -201,6 +211,10 @@ def test_final_masks_come_from_fp32_master_under_bf16_zero3():
     # The 16-bit copy cannot tell 3.000 … 3.007 apart, so it would keep the first four channels.
     assert r["bf16_distinct"] == 1 and r["kept_bf16"] == [[0, 1, 2, 3]] * 2
     assert r["fp32_exact"] and r["kept_fp32"] == [[4, 5, 6, 7]] * 2
+    # The exporter keeps what the fp32 values say, and the last evaluation (a 'final' forward)
+    # scores those same masks once they are read; before, it scored the 16-bit copy's choice.
+    assert r["kept_export"] == [[4, 5, 6, 7]] * 2 and r["kept_eval"] == [[4, 5, 6, 7]] * 2
+    assert r["kept_eval_before"] == [[0, 1, 2, 3]] * 2
 
 
 def test_train_ema_updates_per_batch():

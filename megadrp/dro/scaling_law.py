@@ -64,9 +64,12 @@ def starts(pruning: bool) -> list[list[float]]:
 
 def reference_prediction(fits: list[Fit], d_final: float, s_final: float | None, lowest: float) -> float:
     """Mean of the fits' predictions at (d_final, s_final), each clipped to [0, lowest]
-    (the lowest loss observed): SPEC §3.1. NaN when a prediction is not finite."""
-    preds = [float(f.predict(d_final, s_final)) for f in fits]
-    if not fits or not all(np.isfinite(preds)):
+    (the lowest loss observed): SPEC §3.1. A fit whose prediction is not finite is left out
+    of the mean, as the reference code drops its NaN fits and averages the rest; NaN only
+    when no fit predicts a finite value."""
+    preds = np.array([float(f.predict(d_final, s_final)) for f in fits], dtype=np.float64)
+    preds = preds[np.isfinite(preds)]
+    if not len(preds):
         return float("nan")
     return float(np.mean(np.clip(preds, 0.0, lowest)))
 

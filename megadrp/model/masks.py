@@ -167,6 +167,10 @@ class L0Masks(nn.Module):
         # partition empty parameters (a target equal to the source leaves no set active).
         self.lambdas = nn.Parameter(torch.zeros(max(1, len(self.active)), 2).index_fill_(1, torch.tensor([1]),
                                                                                         float(lambda2_init)))
+        # The fp32 log α (by set) that 'final' masks are chosen from, when the engine has read
+        # them from the optimizer's master copy: under bf16 the module's own 16-bit values
+        # tie or reorder units, and the last evaluation must score the model that is exported.
+        self.master_log_alpha: dict[str, torch.Tensor] | None = None
 
     # ---- targets and expectations -------------------------------------------------------
     def target_fraction(self, m: str, step: int) -> float:
@@ -264,13 +268,18 @@ class L0Masks(nn.Module):
             z[m] = sample_z(la, u)
         return z
 
-    def deterministic(self, final: bool = True) -> dict[str, torch.Tensor]:
+    def deterministic(self, final: bool = True, log_alpha: dict[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
         """`final`: keep exactly the target count per row (the exported shape). Otherwise
         (evaluation while pruning) keep round(that row's expected kept count) per row, the
-        reference's rule: the model as it stands now, which may be below the target."""
+        reference's rule: the model as it stands now, which may be below the target.
+        `log_alpha`: score these values (fp32, by set) instead of the module's own; only the
+        counts and the active sets come from the module, so no parameter is read (ZeRO-3
+        needs no gather)."""
         z = {}
         for m in self.active:
-            la = self.clamped(m)
+            la = (self.clamped(m) if log_alpha is None
+                  else log_alpha[m].float().clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX))
             keep: int | torch.Tensor = self.keep[m]
             if not final:
                 keep = torch.round(prob_nonzero(la).sum(-1)).long()
@@ -286,7 +295,10 @@ class L0Masks(nn.Module):
         if mode == "sample":
             assert generator is not None
             return self.sample(generator), self.lagrangian(step, probs), None
-        z = self.deterministic(final=(mode == "final"))
+        final = mode == "final"
+        z = self.deterministic(final, self.master_log_alpha if final else None)
+        if final and self.master_log_alpha is not None:
+            z = {m: v.to(self.log_alpha[m].device) for m, v in z.items()}
         lag = self.lagrangian(step, probs).detach()
         detached = {k: v.detach() for k, v in probs.items()}
         return z, lag, {**self.expected_shape(detached), "sparsity": self.expected_sparsity(detached)}
