@@ -211,7 +211,9 @@ def fit_quality(n: int, runs: Path, seed: int = 1) -> dict:
         batched = fit_batch(problems, pruning)
         scipy_res = scaling_law.fit_each(problems, pruning)
         rows, exceptions = compare(problems, finals, names, pruning, batched, scipy_res)
-        out[law] = {"synthetic": n, "from_runs": len(rp), "cost_excess": _dist([r["excess"] for r in rows]),
+        runs_used = sorted({x.rsplit(":", 1)[0] for x in rn})
+        out[law] = {"synthetic": n, "from_runs": len(rp), "run_dirs": runs_used, "run_histories": rn,
+                    "cost_excess": _dist([r["excess"] for r in rows]),
                     "pred_rel_diff": _dist([r["pred_rel_diff"] for r in rows]),
                     # SPEC's reference is the mean of the top 3 predictions: comparable where those fits agree
                     "pred_rel_diff_same_costs": _dist([r["pred_rel_diff"] for r in rows if r.get("same_costs")]),
@@ -219,6 +221,14 @@ def fit_quality(n: int, runs: Path, seed: int = 1) -> dict:
                     "pred_diff_over_1e-3": sum(1 for r in rows if (r["pred_rel_diff"] or 0) > 1e-3),
                     "exceptions": exceptions}
     return out
+
+
+def _by_root(run_dirs: list[str]) -> str:
+    """'schedules_s3 30, demo 1': how many runs came from each top folder."""
+    counts: dict[str, int] = {}
+    for r in run_dirs:
+        counts[r.split("/", 1)[0]] = counts.get(r.split("/", 1)[0], 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
 
 
 def fit_section(args) -> dict:
@@ -244,6 +254,8 @@ def fit_section(args) -> dict:
            "means differ; the last row compares only the problems whose top-3 costs all agree.", ""]
     for law, q in quality.items():
         md += [f"### Quality, {law} law: {q['synthetic']} synthetic histories + {q['from_runs']} from runs", "",
+               f"Real histories: every domain of every metrics.jsonl under `{args.runs}` with this law "
+               f"({len(q['run_dirs'])} runs: {_by_root(q['run_dirs'])}; names in the JSON).", "",
                "| | min | p1 | p10 | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|---|"]
         for key, label in (("cost_excess", "batched − scipy best cost"), ("pred_rel_diff", "relative prediction difference"),
                            ("pred_rel_diff_same_costs", "the same, where all top-3 costs agree within 1e-9")):
@@ -260,10 +272,13 @@ def fit_section(args) -> dict:
 
 # ---- step section ------------------------------------------------------------------------------
 def step_section(rounds: int = 2) -> None:
-    """The controller's cost inside training: a tiny continue run with `drpruning` (fits at
-    every evaluation from the start, lag 0: each step after an evaluation waits for the
-    decision) against `constant`, in rotated rounds. Step time counts the training steps and
-    the wait for the controller, not the evaluation itself (the same in both modes)."""
+    """The controller's cost inside training: a tiny continue run with `drpruning` (lag 0: each
+    step after an evaluation waits for the decision) against `constant`, in rotated rounds.
+    Histories and fits start at once and a law is fitted from a domain's 3rd point
+    (dro.min_fit_points=2), so from the 3rd evaluation on every one refits every domain, as a
+    long run's do (SPEC's 10 points would leave this run's 12 evaluations 2 fits). Step time
+    counts the training steps and the wait for the controller, not the evaluation itself (the
+    same in both modes)."""
     from megadrp import pipeline
     from megadrp.metrics import read_metrics
 
@@ -280,7 +295,7 @@ def step_section(rounds: int = 2) -> None:
             for mode in rotated(list(runs), r):
                 pipeline.train_stage("configs/tiny/continue.yaml", tmp / f"{mode}{r}",
                                      base + [f"model.init={tmp / 'base' / 'hf'}", f"dro.mode={mode}",
-                                             f"train.steps={steps}", "dro.fit_start=0.0", "dro.history_start=0.0",
+                                             f"train.steps={steps}", "dro.fit_start=0.0", "dro.history_start=0.0", "dro.min_fit_points=2",
                                              "eval.interval=5", "dro.update_lag=0"], ranks=1, quiet=True)
                 rows = read_metrics(tmp / f"{mode}{r}" / "metrics.jsonl")
                 runs[mode].append({"train_s": sum(x.get("train_seconds", 0) for x in rows),

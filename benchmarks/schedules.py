@@ -3,7 +3,7 @@ continue with each of constant, sheared, dro, dro_dyloss, drpruning at equal tok
 evaluate every result with megadrp.evaluate (transformers).
 
     python benchmarks/schedules.py [--seeds 1] [--prune-steps 100] [--continue-steps 100] [--eval-interval 10]
-        [--corpus DIR --root runs/schedules_debian]
+        [--corpus DIR --root runs/schedules_debian] [--modes constant,sheared,drpruning]
 
 `--corpus DIR`: a directory of NAME.jsonl domains (e.g. data_tools/debian_corpus.py's real
 text) instead of the embedded corpus: its own tokenizer and base model are built under
@@ -55,7 +55,13 @@ def main() -> None:
                     "runs/schedules_<corpus folder> with --corpus: never the embedded corpus's runs)")
     ap.add_argument("--corpus", type=Path, default=None, help="directory of NAME.jsonl domains (default: embedded)")
     ap.add_argument("--name", default="schedules", help="results file name under benchmarks/results")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma-separated schedules to run (default all five; sheared is always run: it is the baseline)")
     args = ap.parse_args()
+    modes = [m for m in MODES if m in args.modes.split(",") or m == "sheared"]
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        ap.error(f"--modes: unknown schedule(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
     if args.root is None:
         args.root = ROOT / "runs" / (f"schedules_{args.corpus.resolve().name}" if args.corpus else "schedules")
     t0 = time.time()
@@ -64,11 +70,11 @@ def main() -> None:
     base = work / "pretrain"
     mix = ["domains=null", "dro.initial_proportion=tokens^0.3"] if args.corpus else []
     pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *mix])
-    evals: dict[str, list[dict]] = {m: [] for m in MODES}
-    fitted: dict[str, list[int]] = {m: [] for m in MODES}
-    predicted: dict[str, list[dict]] = {m: [] for m in MODES}
+    evals: dict[str, list[dict]] = {m: [] for m in modes}
+    fitted: dict[str, list[int]] = {m: [] for m in modes}
+    predicted: dict[str, list[dict]] = {m: [] for m in modes}
     for seed in range(args.seeds):
-        for mode in MODES:
+        for mode in modes:
             root = args.root / f"seed{seed}" / mode
             common = [f"data_dir={data}", f"seed={1234 + seed}", f"dro.mode={mode}", "train.log_interval=1000",
                       f"eval.interval={args.eval_interval}", *mix]
@@ -83,7 +89,7 @@ def main() -> None:
             pipeline.log(f"{mode} seed {seed}: mean ppl {evals[mode][-1]['mean_ppl']:.3f} "
                          f"worst {evals[mode][-1]['worst_ppl']:.3f}")
     table = summarise(evals, fitted, predicted)
-    names = list(evals[MODES[0]][0]["domain_ppl"])
+    names = list(evals[modes[0]][0]["domain_ppl"])
     pm = "±"
     md = ["| schedule | " + " | ".join(names) + " | mean ppl | worst ppl | mean vs sheared (paired) "
           "| worst vs sheared (paired) | updates with a fitted law |", "|---" * (len(names) + 6) + "|"]
@@ -144,10 +150,10 @@ SHIFT_KEYS = ("uniform", "p0_mix", "worst_chi2", "worst_domain")
 
 def summarise(evals: dict[str, list[dict]], fitted: dict[str, list[int]],
               predicted: dict[str, list[dict]] | None = None) -> dict[str, dict]:
-    names = list(evals[MODES[0]][0]["domain_ppl"])
+    names = list(next(iter(evals.values()))[0]["domain_ppl"])
     ref = evals["sheared"]
     table = {}
-    for mode in MODES:
+    for mode in evals:
         runs = evals[mode]
         mean = np.array([e["mean_ppl"] for e in runs])
         worst = np.array([e["worst_ppl"] for e in runs])

@@ -123,6 +123,8 @@ class DROConfig:
     sheared_c: float = 1e-4
     history_start: float = 0.02
     fit_start: float = 0.1
+    # A domain's law is fitted once its history holds more than this many points (SPEC §3.1).
+    min_fit_points: int = 10
     ratio_start: float = 0.2
     max_points: int = 64
 
@@ -280,11 +282,13 @@ def validate(cfg: Config, where: str) -> None:
         if v < 1:
             raise ConfigError(f"{where}: {key}={v} must be at least 1")
     for key, v in (("train.log_interval", t.log_interval), ("eval.micro_batch", cfg.eval.micro_batch),
-                   ("train.prefetch_factor", t.prefetch_factor), ("train.max_bad_steps", t.max_bad_steps)):
+                   ("train.prefetch_factor", t.prefetch_factor), ("train.max_bad_steps", t.max_bad_steps),
+                   ("dro.max_points", cfg.dro.max_points)):
         if v < 1:
             raise ConfigError(f"{where}: {key}={v} must be at least 1")
     for key, v in (("train.num_workers", t.num_workers), ("train.warmup_steps", t.warmup_steps), ("seed", cfg.seed),
-                   ("save.interval", cfg.save.interval), ("save.keep", cfg.save.keep)):
+                   ("save.interval", cfg.save.interval), ("save.keep", cfg.save.keep),
+                   ("dro.min_fit_points", cfg.dro.min_fit_points)):
         if v < 0:
             raise ConfigError(f"{where}: {key}={v} must not be negative")
     if t.micro_batch > t.global_batch:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from megadrp.dro import scaling_law
-from megadrp.dro.batched_fit import fit_batch, huber_cost
+from megadrp.dro.batched_fit import batched_starts, fit_batch, huber_cost
 
 DELTA = scaling_law.HUBER_DELTA
 
@@ -154,3 +154,38 @@ def test_a_real_pruning_history_whose_best_basin_no_spec_start_reaches():
     (ref, _), = scaling_law.fit_each([(d, loss, s)], True)
     (ours, why), = fit_batch([(d, loss, s)], True)
     assert why == "" and ours[0].cost <= ref[0].cost + 1e-9, (ours[0], ref[0])
+
+
+@pytest.mark.parametrize("pruning", [False, True])
+def test_start_grid_holds_specs_grid(pruning):
+    """SPEC §3.1's starts, written out here: log A ∈ {0, 10, 20}, b ∈ {0, 0.5, 1}, log E ∈ {0, 1}
+    (and b2 ∈ {0, −0.5} for pruning): 18 or 36 points, every one among the batched fit's starts;
+    the only extra ones are the documented steeper b2 ∈ {−2, −4} (36 more, pruning only)."""
+    spec = {(a, b, e) + ((b2,) if pruning else ()) for a in (0.0, 10.0, 20.0) for b in (0.0, 0.5, 1.0)
+            for e in (0.0, 1.0) for b2 in ((0.0, -0.5) if pruning else (None,))}
+    ours = {tuple(x) for x in batched_starts(pruning)}
+    assert len(spec) == (36 if pruning else 18) and spec <= ours
+    extra = ours - spec
+    assert len(extra) == (36 if pruning else 0) and all(x[3] in (-2.0, -4.0) for x in extra)
+
+
+def test_controller_fits_with_the_batched_fit_and_says_what_it_skips():
+    """The controller's hot path is the batched fit (scipy only checks it), and a domain too
+    short to fit is named with its point count, not skipped silently."""
+    from megadrp.dro.controller import Controller, ControllerSettings, Observation
+
+    c = Controller(ControllerSettings(mode="dro_dyloss", domains=["a", "b"], p0=[0.5, 0.5], total_steps=100,
+                                      reference_loss=[3.0, 3.0], fit_start=0.0, history_start=0.0, min_fit_points=4))
+    assert c.fit_problems is fit_batch
+    seen = []
+    c.fit_problems = lambda problems, pruning: seen.append(len(problems)) or fit_batch(problems, pruning)
+    rng = np.random.default_rng(0)
+    for step in range(1, 7):
+        loss = [2.0 + 5.0 * (1e3 * step) ** -0.5 + rng.normal(0, 1e-4), np.nan if step < 4 else 2.5]
+        d = c.update(Observation(step, loss, [1e3 * step, 1e3 * step]))
+    # a: 6 points (> 4) is fitted; b has only steps 4, 5, 6 (3 points): named with its count
+    assert seen[-1] == 1 and d.fits["a"] is not None and d.fits["b"] is None
+    assert any("no scaling-law fit yet for b (3)" in r for r in d.reasons), d.reasons
+    early = Controller(ControllerSettings(mode="drpruning", domains=["a"], p0=[1.0], total_steps=100,
+                                          reference_loss=[3.0], fit_start=0.1, history_start=0.0))
+    assert any("before 10% of training (now 5.0%)" in r for r in early.update(Observation(5, [2.9], [1e3])).reasons)

@@ -111,6 +111,9 @@ class Controller:
             self._record(obs, loss, progress)
             if progress >= s.fit_start:
                 fits, preds = self._fit_references(obs, reasons)
+            else:
+                reasons.append(f"no scaling-law fit before {s.fit_start:.0%} of training (now {progress:.1%}); "
+                               "references unchanged")
         if s.mode == "constant":
             self.q = self.p0.copy()
         elif s.mode == "sheared":
@@ -155,6 +158,10 @@ class Controller:
         preds: dict[str, float | None] = {n: None for n in s.domains}
         assert self.r is not None
         todo = [i for i, h in enumerate(self.history) if len(h) > s.min_fit_points]
+        short = [f"{s.domains[i]} ({len(h)})" for i, h in enumerate(self.history) if len(h) <= s.min_fit_points]
+        if short:
+            reasons.append(f"no scaling-law fit yet for {', '.join(short)}: a fit needs more than "
+                           f"{s.min_fit_points} points in its history; references unchanged")
         problems = []
         for i in todo:
             d, obs_loss, sp = (np.array(c) for c in zip(*self.history[i]))
