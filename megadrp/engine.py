@@ -42,6 +42,7 @@ from megadrp.model.llama import count_parameters
 from megadrp.optim import group_lrs
 from megadrp.plan import make_plan
 from megadrp.run_dir import check_run_dir, on_rank0
+from megadrp.stop import StopRequest
 from megadrp.train_state import TrainState
 
 log = logging.getLogger("megadrp")
@@ -49,35 +50,6 @@ log = logging.getLogger("megadrp")
 
 class TrainingStopped(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is kept."""
-
-
-EXIT_INTERRUPTED = 3  # stopped at a checkpoint by a signal: resume with resume=auto (Slurm scripts requeue)
-EXIT_SIGINT = 130  # Ctrl-C, by the shell's convention
-
-
-class StopRequest:
-    """SIGTERM, SIGUSR1 (Slurm's --signal) and SIGINT ask the run to stop at the next step
-    boundary with a checkpoint. Installed by the entry point before anything slow (model
-    load, rendezvous), so a signal during a minutes-long 7B startup is not the default
-    action (death) but a clean stop."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum = 0
-
-    def install(self) -> "StopRequest":
-        for s in self.SIGNALS:
-            signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame) -> None:
-        self.signum = signum
-        log.warning("received signal %d: will save a checkpoint and exit after this step", signum)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_INTERRUPTED
 
 
 def _stop_loader(batches) -> None:

@@ -94,13 +94,21 @@ def dry_run(cfg: Config, world_size: int) -> str:
     tokens_step = t.global_batch * t.seq_len
     evals = t.steps // cfg.eval.interval + (1 if cfg.eval.at_start else 0)
     params = count_parameters(plan.model_config)
-    ckpt = params * 16
+    ckpt = params * 16  # 16-bit weights and their fp32 master, Adam's m and v (fp32 ones: about the same)
+    saves = (t.steps // cfg.save.interval if cfg.save.interval else 0) + 1  # the last step always saves
+    # save.keep complete checkpoints stay, and the next is written before the oldest goes
+    at_once = min(saves, cfg.save.keep + 1) if cfg.save.keep > 0 else saves
+    export_bytes = params * 4  # at most: fp32 weights (bf16 runs write half), before pruning shrinks them
+    need = at_once * ckpt + export_bytes
     run_dir = Path(cfg.run_dir)
     probe = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
     free = shutil.disk_usage(probe).free
-    if ckpt > free:
-        raise ConfigError(f"run_dir {run_dir}: {free / 2**30:.1f} GiB free, one checkpoint needs about "
-                          f"{ckpt / 2**30:.1f} GiB; free space or choose another run_dir")
+    if need > free:
+        raise ConfigError(f"run_dir {run_dir}: {free / 2**30:.1f} GiB free, the run needs about {need / 2**30:.1f} "
+                          f"GiB ({at_once} checkpoint(s) of {ckpt / 2**30:.1f} GiB at once with save.keep="
+                          f"{cfg.save.keep}, and the export); free space, lower save.keep or choose another run_dir")
+    eval_tokens = cfg.eval.tokens_per_domain * plan.k
+    interval_tokens = min(cfg.eval.interval, t.steps) * tokens_step
     lines = [
         f"stage {cfg.stage}: {params:,} parameters from {cfg.model.init or 'scratch'}"
         + (f" → target {plan.target.as_dict()}" if plan.target else ""),
@@ -108,9 +116,12 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"= global batch {t.global_batch} ({tokens_step:,} tokens a step)",
         f"steps {t.steps} ({t.steps * tokens_step:,} tokens), warmup {t.warmup_steps}, lr {t.lr}",
         f"domains {len(plan.names)}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(plan.names, plan.p0)),
-        f"evaluation every {cfg.eval.interval} steps ({evals} in all): {cfg.eval.tokens_per_domain * plan.k:,} tokens "
-        f"each, dro.mode {cfg.dro.mode}, update lag {cfg.dro.update_lag}",
-        f"checkpoint ≈ {ckpt / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free under {probe}",
+        f"evaluation every {cfg.eval.interval} steps ({evals} in all): {eval_tokens:,} tokens each, "
+        f"{eval_tokens / interval_tokens:.2f}× an interval's {interval_tokens:,} training tokens (forward only: about "
+        f"{eval_tokens / interval_tokens / 3:.0%} of their compute); dro.mode {cfg.dro.mode}, update lag "
+        f"{cfg.dro.update_lag}",
+        f"disk: {at_once} checkpoint(s) of ≈ {ckpt / 2**30:.1f} GiB at once (save.keep={cfg.save.keep}) + export "
+        f"≤ {export_bytes / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free under {probe}",
         "dry run: no problem found",
     ]
     return "\n".join(lines)

@@ -25,6 +25,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megadrp.stop import StopRequest  # noqa: E402  (signal and logging only)
+
+# Before anything slow (torch and DeepSpeed imports, the rendezvous, a 7B model load): a stop
+# during startup is a clean stop (exit 3, no new checkpoint), never death by SIGUSR1.
+_STOP = StopRequest().install() if __name__ == "__main__" else None
+
 from megadrp.config import ConfigError, load_config  # noqa: E402
 
 
@@ -37,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the launcher's WORLD_SIZE / SLURM_NTASKS, else 1)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=10")
     args = ap.parse_args(argv)
-    from megadrp.engine import StopRequest
-
-    # Before anything slow (rendezvous, a 7B model load): a stop during startup is a clean stop.
-    stop = StopRequest().install()
+    stop = _STOP or StopRequest().install()
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # DeepSpeed still calls torch.distributed APIs that warn on every step.

@@ -25,8 +25,10 @@ esac
 # and whose rendezvous (the step's first node, a port mixed from job and step id) is chosen
 # per step by megadrp/distributed.py. No ssh, no pdsh: Slurm places the processes.
 # sbatch exports the submitting shell's environment: a MASTER_ADDR/MASTER_PORT from there
-# names some other rendezvous (distributed.py ignores them under srun; unset to avoid doubt).
-unset MASTER_ADDR MASTER_PORT
+# names some other rendezvous (distributed.py ignores them under srun; unset to avoid doubt),
+# and a RANK/WORLD_SIZE/LOCAL_RANK from there (a shell inside another job, a torchrun
+# session) would win over srun's variables and give every task the same rank.
+unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # The log is opened with --open-mode=append, so one file holds every segment of a requeued job.
 echo "megadrp: job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)} at $(date -Is)"
@@ -121,9 +123,19 @@ megadrp_train() {
     echo "megadrp: dry run of $run_dir failed (exit $rc); not starting the step" >&2
     exit "$rc"
   fi
+  # bash runs a trap only once the foreground dry run has ended: a signal that came meanwhile
+  # (the time-limit USR1, a preemption) is acted on now, before a step that would not see it.
+  if [ -n "$_megadrp_signal" ]; then
+    _megadrp_requeue_or_stop "stopped by SIG$_megadrp_signal during the dry run of $run_dir"
+  fi
   started=$(date +%s)
   srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" megadrp/train.py "$@" run_dir="$run_dir" resume=auto &
   _megadrp_srun_pid=$!
+  # A trap that ran between starting srun and knowing its pid could not forward the signal.
+  if [ -n "$_megadrp_signal" ]; then
+    echo "megadrp: SIG$_megadrp_signal came as the step started; asking it to checkpoint and stop" >&2
+    kill -s USR1 "$_megadrp_srun_pid" 2>/dev/null || true
+  fi
   while :; do
     _megadrp_trapped=0
     rc=0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -119,6 +120,10 @@ def test_usr1_to_the_batch_shell_requeues_and_resumes(slurm, smoke, tmp_path):
     assert "Restarts=1" in info and "JobState=COMPLETED" in info, (info, text[-3000:])
     for needed in ("(restart 0)", "requeueing job", "(restart 1)", "megadrp smoke: done"):
         assert needed in text, (needed, text[-3000:])
+    # The requeued segment resumed from the checkpoint the stop wrote (a run started over would
+    # give the same numbers too, so this is what shows the requeue kept the work).
+    resumed = re.search(r"resumed from (\S+) at step (\d+)", text[text.index("(restart 1)"):])
+    assert resumed and "prune" in resumed.group(1) and 5 <= int(resumed.group(2)) < 30, text[-3000:]
     _assert_same_as_straight(smoke, root)
 
 

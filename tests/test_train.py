@@ -238,13 +238,31 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert "| cpu |" in (tmp_path / "out" / "gpu_check.md").read_text()
 
 
-def test_dry_run_plans_without_building(tmp_path, data_dir, base_model):
-    """--dry-run checks config, data, the source's config.json and the batch layout for N
-    ranks, prints the plan and exits 0; a world that cannot hold the global batch exits 2."""
+def test_dry_run_plans_without_building(tmp_path, data_dir, base_model, monkeypatch):
+    """--dry-run checks config, data, the source's config.json, the batch layout for N ranks
+    and the disk, prints the plan and exits 0; a world that cannot hold the global batch exits 2."""
+    import shutil
+    import types
+
+    from megadrp.config import ConfigError, load_config
+    from megadrp.plan import dry_run
+
     cfg = prune_cfg(tmp_path, data_dir, base_model, "dry", train={"global_batch": 32, "micro_batch": 4})
     path = write_config(tmp_path / "dry.yaml", **cfg)
     p = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run", "--world-size", "16"])
     assert "micro-batch 2 × accumulation 1 × 16 ranks = global batch 32" in p.stdout and "no problem found" in p.stdout
+    assert "× an interval's" in p.stdout and "checkpoint(s) of" in p.stdout
+    # Room for save.keep + 1 checkpoints and the export, not for one checkpoint: 16 bytes a parameter each.
+    loaded = load_config(str(path), ["save.keep=2", "save.interval=1"])
+    from megadrp.model.hf_io import load_hf_config
+    from megadrp.model.llama import count_parameters
+
+    params = count_parameters(load_hf_config(str(base_model)))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: types.SimpleNamespace(free=params * 16 * 2))
+    with pytest.raises(ConfigError, match=r"the run needs about .* \(3 checkpoint\(s\) of .* save.keep=2"):
+        dry_run(loaded, 16)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: types.SimpleNamespace(free=params * (16 * 3 + 4)))
+    assert "no problem found" in dry_run(loaded, 16)
     assert not (tmp_path / "dry").exists()  # nothing written
     p = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run", "--world-size", "64"], check=False)
     assert p.returncode == 2 and "cannot be split evenly over 64 ranks" in p.stderr and "Traceback" not in p.stderr

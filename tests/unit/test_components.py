@@ -27,6 +27,7 @@ from megadrp.plan import RunPlan, per_domain
 from megadrp.train_state import TrainState
 
 pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,23 @@ def test_batch_layout_fits_every_node_count():
         fit_layout(32, 4, 64, 0)
     with pytest.raises(ConfigError, match="over 3 ranks"):
         fit_layout(32, 4, 3, 0)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_recipes_run_on_the_node_counts_the_readme_states(recipe):
+    """README "Running on a cluster": prune recipes (global batch 32) on 1, 2 or 4 nodes of 8
+    GPUs, 8 nodes refused before anything starts; continued pretraining (256) on 1 to 32 nodes."""
+    from megadrp.config import load_config
+    from megadrp.plan import fit_layout
+
+    t = load_config(str(ROOT / "configs" / recipe), []).train
+    supported = (1, 2, 4) if t.global_batch == 32 else (1, 2, 4, 8, 16, 32)
+    assert t.global_batch in (32, 256), recipe
+    for nodes in supported:
+        lay = fit_layout(t.global_batch, t.micro_batch, 8 * nodes, 0)
+        assert lay.micro_batch * lay.accumulation * 8 * nodes == t.global_batch
+    with pytest.raises(ConfigError, match="cannot be split evenly"):
+        fit_layout(t.global_batch, t.micro_batch, 8 * supported[-1] * 2, 0)
 
 
 def test_per_domain_errors():

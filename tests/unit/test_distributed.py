@@ -114,6 +114,14 @@ def test_missing_local_rank_on_loopback_is_rank():
     assert D.discover(env).local_rank == 3  # every rank reaches a loopback store: one host
 
 
+def test_only_rank_and_world_size_is_one_host():
+    """RANK and WORLD_SIZE alone: rank 0's store defaults to 127.0.0.1, which only ranks on this
+    host can reach, so the local rank is the rank (and the store address is loopback)."""
+    env = dict(RANK="6", WORLD_SIZE="8")
+    info = D.discover(env)
+    assert (info.rank, info.local_rank, info.world_size) == (6, 6, 8) and env["MASTER_ADDR"] == "127.0.0.1"
+
+
 def test_missing_local_rank_unknowable_is_an_error():
     env = dict(RANK="6", WORLD_SIZE="8", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500",
                SLURM_PROCID="1", SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="1")  # other world

@@ -21,6 +21,7 @@ FAKE_SRUN = r"""#!/bin/bash
 for a in "$@"; do case $a in run_dir=*) run_dir=${a#run_dir=} ;; esac; done
 status() { printf '{"state": "%s", "time": %s}\n' "$1" "$(date +%s.%N)" > "$run_dir/status.json"; }
 echo "$*" >> "$FAKE_LOG/srun"
+echo "RANK=${RANK-unset} WORLD_SIZE=${WORLD_SIZE-unset} LOCAL_RANK=${LOCAL_RANK-unset}" >> "$FAKE_LOG/srun_env"
 case $FAKE_MODE in
   done) status done ;;
   interrupted) status interrupted ;;
@@ -35,6 +36,18 @@ case $FAKE_MODE in
     wait $s ;;
 esac
 """
+# Stands in for megadrp/train.py, which the batch shell runs itself only for --dry-run.
+FAKE_DRY_RUN = """import os, sys, time
+log = os.environ["FAKE_LOG"]
+open(os.path.join(log, "dry"), "a").write(" ".join(sys.argv[1:]) + "\\n")
+mode = os.environ.get("FAKE_DRY", "ok")
+if mode == "fail":
+    print("train: dry run: train.global_batch=32 cannot be split evenly over 64 ranks", file=sys.stderr)
+    sys.exit(2)
+if mode == "slow":  # the batch shell gets its signal while this runs in the foreground
+    open(os.path.join(log, "dry_started"), "w").close()
+    time.sleep(3)
+"""
 FAKE_SCONTROL = """#!/bin/bash
 echo "$*" >> "$FAKE_LOG/scontrol"
 exit "${FAKE_SCONTROL_RC:-0}"
@@ -47,7 +60,7 @@ def batch(tmp_path):
     bin_dir, repo, log = tmp_path / "bin", tmp_path / "repo", tmp_path / "log"
     for d in (bin_dir, repo / "megadrp", log, tmp_path / "run"):
         d.mkdir(parents=True)
-    (repo / "megadrp" / "train.py").write_text("# stub: the fake srun never runs it\n")
+    (repo / "megadrp" / "train.py").write_text(FAKE_DRY_RUN)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
@@ -151,3 +164,38 @@ def test_scripts_parse():
         text = (ROOT / "slurm" / name).read_text()
         assert "#SBATCH --open-mode=append" in text and "#SBATCH --signal=B:USR1@" in text, name
         assert "#SBATCH --requeue" in text, name
+
+
+def wait_for(path: Path, p: subprocess.Popen) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert time.time() - t0 < 30 and p.poll() is None, p.communicate()[0]
+        time.sleep(0.05)
+
+
+def test_dry_run_runs_first_for_the_jobs_rank_count(batch):
+    rc, out = finish(batch("done"))
+    assert rc == 0 and read(batch.log / "dry").split()[:3] == ["--dry-run", "--world-size", "2"], out
+
+
+def test_failed_dry_run_exits_with_its_code_and_starts_no_step(batch):
+    rc, out = finish(batch("done", FAKE_DRY="fail"))
+    assert rc == 2 and "dry run of" in out and "failed (exit 2)" in out and "cannot be split evenly" in out, out
+    assert read(batch.log / "srun") == "" and read(batch.log / "scontrol") == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_during_the_dry_run_starts_no_step(batch, sig):
+    """bash holds the trap until the foreground dry run ends; the signal must still count."""
+    p = batch("done", FAKE_DRY="slow")
+    wait_for(batch.log / "dry_started", p)
+    p.send_signal(sig)
+    rc, out = finish(p)
+    assert "during the dry run" in out and read(batch.log / "srun") == "", out
+    assert rc == 0 and read(batch.log / "scontrol").split() == ["requeue", "77"], out
+
+
+def test_inherited_rank_variables_do_not_reach_the_step(batch):
+    """A RANK/WORLD_SIZE/LOCAL_RANK exported by the submitting shell would win over srun's."""
+    rc, out = finish(batch("done", RANK="5", WORLD_SIZE="8", LOCAL_RANK="5"))
+    assert rc == 0 and read(batch.log / "srun_env").split() == ["RANK=unset", "WORLD_SIZE=unset", "LOCAL_RANK=unset"]
