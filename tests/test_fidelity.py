@@ -186,10 +186,12 @@ def test_expected_and_target_sparsity_by_hand():
              "hidden": torch.tensor([1.0, 1.0, 1.0, 0.5])}
     # E[d] = 3.5; layer 0: 1·3.5·(1.5·8 + 3·3) = 73.5; layer 1: 0.5·3.5·(2·8 + 3·1) = 33.25.
     assert m.expected_sparsity(probs) == pytest.approx(1 - 106.75 / 200)
-    # Halfway up the ramp (step 5 of 10): 1.5 layers, d 3, 1.5 kv groups, I 2 →
-    # 1.5·3·(1.5·8 + 3·2) = 81.
-    assert m.target_sparsity(5) == pytest.approx(1 - 81 / 200)
-    assert m.target_sparsity(10) == pytest.approx(1 - 1 * 2 * (1 * 8 + 3 * 1) / 200)
+    # The target shape keeps 1 layer, d 2, 1 kv group, I 1: 1·2·(1·8 + 3·1) = 22 → 0.89 removed.
+    assert m.target_sparsity(10) == pytest.approx(1 - 22 / 200)
+    # The reference ramps that sparsity linearly: step 5 of 10 → 0.445, step 2 → 0.178. (The
+    # ramped shape's own sparsity, 1.5 layers · d 3 · (1.5·8 + 3·2) = 81 → 0.595, is not it.)
+    assert m.target_sparsity(5) == pytest.approx(0.445) and m.target_sparsity(2) == pytest.approx(0.178)
+    assert m.target_sparsity(0) == 0.0 and m.target_sparsity(30) == pytest.approx(0.89)
 
 
 def test_predictions_use_the_steps_target_sparsity():

@@ -231,11 +231,14 @@ class L0Masks(nn.Module):
                 "kv_heads": kv, "intermediate": s.intermediate * f["intermediate"]}
 
     def target_sparsity(self, step: int) -> float:
-        """Sparsity of the ramped target shape at `step`: what predictions use (SPEC §3.1)."""
-        t = self.target_shape(step)
+        """The ramped target sparsity at `step`, what predictions use (SPEC §3.1): the target
+        shape's sparsity times the ramp's progress, as the reference's `get_target_sparsity`
+        ramps it (linearly from 0). Not the sparsity of the ramped shape: the nested products
+        of per-set linear ramps run ahead of it mid-ramp (0.60 against 0.45 halfway in the test)."""
+        t = self.target_shape(self.ramp_steps)
         ones = torch.ones(1, dtype=torch.float64)
         kept = self._prunable_params(ones * t["layers"], ones * t["kv_heads"], ones * t["intermediate"], t["hidden"])
-        return 1.0 - float(kept) / self.source_params()
+        return min(1.0, step / self.ramp_steps) * (1.0 - float(kept) / self.source_params())
 
     def expected_shape(self, probs: dict[str, torch.Tensor]) -> dict[str, float]:
         s = self.source
