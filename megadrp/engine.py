@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -81,6 +82,8 @@ class Trainer:
         self.plan = make_plan(cfg, self.world, self.rank)
         self.evaluate = Evaluator(self.plan.domains, cfg.train.seq_len, cfg.eval.tokens_per_domain,
                                   cfg.eval.micro_batch, self.rank, self.world, self.plan.model_config.vocab_size)
+        if self.faults.signal_in_startup:  # as Slurm's USR1 would, in the middle of a long model load
+            os.kill(os.getpid(), signal.SIGUSR1)
         self.engine, self.group_names = ds_setup.build_engine(self.plan, self.rank)
         self.model = self.engine.module
         self.state = TrainState(self.plan.k, domains=self.plan.names)

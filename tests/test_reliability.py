@@ -125,6 +125,21 @@ def test_sigterm_saves_and_exits(tmp_path, data_dir, base_model):
     assert len(ckpts) == 1 and (ckpts[0] / "megadrp_state.pt").is_file()
 
 
+def test_stop_during_startup_exits_interrupted_without_a_checkpoint(tmp_path, data_dir, base_model):
+    """SIGUSR1 while the model is being built (a 7B load takes minutes): the handler installed
+    first thing takes it, the run trains no step, writes no checkpoint, says `interrupted` and
+    exits 3 (the Slurm scripts requeue); resumed, it runs to the end."""
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "early")
+    p = train(cfg, tmp_path, env={"MEGADRP_FAULT_SIGNAL_IN_STARTUP": "1"}, check=False)
+    run_dir = Path(cfg["run_dir"])
+    assert p.returncode == 3 and "received signal 10" in p.stderr, p.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    assert not list((run_dir / "checkpoints").glob("step*")) and not (run_dir / "hf").exists()
+    assert not (run_dir / "metrics.jsonl").exists() or not metrics(run_dir)
+    train(cfg, tmp_path)
+    assert metrics(run_dir)[-1]["step"] == cfg["train"]["steps"] and (run_dir / "hf" / "config.json").is_file()
+
+
 def test_nan_steps_skipped_then_stop(tmp_path, data_dir, base_model):
     cfg = prune_cfg(tmp_path, data_dir, base_model, "nan")
     train(cfg, tmp_path, env={"MEGADRP_FAULT_NAN_STEPS": "3,7"})
