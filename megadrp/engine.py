@@ -281,7 +281,7 @@ class Trainer:
         cfg, t, st = self.cfg, self.cfg.train, self.state
         mode = ("final" if step == t.steps else "expected") if self.plan.pruning else None
         t0 = time.time()
-        if mode == "final":  # score the masks the export keeps: from the fp32 master (collective)
+        if mode == "final" and self.model.l0 is not None:  # score the masks the export keeps (collective)
             final_masks(self.model.l0)
         ev = self.evaluate(self.engine, step, mode)
         eval_time = time.time() - t0
