@@ -164,6 +164,13 @@ def test_scripts_parse():
         text = (ROOT / "slurm" / name).read_text()
         assert "#SBATCH --open-mode=append" in text and "#SBATCH --signal=B:USR1@" in text, name
         assert "#SBATCH --requeue" in text, name
+    # Every batch script, and every job the pipeline submits by --wrap, appends to its log.
+    for script in sorted((ROOT / "slurm").glob("*.sh")):
+        text = script.read_text()
+        if "#SBATCH" in text:
+            assert "#SBATCH --open-mode=append" in text, script.name
+    pipeline = (ROOT / "slurm" / "pipeline_7b.sh").read_text()
+    assert all("--open-mode=append" in call for call in pipeline.split("sbatch --parsable")[1:] if "--wrap" in call)
 
 
 def wait_for(path: Path, p: subprocess.Popen) -> None:
