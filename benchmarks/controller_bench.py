@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -226,9 +227,7 @@ def fit_quality(n: int, runs: Path, seed: int = 1) -> dict:
 
 def _by_root(run_dirs: list[str]) -> str:
     """'schedules_s3 30, demo 1': how many runs came from each top folder."""
-    counts: dict[str, int] = {}
-    for r in run_dirs:
-        counts[r.split("/", 1)[0]] = counts.get(r.split("/", 1)[0], 0) + 1
+    counts = Counter(r.split("/", 1)[0] for r in run_dirs)
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
 
 
