@@ -88,6 +88,13 @@ def read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def wait_for(path: Path, p: subprocess.Popen) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert time.time() - t0 < 30 and p.poll() is None, p.communicate()[0]
+        time.sleep(0.05)
+
+
 def test_done_returns_to_the_script(batch):
     rc, out = finish(batch("done"))
     assert rc == 0 and "RETURNED" in out, out
@@ -136,10 +143,7 @@ def test_rank_killed_by_usr1_during_startup_requeues(batch):
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_batch_shell_signal_reaches_the_step_as_usr1(batch, sig):
     p = batch("wait")
-    t0 = time.time()
-    while not (batch.log / "started").exists():
-        assert time.time() - t0 < 30 and p.poll() is None, p.communicate()[0]
-        time.sleep(0.05)
+    wait_for(batch.log / "started", p)
     p.send_signal(sig)
     rc, out = finish(p)
     # srun answers SIGTERM by SIGKILLing its tasks, so the shell sends USR1 whatever it got
@@ -171,13 +175,6 @@ def test_scripts_parse():
             assert "#SBATCH --open-mode=append" in text, script.name
     pipeline = (ROOT / "slurm" / "pipeline_7b.sh").read_text()
     assert all("--open-mode=append" in call for call in pipeline.split("sbatch --parsable")[1:] if "--wrap" in call)
-
-
-def wait_for(path: Path, p: subprocess.Popen) -> None:
-    t0 = time.time()
-    while not path.exists():
-        assert time.time() - t0 < 30 and p.poll() is None, p.communicate()[0]
-        time.sleep(0.05)
 
 
 def test_dry_run_runs_first_for_the_jobs_rank_count(batch):
