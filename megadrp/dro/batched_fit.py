@@ -298,7 +298,9 @@ def _damped_step(theta: np.ndarray, h: np.ndarray, g: np.ndarray, damp: np.ndarr
 
 @dataclass
 class _Fits:
-    """The fits still being worked on: parameters (internal), residuals, phi, cost, damping."""
+    """The fits still being worked on: parameters (internal), residuals, phi, cost, and the
+    damping λ and its growth factor ν, (fits, 2): column 0 for the exact-curvature step, 1 for the
+    IRLS step (see `_levenberg_marquardt` for why each has its own)."""
 
     theta: np.ndarray
     r: np.ndarray
@@ -314,23 +316,20 @@ class _Fits:
                      self.rows[keep], self.data.take(keep))
 
 
-def _best_of_two_steps(f: _Fits, h_exact: np.ndarray, h_irls: np.ndarray, g: np.ndarray, damp: np.ndarray,
-                       buf: _Buffers) -> tuple[np.ndarray, ...]:
-    """The step from H_exact and the one from H_irls (solved in one stacked call); per fit, the
-    one with the lower Huber cost: (trial θ, predicted decrease, r, phi, cost), r and phi in buf."""
+def _two_steps(f: _Fits, h_exact: np.ndarray, h_irls: np.ndarray, g: np.ndarray, damp: np.ndarray,
+               buf: _Buffers) -> tuple[np.ndarray, ...]:
+    """The step from H_exact with damping λ[:, 0] and the one from H_irls with λ[:, 1], solved in
+    one stacked call: (trial θ, predicted decrease, cost), each (2, fits, …) with row 0 the exact
+    step; the residuals and phi of row j are in buf.r[j], buf.phi[j]."""
     n = len(f.theta)
     two = np.concatenate
     trial, predicted, ok = _damped_step(two([f.theta, f.theta]), two([h_exact, h_irls]), two([g, g]),
-                                        two([damp, damp]), two([f.lam, f.lam]))
-    r1, phi1 = _residuals(trial[:n], f.data, buf, 0)
-    c1 = np.where(ok[:n], huber_cost(r1, buf), np.inf)
-    r2, phi2 = _residuals(trial[n:], f.data, buf, 1)
-    c2 = np.where(ok[n:], huber_cost(r2, buf), np.inf)
-    second = c2 < c1
-    np.copyto(r1, r2, where=second[:, None])
-    np.copyto(phi1, phi2, where=second[:, None])
-    return (np.where(second[:, None], trial[n:], trial[:n]), np.where(second, predicted[n:], predicted[:n]),
-            r1, phi1, np.where(second, c2, c1))
+                                        two([damp, damp]), two([f.lam[:, 0], f.lam[:, 1]]))
+    cost = np.empty(2 * n)
+    for j in (0, 1):
+        r, _ = _residuals(trial[j * n:(j + 1) * n], f.data, buf, j)
+        cost[j * n:(j + 1) * n] = np.where(ok[j * n:(j + 1) * n], huber_cost(r, buf), np.inf)
+    return trial.reshape(2, n, -1), predicted.reshape(2, n), cost.reshape(2, n)
 
 
 def _levenberg_marquardt(theta: np.ndarray, data: _Data, max_iter: int, ftol: float,
@@ -338,34 +337,46 @@ def _levenberg_marquardt(theta: np.ndarray, data: _Data, max_iter: int, ftol: fl
     """Fit every row of theta (internal coordinates) at once; returns (θ, cost).
 
     Each iteration tries two steps per fit, from the exact Huber curvature and from the IRLS
-    curvature (see `_normal_equations`), and keeps the one with the lower cost — but only if
-    that is lower than the fit's cost now; otherwise the damping λ grows (Nielsen's schedule:
-    ×2, ×4, ×8, …) and the next tries are shorter and more downhill. The exact step lands on
-    the minimum when few points change side of ±δ; the IRLS step goes further when many do.
-    A fit stops when an accepted step lowers its cost by ≤ ftol·cost, or when λ passes
-    STUCK_DAMPING (no lower cost even along the gradient), or after max_iter tries. Finished
-    fits are dropped from the working arrays once a fifth of them is finished."""
+    curvature (see `_normal_equations`), and keeps the one with the lower cost if that is lower
+    than the fit's cost now. The exact step lands on the minimum when few points change side of
+    ±δ; the IRLS step goes further when many do. Each step has its own damping λ, updated by
+    whether that step lowered the cost (Nielsen's schedule: ×max(1/3, 1 − (2·gain − 1)³) if it
+    did, ×2, ×4, ×8, … if not). Why two: where fewer points lie inside δ than there are
+    parameters, H_exact is singular along the valley, the undamped exact step overshoots to
+    infinity there and fails, while the IRLS step, conservative, succeeds a little every time;
+    with one λ shared, its successes drove λ to zero and the exact step failed forever, so the
+    fit crawled (1000 iterations on a 5-point history with one outlier). With its own λ the exact
+    step grows its damping until it lands on the next point to cross δ, and then converges as
+    Newton does. A fit stops when an accepted step lowers its cost by ≤ ftol·cost, or when both
+    λ pass STUCK_DAMPING (no lower cost even along the gradient), or after max_iter tries.
+    Finished fits are dropped from the working arrays once a fifth of them is finished."""
     theta, out_cost = theta.copy(), np.empty(len(theta))
     r, phi = _residuals(theta, data)
     k = len(theta)
-    f = _Fits(theta, r, phi, huber_cost(r), np.full(k, lam0), np.full(k, 2.0), np.arange(k), data)
+    f = _Fits(theta, r, phi, huber_cost(r), np.full((k, 2), lam0), np.full((k, 2), 2.0), np.arange(k), data)
     buf = _Buffers(r.shape)
     active = np.ones(k, dtype=bool)  # fits in f not finished yet
     for _ in range(max_iter):
         h_exact, h_irls, g = _normal_equations(f.theta, f.r, f.phi, f.data, buf)
         # isotropic damping at the scale of the largest curvature
         damp = np.diagonal(h_irls, axis1=1, axis2=2).max(axis=1) + 1e-300
-        trial, predicted, r_new, phi_new, c_new = _best_of_two_steps(f, h_exact, h_irls, g, damp, buf)
-        better = active & (c_new < f.cost)
-        gain = np.clip((f.cost - c_new) / np.maximum(predicted, 1e-300), 0.0, 1.0)
+        trials, predicted, costs = _two_steps(f, h_exact, h_irls, g, damp, buf)
+        lowered = active & (costs < f.cost)  # (2, fits): did this step lower the cost?
+        gain = np.clip((f.cost - costs) / np.maximum(predicted, 1e-300), 0.0, 1.0)
+        f.lam = np.where(lowered.T, f.lam * np.maximum(1 / 3, 1 - (2 * gain.T - 1) ** 3), f.lam * f.nu)
+        f.nu = np.where(lowered.T, 2.0, f.nu * 2)
+        pick = (costs[1] < costs[0]).astype(int)  # the lower of the two, per fit
+        fits = np.arange(len(pick))
+        c_new = costs[pick, fits]
+        better = lowered[pick, fits]
         done = better & (f.cost - c_new <= ftol * f.cost)
-        f.theta = np.where(better[:, None], trial, f.theta)
-        np.copyto(f.r, r_new, where=better[:, None])
-        np.copyto(f.phi, phi_new, where=better[:, None])
+        f.theta = np.where(better[:, None], trials[pick, fits], f.theta)
+        for j in (0, 1):
+            take = (better & (pick == j))[:, None]
+            np.copyto(f.r, buf.r[j], where=take)
+            np.copyto(f.phi, buf.phi[j], where=take)
         f.cost = np.where(better, c_new, f.cost)
-        f.lam = np.where(better, f.lam * np.maximum(1 / 3, 1 - (2 * gain - 1) ** 3), f.lam * f.nu)
-        f.nu = np.where(better, 2.0, f.nu * 2)
-        done |= active & (f.lam > STUCK_DAMPING)
+        done |= active & (f.lam > STUCK_DAMPING).all(axis=1)
         if done.any():
             theta[f.rows[done]], out_cost[f.rows[done]] = f.theta[done], f.cost[done]
             active &= ~done
