@@ -89,6 +89,11 @@ class DomainSchedule:
     def controller_restarts(self) -> int:
         return self.controller.restarts if self.controller else 0
 
+    @property
+    def controller_cpu_seconds(self) -> float:
+        """CPU seconds the controller process has used in this segment of the run (rank 0)."""
+        return self.controller.cpu_seconds if self.controller else 0.0
+
     def kill_controller(self) -> None:
         """Fault injection: SIGKILL the controller process (it is restarted and replays)."""
         import os

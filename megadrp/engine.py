@@ -307,7 +307,7 @@ class Trainer:
         rec = evaluation_record(
             step, self.cfg.stage, self.world, self.plan.names, st, ev, weights, digests,
             controller_restarts=self.schedule.controller_restarts, lrs={g: lrs[g] for g in self.group_names},
-            eval_seconds=eval_time, wait_seconds=waited)
+            eval_seconds=eval_time, wait_seconds=waited, controller_cpu_seconds=self.schedule.controller_cpu_seconds)
         if self._interval_steps_done():
             rec["train_seconds"] = round(self._train_seconds, 3)
             rec["train_tokens_per_s"] = round(self._interval_steps * t.global_batch * t.seq_len / self._train_seconds, 1)

@@ -181,3 +181,31 @@ def test_controller_history_is_bounded():
     for step in range(1, 101):
         c.update(Observation(step, *_curve(step)))
     assert all(len(h) == 16 for h in c.history)
+
+
+def test_controller_service_reports_its_cpu_and_survives_a_kill(tmp_path):
+    """The service's child reports its CPU time with every result (`controller_cpu_seconds` in
+    the metrics); a SIGKILLed child is restarted, replays what was pending, gives the decision the
+    dead one would have given, and the CPU of the dead child is kept in the total."""
+    import os
+    import signal
+
+    from megadrp.dro.service import ControllerService
+
+    steps = list(range(5, 101, 5))
+    ref = Controller(_settings("drpruning"))
+    want = [ref.update(Observation(s, *_curve(s))).q for s in steps]
+    svc = ControllerService(_settings("drpruning"), pid_file=tmp_path / "controller.pid")
+    try:
+        got, cpu = [], []
+        for i, s in enumerate(steps):
+            svc.submit(Observation(s, *_curve(s)))
+            if i == 10:
+                os.kill(int((tmp_path / "controller.pid").read_text()), signal.SIGKILL)
+            got.append(svc.result().q)
+            cpu.append(svc.cpu_seconds)
+        assert svc.restarts == 1
+        assert got == want
+        assert cpu[0] > 0 and all(b >= a for a, b in zip(cpu, cpu[1:]))
+    finally:
+        svc.close()

@@ -92,6 +92,8 @@ def test_prune_two_ranks_metrics_and_export(prune2, data_dir):
     assert np.allclose(list(m[0]["weights"].values()), p0, atol=1e-12)
     assert [r["controller"]["from_step"] for r in m] == [r["step"] for r in m]
     assert all(r["controller_wait_seconds"] >= 0 for r in m)
+    cpu = [r["controller_cpu_seconds"] for r in m]  # the controller process's CPU so far
+    assert cpu[0] > 0 and cpu == sorted(cpu)
     # SPEC §2: masks and λ's follow the weights' warmup + cosine multiplier (warmup 2 of 12 steps).
     for r in m:
         mult = r["lr_groups"]["weights"] / cfg["train"]["lr"]

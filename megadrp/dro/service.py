@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,10 @@ def _child(settings: ControllerSettings, state: dict | None, inq: mp.Queue, outq
             if obs.step == raise_at:  # fault injection (megadrp.faults)
                 raise RuntimeError(f"injected controller fault at step {obs.step}")
             decision = ctrl.update(obs)
-            outq.put((seq, "ok", decision, ctrl.state_dict()))
+            outq.put((seq, "ok", decision, ctrl.state_dict(), time.process_time()))
         except Exception:
             ctrl.load_state_dict(snapshot)
-            outq.put((seq, "error", traceback.format_exc(), snapshot))
+            outq.put((seq, "error", traceback.format_exc(), snapshot, time.process_time()))
 
 
 class ControllerService:
@@ -57,6 +58,9 @@ class ControllerService:
         self.pending: list[tuple[int, Observation]] = []
         self.seq = 0
         self.restarts = 0
+        # CPU seconds of the controller processes (children that died: what they last reported),
+        # so that its footprint on rank 0's node is in the metrics, not guessed.
+        self._cpu_dead, self._cpu_child = 0.0, 0.0
         self.pid_file = Path(pid_file) if pid_file else None
         self._ctx = mp.get_context("spawn")
         self._proc: Any = None
@@ -95,17 +99,19 @@ class ControllerService:
         want, obs = self.pending[0]
         while True:
             try:
-                seq, status, payload, state = self.outq.get(timeout=0.5)
+                seq, status, payload, state, cpu = self.outq.get(timeout=0.5)
             except queue.Empty:
                 if not self._proc.is_alive():
                     self.restarts += 1
                     log.warning("controller process %d died (exit code %s); restarting it from its last "
                                 "state and replaying %d pending evaluation(s)",
                                 self._proc.pid, self._proc.exitcode, len(self.pending))
+                    self._cpu_dead, self._cpu_child = self._cpu_dead + self._cpu_child, 0.0
                     self._start()
                 continue
             if seq != want:  # a stale answer from before a restart
                 continue
+            self._cpu_child = cpu
             self.pending.pop(0)
             self.state = state
             if status == "error":
@@ -113,6 +119,11 @@ class ControllerService:
                           obs.step, payload)
                 return None
             return payload
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the controller processes have used, as of the last result."""
+        return self._cpu_dead + self._cpu_child
 
     def state_dict(self) -> dict:
         return {"state": self.state, "pending": [dataclasses.asdict(o) for _, o in self.pending]}
