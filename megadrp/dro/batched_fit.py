@@ -325,11 +325,10 @@ def _two_steps(f: _Fits, h_exact: np.ndarray, h_irls: np.ndarray, g: np.ndarray,
     two = np.concatenate
     trial, predicted, ok = _damped_step(two([f.theta, f.theta]), two([h_exact, h_irls]), two([g, g]),
                                         two([damp, damp]), two([f.lam[:, 0], f.lam[:, 1]]))
-    cost = np.empty(2 * n)
-    for j in (0, 1):
-        r, _ = _residuals(trial[j * n:(j + 1) * n], f.data, buf, j)
-        cost[j * n:(j + 1) * n] = np.where(ok[j * n:(j + 1) * n], huber_cost(r, buf), np.inf)
-    return trial.reshape(2, n, -1), predicted.reshape(2, n), cost.reshape(2, n)
+    trial, predicted, ok = trial.reshape(2, n, -1), predicted.reshape(2, n), ok.reshape(2, n)
+    cost = np.stack([np.where(ok[j], huber_cost(_residuals(trial[j], f.data, buf, j)[0], buf), np.inf)
+                     for j in (0, 1)])
+    return trial, predicted, cost
 
 
 def _levenberg_marquardt(theta: np.ndarray, data: _Data, max_iter: int, ftol: float,
