@@ -68,11 +68,11 @@ def main() -> None:
         common = [f"data_dir={data}", f"seed={1234 + seed}", "train.log_interval=1000",
                   f"eval.interval={args.eval_interval}", f"model.init={base / 'drpruning' / 'prune' / 'hf'}",
                   f"train.steps={args.continue_steps}", *(["domains=null"] if corpus else [])]
+        schedule_p0 = ["dro.initial_proportion=tokens^0.3"] if corpus else []  # the schedules' p0 (schedules.py)
         arms = {"oracle": ["dro.mode=constant", f"dro.initial_proportion={p0}"],
-                "rho": ["dro.mode=drpruning", f"dro.rho={args.rho}",
-                        *(["dro.initial_proportion=tokens^0.3"] if corpus else [])],
+                "rho": ["dro.mode=drpruning", f"dro.rho={args.rho}", *schedule_p0],
                 "absolute": ["dro.mode=dro", "dro.reference_loss={" + ", ".join(f"{n}: 0.0" for n in names) + "}",
-                             *(["dro.initial_proportion=tokens^0.3"] if corpus else [])]}
+                             *schedule_p0]}
         row: dict = {"seed": seed, "worst_domain": worst}
         for m in evals:
             row.update({f"{m}_ppl": evals[m]["domain_ppl"][worst], f"{m}_mean_ppl": evals[m]["mean_ppl"]})

@@ -37,7 +37,7 @@ class MetricsLog:
 
 def evaluation_record(step: int, stage: str, world: int, names: list[str], state, ev, weights, digests: list, *,
                       controller_restarts: int, lrs: dict[str, float], eval_seconds: float,
-                      wait_seconds: float, controller_cpu_seconds: float = 0.0) -> dict[str, Any]:
+                      wait_seconds: float, controller_cpu_seconds: float) -> dict[str, Any]:
     """The metrics.jsonl object of one evaluation (the fields the README lists), from the
     loop's state (`TrainState`), the evaluation (`EvalResult`) and the weights now in force."""
     from megadrp.data.mixture import weights_digest
