@@ -32,6 +32,7 @@ setup(
         # megadrp.evaluate --tasks: downstream accuracy with lm-evaluation-harness, the harness
         # published numbers use (its HF backend needs accelerate)
         "eval": ["lm_eval>=0.4.5", "accelerate>=0.26"],
-        "test": ["pytest>=7", "megatron-core>=0.9", "lm_eval>=0.4.5", "accelerate>=0.26"],
+        # pytest-timeout: a hung test fails with its stack instead of holding CI until its limit
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "megatron-core>=0.9", "lm_eval>=0.4.5", "accelerate>=0.26"],
     },
 )

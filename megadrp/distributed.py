@@ -31,6 +31,7 @@ import zlib
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 
+from megadrp import shm_segments
 from megadrp.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -411,6 +412,8 @@ def init(info: DistInfo) -> None:
 
     if cuda:
         bind_device(info)
+    if not cuda and info.local_rank == 0:
+        shm_segments.clear_stale()  # what killed CPU runs on this node left in /dev/shm
     try:
         deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
     except RuntimeError as e:  # torch's DistNetworkError is one
@@ -419,6 +422,13 @@ def init(info: DistInfo) -> None:
                                  f"{os.environ.get('MASTER_ADDR')} holds it; retry (the Slurm scripts requeue), "
                                  "or set MEGADRP_MASTER_PORT") from e
         raise
+    if not cuda:
+        # Every rank has mapped every peer's allreduce segment once all have passed init:
+        # the names can go, and the memory goes with the last rank, however it exits.
+        import torch.distributed as dist
+
+        dist.barrier()
+        shm_segments.unlink_own(dist.get_rank())
 
 
 def shutdown() -> None:

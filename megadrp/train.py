@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2
 
-    from megadrp import distributed
+    from megadrp import build_locks, distributed
     from megadrp.data.indexed import IndexedDatasetError
     from megadrp.data.manifest import ManifestError
     from megadrp.engine import Trainer, TrainingStopped
@@ -76,20 +76,29 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         info = distributed.discover()
-        distributed.init(info)
     except distributed.LaunchError as e:
         print(f"train: launch error: {e}", file=sys.stderr)
         return 2
-    except distributed.RendezvousBusy as e:
-        # Transient: mark the run for a retry (the Slurm scripts requeue it) and say so.
-        print(f"train: {e}", file=sys.stderr)
-        from megadrp.atomic import atomic_write_text
-
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(cfg.run_dir) / "status.json", json.dumps({"state": "retry", "time": time.time()}) + "\n")
-        return e.exit_code
     try:
-        return Trainer(cfg, info, stop).run()
+        # DeepSpeed JIT-loads its ops in both init and the engine build: a lock a killed
+        # process left on one must not hang this start (megadrp/build_locks.py).
+        with build_locks.watch(enabled=info.local_rank == 0):
+            try:
+                distributed.init(info)
+            except distributed.RendezvousBusy as e:
+                # Transient: mark the run for a retry (the Slurm scripts requeue it) and say so.
+                print(f"train: {e}", file=sys.stderr)
+                from megadrp.atomic import atomic_write_text
+
+                Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+                atomic_write_text(Path(cfg.run_dir) / "status.json",
+                                  json.dumps({"state": "retry", "time": time.time()}) + "\n")
+                return e.exit_code
+            trainer = Trainer(cfg, info, stop)
+        return trainer.run()
+    except distributed.LaunchError as e:
+        print(f"train: launch error: {e}", file=sys.stderr)
+        return 2
     except (*user_errors, TrainingStopped) as e:
         print(f"train: error (rank {info.rank}): {e}", file=sys.stderr)
         return 2

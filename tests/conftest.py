@@ -17,6 +17,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_sessionstart(session) -> None:
+    """Start from a clean machine: what killed runs left (a build lock every DeepSpeed start
+    would wait on forever, allreduce segments holding RAM in /dev/shm) goes first. Every
+    training run does the same on its node; this covers the tests that start DeepSpeed in
+    process and the memory the suite needs before the first run."""
+    from megadrp import build_locks, shm_segments
+
+    shm_segments.clear_stale()
+    build_locks.clear_stale()
+
+
 def run(cmd: list[str], check: bool = True, env: dict | None = None, timeout: int = 600, cwd: Path = ROOT,
         ) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))

@@ -42,13 +42,51 @@ def prune_cfg(tmp, data_dir, base_model, name, **over):
                                 "history_start": 0.0, "initial_proportion": P0}, **over)
 
 
+def _leave_as_a_killed_process_would(path: Path, size: int = 0) -> None:
+    """Create `path` as torch's build lock (O_CREAT | O_EXCL) or DeepSpeed's shm segment is
+    created, in a process that is then SIGKILLed."""
+    code = ("import os, sys, signal; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600); "
+            "os.ftruncate(fd, int(sys.argv[2])); os.kill(os.getpid(), signal.SIGKILL)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run([PY, "-c", code, str(path), str(size)], check=False)
+    assert path.exists()
+
+
 @pytest.fixture(scope="module")
 def prune2(tmp_path_factory, data_dir, base_model):
-    """A 2-rank ZeRO-3 drpruning prune run, shared by several checks."""
+    """A 2-rank ZeRO-3 drpruning prune run, shared by several checks. Before it starts, a
+    killed process leaves a build lock where DeepSpeed JIT-loads FusedAdam and a shared-memory
+    segment of an earlier run's CPU allreduce, as on a machine some run was killed on
+    (test_leftovers_of_killed_runs_cleared)."""
+    import os
+
+    from torch.utils.cpp_extension import _get_build_directory  # the exact folder torch builds it in
+
     tmp = tmp_path_factory.mktemp("prune2")
+    lock = Path(_get_build_directory("fused_adam", verbose=False)) / "lock"
+    segment = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1_0"
+    _leave_as_a_killed_process_would(lock)
+    _leave_as_a_killed_process_would(segment, 1 << 20)
     cfg = prune_cfg(tmp, data_dir, base_model, "prune2")
-    train(cfg, tmp, ranks=2)
+    p = train(cfg, tmp, ranks=2)
+    (tmp / "train.stderr").write_text(p.stderr)
+    (tmp / "leftovers.json").write_text(json.dumps({"lock": str(lock), "segment": str(segment), "port": _port[0]}))
     return tmp, cfg
+
+
+def test_leftovers_of_killed_runs_cleared(prune2):
+    """Without the cleanup this run would wait for the lock forever (torch's FileBaton polls for
+    the file); and every 2-rank CPU run used to leave 2 x 66 MiB of RAM in /dev/shm."""
+    import os
+
+    tmp, _ = prune2
+    left = json.loads((tmp / "leftovers.json").read_text())
+    err = (tmp / "train.stderr").read_text()
+    assert not Path(left["lock"]).exists() and f"removed the stale build lock {left['lock']}" in err
+    assert not Path(left["segment"]).exists() and "shared-memory segments of DeepSpeed's CPU allreduce" in err
+    own = [n for n in os.listdir("/dev/shm")
+           if n.startswith(f"deepspeed_allreduce_buffer_{os.getuid()}_") and f"_{left['port']}_" in n]
+    assert own == []  # this run's own segments were unlinked once both ranks had mapped them
 
 
 def test_pretrain_one_process(tmp_path, data_dir):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megadrp import checkpoint
+from megadrp import build_locks, checkpoint
 from megadrp.config import Config, ConfigError, DROConfig, EvalConfig, TrainConfig
 from megadrp.data.mixture import BatchLayout
 from megadrp.distributed import free_port
@@ -236,7 +236,8 @@ def test_non_finite_step_leaves_optimizer_state_unchanged(gloo):
     model.init_weights()
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    with build_locks.watch():  # DeepSpeed JIT-loads FusedAdam here
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(1))
 
     def step(nan: bool) -> None:
