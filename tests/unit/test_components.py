@@ -235,8 +235,10 @@ def test_non_finite_step_leaves_optimizer_state_unchanged(gloo):
     model = MaskedLlama(cfg)
     model.init_weights()
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-          "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
-    with build_locks.watch():  # DeepSpeed JIT-loads FusedAdam here
+          "zero_optimization": {"stage": 3},
+          # as ds_configs/zero3_cpu.json: torch's AdamW (DeepSpeed's FusedAdam is a JIT build on CPU)
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    with build_locks.watch():  # DeepSpeed JIT-loads its shared-memory allreduce op here
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(1))
 
