@@ -112,9 +112,8 @@ def examine(path: Path, now: float | None = None) -> BuildLock | None:
     except FileNotFoundError:
         return None
     pids, verifiable = holders((st.st_dev, st.st_ino), st.st_uid)
-    kind = fs_type(path)
-    return BuildLock(path, (st.st_dev, st.st_ino, st.st_ctime_ns), max(0.0, (time.time() if now is None else now) - st.st_mtime), pids, verifiable,
-                     kind in LOCAL_FS)
+    age = max(0.0, (time.time() if now is None else now) - st.st_mtime)
+    return BuildLock(path, (st.st_dev, st.st_ino, st.st_ctime_ns), age, pids, verifiable, fs_type(path) in LOCAL_FS)
 
 
 def network_stale_s() -> float:

@@ -22,7 +22,7 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_set_full_fp32_param  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from megadrp import build_locks, shm_segments  # noqa: E402
+from megadrp import build_locks, distributed  # noqa: E402
 from megadrp.distributed import shutdown  # noqa: E402
 from megadrp.ds_setup import fp32_master  # noqa: E402
 from megadrp.export import final_masks  # noqa: E402
@@ -31,10 +31,9 @@ from megadrp.model.masks import Shape, deterministic_z  # noqa: E402
 
 
 def main() -> None:
-    with build_locks.watch(enabled=os.environ.get("LOCAL_RANK", "0") == "0"):  # DeepSpeed JIT-loads an op
-        deepspeed.init_distributed(dist_backend="gloo")
-    dist.barrier()
-    shm_segments.unlink_own(dist.get_rank())  # every peer has mapped it: no RAM left behind
+    info = distributed.discover()
+    with build_locks.watch(enabled=info.local_rank == 0):  # DeepSpeed JIT-loads an op in init
+        distributed.init(info)  # as train.py: no allreduce segment outlives the run
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=32)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from megadrp import build_locks, shm_segments  # noqa: E402
+from megadrp import build_locks, distributed  # noqa: E402
 from megadrp.distributed import shutdown  # noqa: E402
 from megadrp.model.llama import MaskedLlama  # noqa: E402
 from megadrp.model.masks import Shape  # noqa: E402
@@ -45,10 +45,9 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = ap.parse_args()
-    with build_locks.watch(enabled=os.environ.get("LOCAL_RANK", "0") == "0"):  # DeepSpeed JIT-loads an op
-        deepspeed.init_distributed(dist_backend="gloo")
-    dist.barrier()
-    shm_segments.unlink_own(dist.get_rank())  # every peer has mapped it: no RAM left behind
+    info = distributed.discover()
+    with build_locks.watch(enabled=info.local_rank == 0):  # DeepSpeed JIT-loads an op in init
+        distributed.init(info)  # as train.py: no allreduce segment outlives the run
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
