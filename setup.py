@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["megadrp", "megadrp.*", "data_tools", "data_tools.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...) is 2.5's
         "deepspeed>=0.15",
         "transformers>=4.45",
         "sentencepiece>=0.2",

@@ -41,7 +41,10 @@ class ModelShapeConfig:
 class ModelConfig:
     init: str | None = None  # Hugging Face directory (prune, continue)
     shape: ModelShapeConfig | None = None  # pretrain
-    activation_checkpointing: bool = False
+    # Recompute each layer's forward in backward instead of keeping its activations: true (every
+    # layer), false, a number of layers (the first N), or auto: the fewest layers that let the
+    # micro-batch fit the GPU (megadrp/memory_plan.py; `--dry-run` prints the choice).
+    activation_checkpointing: bool | int | Literal["auto"] = False
 
 
 @dataclass
@@ -78,7 +81,9 @@ class PruneConfig:
 class TrainConfig:
     steps: int = 100
     global_batch: int = 8
-    micro_batch: int = 2
+    # Sequences a rank runs in one forward; lowered to divide the rank's share of the global batch.
+    # auto: the largest that fits the GPU's memory (megadrp/memory_plan.py).
+    micro_batch: int | Literal["auto"] = 2
     seq_len: int = 128
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
@@ -92,6 +97,9 @@ class TrainConfig:
     prefetch_factor: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     log_interval: int = 1
+    # Memory each rank may plan for, in GiB (the `auto` choices; the dry run checks against
+    # --gpu-memory). None: the device's own memory.
+    gpu_memory_gib: float | None = None
 
 
 @dataclass
@@ -159,7 +167,17 @@ class Config:
 
 # ---- conversion ---------------------------------------------------------------------------
 def _type_name(t: Any) -> str:
-    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+    origin = typing.get_origin(t)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t) if a is not type(None))
+    if origin is Literal:
+        return " or ".join(map(repr, typing.get_args(t)))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string"}.get(
+        getattr(t, "__name__", ""), getattr(t, "__name__", None) or str(t))
 
 
 def _convert(value: Any, t: Any, key: str) -> Any:
@@ -176,7 +194,7 @@ def _convert(value: Any, t: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key {key!r}: {value!r} is not a {_type_name(t)}")
+        raise ConfigError(f"config key {key!r}: {value!r} is not {_type_name(t)}")
     if origin is Literal:
         if value not in typing.get_args(t):
             raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, typing.get_args(t)))}")
@@ -277,7 +295,7 @@ def validate(cfg: Config, where: str) -> None:
     """Checks that need no files beyond the config itself (the trainer checks paths)."""
     t = cfg.train
     for key, v in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
-                   ("train.micro_batch", t.micro_batch), ("train.seq_len", t.seq_len),
+                   ("train.micro_batch", 1 if t.micro_batch == "auto" else t.micro_batch), ("train.seq_len", t.seq_len),
                    ("eval.interval", cfg.eval.interval), ("eval.tokens_per_domain", cfg.eval.tokens_per_domain)):
         if v < 1:
             raise ConfigError(f"{where}: {key}={v} must be at least 1")
@@ -291,7 +309,7 @@ def validate(cfg: Config, where: str) -> None:
                    ("dro.min_fit_points", cfg.dro.min_fit_points)):
         if v < 0:
             raise ConfigError(f"{where}: {key}={v} must not be negative")
-    if t.micro_batch > t.global_batch:
+    if t.micro_batch != "auto" and t.micro_batch > t.global_batch:
         raise ConfigError(f"{where}: train.micro_batch={t.micro_batch} is larger than train.global_batch="
                           f"{t.global_batch}; lower the micro-batch")
     for key, v in (("train.lr", t.lr), ("prune.mask_lr", cfg.prune.mask_lr), ("prune.lambda_lr", cfg.prune.lambda_lr),
@@ -312,6 +330,11 @@ def validate(cfg: Config, where: str) -> None:
         bad = [x for x in values if not math.isfinite(float(x))]
         if bad:
             raise ConfigError(f"{where}: dro.{key} holds {bad[0]}; every value must be a finite number")
+    ac = cfg.model.activation_checkpointing
+    if not isinstance(ac, bool) and ac != "auto" and ac < 0:
+        raise ConfigError(f"{where}: model.activation_checkpointing={ac}: give true, false, auto or a number of layers ≥ 0")
+    if t.gpu_memory_gib is not None and not (math.isfinite(t.gpu_memory_gib) and t.gpu_memory_gib > 0):
+        raise ConfigError(f"{where}: train.gpu_memory_gib={t.gpu_memory_gib} must be a positive number of GiB")
     if cfg.stage == "pretrain" and cfg.model.shape is None:
         raise ConfigError(f"{where}: stage pretrain needs model.shape")
     if cfg.stage in ("prune", "continue") and not cfg.model.init:

@@ -392,8 +392,27 @@ def bind_device(info: DistInfo, env: Env | None = None, visible: int | None = No
     return idx
 
 
-def backend() -> str:
-    return "nccl" if _cuda_available() else "gloo"
+def accelerator() -> tuple[str, str]:
+    """(device type, process-group backend) of DeepSpeed's accelerator: what the engine runs
+    on decides the backend and the device binding, never `torch.cuda.is_available()` alone.
+    DS_ACCELERATOR=cpu on a host with GPUs gives a CPU engine on a gloo group (NCCL serves
+    only CUDA tensors); on CUDA it is NCCL on the rank's own GPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return acc.device_name(), acc.communication_backend_name()
+
+
+def device_memory(local_world_size: int | None) -> tuple[int, str]:
+    """(bytes this rank may plan for, the accelerator's current device). A GPU's own memory;
+    on the CPU accelerator the host's memory shared by the node's ranks."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    total = int(acc.total_memory())
+    if acc.device_name() == "cpu":
+        total //= max(1, local_world_size or 1)
+    return total, acc.current_device_name()
 
 
 def _port_in_use(e: BaseException) -> bool:
@@ -402,27 +421,28 @@ def _port_in_use(e: BaseException) -> bool:
 
 
 def init(info: DistInfo) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU), on the
-    device `bind_device` chooses. A rendezvous port another process holds raises
+    """Initialise torch.distributed through DeepSpeed with its accelerator's backend (gloo on
+    the CPU accelerator, NCCL on CUDA, on the device `bind_device` chooses). A rendezvous port another process holds raises
     RendezvousBusy (retry), not a plain failure."""
-    cuda = _cuda_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not _cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's probe and its warning
     import deepspeed
 
-    if cuda:
+    device, backend = accelerator()
+    cpu = device == "cpu"
+    if device == "cuda":
         bind_device(info)
-    if not cuda and info.local_rank == 0:
+    if cpu and info.local_rank == 0:
         shm_segments.clear_stale()  # what killed CPU runs on this node left in /dev/shm
     try:
-        deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     except RuntimeError as e:  # torch's DistNetworkError is one
         if _port_in_use(e):
             raise RendezvousBusy(f"MASTER_PORT={os.environ.get('MASTER_PORT')}: another process on "
                                  f"{os.environ.get('MASTER_ADDR')} holds it; retry (the Slurm scripts requeue), "
                                  "or set MEGADRP_MASTER_PORT") from e
         raise
-    if not cuda:
+    if cpu:
         # Every rank has mapped every peer's allreduce segment once all have passed init:
         # the names can go, and the memory goes with the last rank, however it exits.
         import torch.distributed as dist
@@ -444,3 +464,17 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def release() -> None:
+    """Leave the process group after a failure, without waiting for peers (they may never come):
+    destroy it, so that its threads end before the interpreter does. Left to interpreter exit,
+    gloo's threads can abort the process ("terminate called without an active exception", -6)
+    after the error was already reported, turning exit 2 into a crash."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 — on the way out of a failure, never a second one
+            pass

@@ -23,11 +23,11 @@ def build_engine(plan: RunPlan, rank: int):
         # Small from-scratch models: build whole, identically seeded on every rank;
         # deepspeed.initialize partitions them.
         torch.manual_seed(cfg.seed)
-        model = MaskedLlama(plan.model_config, activation_checkpointing=cfg.model.activation_checkpointing)
+        model = MaskedLlama(plan.model_config, activation_checkpointing=plan.checkpointed_layers)
         model.init_weights()
     else:
         with deepspeed.zero.Init(config_dict_or_path=plan.ds_config, enabled=plan.zero3):
-            model = MaskedLlama(plan.model_config, plan.target, plan.ramp_steps, cfg.model.activation_checkpointing,
+            model = MaskedLlama(plan.model_config, plan.target, plan.ramp_steps, plan.checkpointed_layers,
                                 sets=cfg.prune.sets, lambda2_init=cfg.prune.lambda2_init)
         load_weights(model, cfg.model.init, zero3=plan.zero3, rank=rank)
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.prune.mask_lr, cfg.prune.lambda_lr)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megadrp import checkpoint, distributed, ds_setup
 from megadrp.atomic import atomic_write_text
+from megadrp.collectives import StepSums, any_rank, min_over_ranks
 from megadrp.config import Config, ConfigError, dump_yaml, to_dict
 from megadrp.data.mixture import MixtureDataset, digest_hex
 from megadrp.distributed import DistInfo
@@ -79,9 +80,14 @@ class Trainer:
         self.faults = Faults.from_env()
         self.stop = stop or StopRequest().install()
         on_rank0(lambda: check_run_dir(self.run_dir, cfg.resume, cfg.overwrite), self.rank, self.world)
-        self.plan = make_plan(cfg, self.world, self.rank)
-        self.evaluate = Evaluator(self.plan.domains, cfg.train.seq_len, cfg.eval.tokens_per_domain,
-                                  cfg.eval.micro_batch, self.rank, self.world, self.plan.model_config.vocab_size)
+        # `auto` micro-batch and checkpointing plan for the smallest device of the job, so that
+        # every rank chooses the same layout
+        memory, device = distributed.device_memory(info.local_world_size)
+        self.plan = make_plan(cfg, self.world, self.rank, min_over_ranks(memory, torch.device(device)))
+        self._log_memory_plan(memory)
+        self.evaluate = Evaluator.for_domains(self.plan.domains, cfg.train.seq_len, cfg.eval.tokens_per_domain,
+                                              cfg.eval.micro_batch, self.rank, self.world,
+                                              self.plan.model_config.vocab_size)
         if self.faults.signal_in_startup:  # as Slurm's USR1 would, in the middle of a long model load
             os.kill(os.getpid(), signal.SIGUSR1)
         self.engine, self.group_names = ds_setup.build_engine(self.plan, self.rank)
@@ -89,6 +95,17 @@ class Trainer:
         self.state = TrainState(self.plan.k, domains=self.plan.names)
         self.schedule = DomainSchedule(self.plan, self.rank, self.run_dir, self.faults)
         self.metrics: MetricsLog | None = None
+
+    def _log_memory_plan(self, device_bytes: int) -> None:
+        mem = self.plan.memory
+        if self.rank != 0 or mem is None:
+            return
+        log.info("%s", "\n".join(mem.lines()))
+        if mem.total > device_bytes:
+            name, size = mem.largest()
+            log.warning("the memory plan (%.1f GiB per GPU) exceeds this device's %.1f GiB; its largest term is %s "
+                        "(%.1f GiB). It is an estimate: the run goes on, but may run out of memory",
+                        mem.total / 2**30, device_bytes / 2**30, name, size / 2**30)
 
     def _check_room(self, root: Path) -> None:
         # fp32 master weights and Adam's two moments (12 bytes) plus the 16/32-bit module copy
@@ -137,7 +154,7 @@ class Trainer:
         return self._finish(status)
 
     def _stop_requested(self) -> bool:
-        return self._allreduce(torch.tensor([float(self.stop_signal)]), dist.ReduceOp.MAX).item() > 0
+        return any_rank(self.stop_signal, self.engine.device).item() > 0
 
     def _finish(self, status: str) -> int:
         """Rank 0 writes status.json before any rank returns (a launcher may kill rank 0 as
@@ -158,7 +175,8 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=t.num_workers,
             prefetch_factor=t.prefetch_factor if t.num_workers > 0 else None,
-            worker_init_fn=_ignore_signals_in_worker if t.num_workers > 0 else None)
+            worker_init_fn=_ignore_signals_in_worker if t.num_workers > 0 else None,
+            pin_memory=self.engine.device.type == "cuda")  # so the step's copies to the device need not block
         batches = iter(loader)
         try:
             return self._loop(batches, ckpt_root, stateful)
@@ -207,12 +225,11 @@ class Trainer:
         and whether any rank was signalled to stop."""
         k, device = self.plan.k, self.engine.device
         mode = "sample" if self.plan.pruning else None
-        # [loss sums (k) | sample counts (k) | non-finite micro-batches | stop flag], on the device
-        sums = torch.zeros(2 * k + 2, dtype=torch.float64, device=device)
+        sums = StepSums(k, device)
         for accum in range(self.plan.layout.accumulation):
             batch = next(batches)
             assert batch["step"] == step and batch["accum"] == accum, "data stream out of step with the trainer"
-            x = batch["input_ids"].to(device)
+            x = batch["input_ids"].to(device, non_blocking=True)  # pinned by the loader on an accelerator
             # one hard-concrete draw per micro-batch, keyed by its place in the global batch
             out = self.engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mode, mask_seed=self.cfg.seed,
                               mask_draw=self.plan.layout.micro_index(accum))
@@ -221,21 +238,15 @@ class Trainer:
                 loss = loss + out.lagrangian.to(loss.dtype)
             if step in self.faults.nan_steps and self.rank == 0:
                 loss = loss * float("nan")
-            dom = batch["domain"].to(device)
-            sums.index_add_(0, dom, out.losses.detach().mean(1).double())
-            sums.index_add_(0, dom + k, torch.ones_like(dom, dtype=torch.float64))
-            sums[2 * k] += (~torch.isfinite(loss.detach())).double()
+            sums.add(out.losses, batch["domain"].to(device, non_blocking=True), loss)
             # A non-finite loss is backpropagated as it is: the ZeRO-3 optimizer sees a
             # non-finite gradient norm (all-reduced, so on every rank) and skips the step.
             self.engine.backward(loss)
             self.engine.step()
             self.last_digest = batch["weights_digest"]
         if step == self.faults.signal_at and self.rank == 0:
-            import os
-
             os.kill(os.getpid(), signal.SIGUSR1)
-        sums[2 * k + 1] = float(self.stop_signal)
-        reduced = self._allreduce(sums).cpu().numpy()  # the step's one host synchronisation
+        reduced = sums.reduce(self.stop_signal).cpu().numpy()  # the step's one host synchronisation
         bad = reduced[2 * k] > 0
         if bad:
             return np.zeros(k), np.zeros(k), True, reduced[2 * k + 1] > 0
@@ -259,11 +270,6 @@ class Trainer:
         lrs = self._lrs(step)
         for g, name in zip(self.engine.optimizer.param_groups, self.group_names):
             g["lr"] = lrs[name]
-
-    def _allreduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t, op=op)
-        return t
 
     def _save(self, root: Path, step: int, stateful: dict) -> None:
         self._check_room(root)
@@ -311,6 +317,10 @@ class Trainer:
         if self._interval_steps_done():
             rec["train_seconds"] = round(self._train_seconds, 3)
             rec["train_tokens_per_s"] = round(self._interval_steps * t.global_batch * t.seq_len / self._train_seconds, 1)
+        if self.engine.device.type == "cuda":  # since the start of this process: what the memory plan predicts
+            rec["device_memory"] = {"peak_allocated": torch.cuda.max_memory_allocated(self.engine.device),
+                                    "peak_reserved": torch.cuda.max_memory_reserved(self.engine.device),
+                                    "total": torch.cuda.get_device_properties(self.engine.device).total_memory}
         if self.plan.pruning:
             l0 = self.model.l0
             assert ev.shape is not None and l0 is not None

@@ -3,7 +3,8 @@
 Every rank runs the same number of forwards (short shards are padded with window 0 and the
 padding is not counted), because under ZeRO-3 each forward gathers parameters collectively.
 The windows are the ones `megadrp.evaluate` scores, so an exported model can be checked
-against the trainer's last evaluation.
+against the trainer's last evaluation. Sums stay on the engine's device until the one
+all-reduce; the host reads them once.
 """
 from __future__ import annotations
 
@@ -25,19 +26,35 @@ class EvalResult:
     lagrangian: float | None
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch onto the device: from pinned memory without blocking the host where the
+    device is an accelerator (the copy overlaps the work already queued)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 class Evaluator:
-    def __init__(self, domains, seq_len: int, tokens_per_domain: int, micro_batch: int, rank: int, world: int,
-                 vocab_size: int | None = None) -> None:
+    def __init__(self, windows: list, seq_len: int, micro_batch: int, rank: int, world: int) -> None:
+        """`windows`: one set of eval windows a domain (`EvalWindows`: `n`, `shard`, `[i]`)."""
+        self.sets, self.seq_len, self.micro_batch, self.rank, self.world = windows, seq_len, micro_batch, rank, world
+
+    @classmethod
+    def for_domains(cls, domains, seq_len: int, tokens_per_domain: int, micro_batch: int, rank: int, world: int,
+                    vocab_size: int | None = None) -> "Evaluator":
         try:
-            self.sets = [EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, vocab_size) for d in domains]
+            sets = [EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, vocab_size) for d in domains]
         except ValueError as e:
             from megadrp.config import ConfigError
 
             raise ConfigError(str(e)) from e
-        self.seq_len, self.micro_batch, self.rank, self.world = seq_len, micro_batch, rank, world
+        return cls(sets, seq_len, micro_batch, rank, world)
 
     @torch.no_grad()
-    def __call__(self, engine, step: int, mask_mode: str | None) -> EvalResult:
+    def reduced_sums(self, engine, step: int, mask_mode: str | None):
+        """([domains, 2] float64 on the engine's device: token-loss sum and token count, summed
+        over ranks; the last forward's output, whose Lagrangian and expected shape — the same on
+        every forward — the result reports)."""
         engine.eval()
         mb = self.micro_batch
         sums = torch.zeros(len(self.sets), 2, dtype=torch.float64, device=engine.device)
@@ -49,13 +66,18 @@ class Evaluator:
                 sel = mine[b * mb:(b + 1) * mb]
                 real = len(sel)
                 sel = sel + [0] * (mb - real)
-                x = torch.from_numpy(np.stack([ew[i] for i in sel])).to(engine.device)
+                x = to_device(torch.from_numpy(np.stack([ew[i] for i in sel])), engine.device)
                 out = engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mask_mode)
                 sums[d, 0] += out.losses[:real].double().sum()
                 sums[d, 1] += real * self.seq_len
         dist.all_reduce(sums)
         engine.train()
         assert out is not None
+        return sums, out
+
+    def __call__(self, engine, step: int, mask_mode: str | None) -> EvalResult:
+        sums, out = self.reduced_sums(engine, step, mask_mode)
         lag = None if out.lagrangian is None else float(out.lagrangian.item())
         shape = None if out.expected_shape is None else dict(zip(SHAPE_STATS, out.expected_shape.tolist()))
-        return EvalResult((sums[:, 0] / sums[:, 1]).cpu().numpy(), shape, lag)
+        sums = sums.cpu()
+        return EvalResult((sums[:, 0] / sums[:, 1]).numpy(), shape, lag)

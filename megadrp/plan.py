@@ -18,6 +18,18 @@ import numpy as np
 from megadrp.config import Config, ConfigError
 from megadrp.data.manifest import DomainShards, Manifest, load_manifest
 from megadrp.data.mixture import BatchLayout
+from megadrp.memory_plan import (
+    GIB,
+    Dims,
+    MaskGates,
+    MemoryPlan,
+    ZeroSettings,
+    build_requirements,
+    choose,
+    fill_auto,
+    plan_memory,
+)
+from megadrp.model.llama import count_parameters
 from megadrp.model.masks import Shape, check_target
 
 
@@ -33,6 +45,8 @@ class RunPlan:
     ds_config: dict
     p0: np.ndarray  # initial domain proportions, normalised
     reference_loss: list[float] | None  # None: `auto` (the first evaluation's losses)
+    memory: MemoryPlan | None = None  # the per-GPU memory plan at `layout` (None where not planned)
+    checkpointed_layers: int = 0  # layers whose forward is recomputed in backward (resolved `auto`)
 
     @property
     def names(self) -> list[str]:
@@ -51,18 +65,82 @@ class RunPlan:
         return self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def make_plan(cfg: Config, world_size: int, rank: int) -> RunPlan:
-    """Resolve and validate; raises ConfigError (or the manifest's own error) naming the key."""
+def make_plan(cfg: Config, world_size: int, rank: int, gpu_memory: int | None = None) -> RunPlan:
+    """Resolve and validate; raises ConfigError (or the manifest's own error) naming the key.
+
+    `gpu_memory`: bytes each rank may use (`train.gpu_memory_gib` wins where set); needed only
+    where `train.micro_batch` or `model.activation_checkpointing` is `auto`."""
     manifest = load_manifest(cfg.data_dir)
     domains = tuple(manifest.select(cfg.domains))
     names = [d.name for d in domains]
-    layout = fit_layout(cfg.train.global_batch, cfg.train.micro_batch, world_size, rank)
     model_config = _model_config(cfg, manifest)
     target = _target(cfg, model_config)
+    if cfg.train.gpu_memory_gib is not None:
+        gpu_memory = int(cfg.train.gpu_memory_gib * GIB)
+    ds = _ds_config(cfg, model_config.hidden_size)
+    t = cfg.train
+    given = None if t.micro_batch == "auto" else fit_layout(t.global_batch, t.micro_batch, world_size, rank).micro_batch
+    memory, micro, ckpt = _memory(cfg, model_config, target, ds, world_size, gpu_memory, given)
+    layout = fit_layout(t.global_batch, micro, world_size, rank)
+    _set_batch(ds, cfg, layout)
     return RunPlan(cfg=cfg, manifest=manifest, domains=domains, layout=layout, model_config=model_config,
                    target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * cfg.train.steps))),
-                   ds_config=_ds_config(cfg, layout), p0=initial_proportion(cfg.dro.initial_proportion, domains, names),
-                   reference_loss=_reference_loss(cfg, names))
+                   ds_config=ds, p0=initial_proportion(cfg.dro.initial_proportion, domains, names),
+                   reference_loss=_reference_loss(cfg, names), memory=memory, checkpointed_layers=ckpt)
+
+
+def mask_gates(cfg: Config, model_config, target: Shape | None) -> MaskGates:
+    """The mask sets a prune trains (as `L0Masks` activates them): allowed by `prune.sets`
+    and smaller in the target than in the source."""
+    if target is None:
+        return MaskGates()
+    from megadrp.model.llama import shape_of
+
+    src, sets = shape_of(model_config), set(cfg.prune.sets)
+    return MaskGates(layer="layer" in sets and target.layers < src.layers,
+                     head="head" in sets and target.kv_heads < src.kv_heads,
+                     intermediate="intermediate" in sets and target.intermediate < src.intermediate,
+                     hidden="hidden" in sets and target.hidden < src.hidden)
+
+
+def _memory(cfg: Config, model_config, target: Shape | None, ds: dict, world_size: int, gpu_memory: int | None,
+            micro: int | None) -> tuple[MemoryPlan, int, int]:
+    """(the memory plan, the micro-batch, the checkpointed layers), `auto` resolved; `micro`
+    is the configured micro-batch fitted to the rank's share, None for `auto`."""
+    t, L = cfg.train, model_config.num_hidden_layers
+    per_rank = t.global_batch // world_size
+    ac = cfg.model.activation_checkpointing
+    dims, zero = Dims.from_config(model_config), ZeroSettings.from_ds(ds)
+    gates = mask_gates(cfg, model_config, target)
+    auto_micro, auto_ckpt = micro is None, ac == "auto"
+    if micro is not None and not auto_ckpt:
+        layers = min(L if ac is True else int(ac), L)
+        return plan_memory(dims, zero, world_size, micro, t.seq_len, layers, gates, cfg.eval.micro_batch), micro, layers
+    which = " and ".join(k for k, a in (("train.micro_batch", auto_micro), ("model.activation_checkpointing",
+                                                                              auto_ckpt)) if a)
+    if gpu_memory is None:
+        raise ConfigError(f"{which} is auto, but the GPU memory to plan for is unknown here; set "
+                          "train.gpu_memory_gib (or give the dry run --gpu-memory GIB)")
+    chosen = choose(dims, zero, world_size, per_rank, t.seq_len, gates, gpu_memory, micro,
+                    None if auto_ckpt else min(L if ac is True else int(ac), L), cfg.eval.micro_batch)
+    if chosen is None:
+        smallest = plan_memory(dims, zero, world_size, micro or 1, t.seq_len,
+                               L if auto_ckpt or ac is True else int(ac), gates, cfg.eval.micro_batch)
+        name, size = smallest.largest()
+        raise ConfigError(f"{which} is auto, but nothing fits {gpu_memory / GIB:.1f} GiB per GPU: the smallest "
+                          f"layout needs {smallest.total / GIB:.1f} GiB, its largest term {name} "
+                          f"({size / GIB:.1f} GiB); use more ranks, ZeRO offload (ds_configs/zero3_offload.json) "
+                          "or a larger GPU")
+    import logging
+
+    logging.getLogger("megadrp").info("%s: micro-batch %d, %d of %d layers checkpointed (%.1f of %.1f GiB per GPU)",
+                                      which, chosen.micro_batch, chosen.checkpointed_layers, L, chosen.total / GIB,
+                                      gpu_memory / GIB)
+    return chosen, chosen.micro_batch, chosen.checkpointed_layers
+
+
+def _fit_micro(micro_batch: int, per_rank: int) -> int:
+    return max(d for d in range(1, min(micro_batch, per_rank) + 1) if per_rank % d == 0)
 
 
 def fit_layout(global_batch: int, micro_batch: int, world_size: int, rank: int) -> BatchLayout:
@@ -74,7 +152,7 @@ def fit_layout(global_batch: int, micro_batch: int, world_size: int, rank: int) 
         raise ConfigError(f"train.global_batch={global_batch} cannot be split evenly over {world_size} ranks; "
                           f"use a global batch that is a multiple of the rank count, or fewer ranks")
     per_rank = global_batch // world_size
-    micro = max(d for d in range(1, min(micro_batch, per_rank) + 1) if per_rank % d == 0)
+    micro = _fit_micro(micro_batch, per_rank)
     if micro != micro_batch:
         import logging
 
@@ -83,13 +161,22 @@ def fit_layout(global_batch: int, micro_batch: int, world_size: int, rank: int) 
     return BatchLayout(global_batch, micro, world_size, rank)
 
 
-def dry_run(cfg: Config, world_size: int) -> str:
-    """Everything that needs no weights, checked; the plan as text (raises on the first problem)."""
+@dataclass
+class DryRun:
+    """What `train.py --dry-run` reports: the plan as text lines and as a JSON-able dict."""
+
+    lines: list[str]
+    data: dict
+    problem: str | None = None  # a reason to refuse the job (exit 2), in one line
+
+
+def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_disk: bool = True) -> DryRun:
+    """Everything that needs no weights, checked; the plan as text and data. Raises on the
+    first problem of the config or data; a job that does not fit `gpu_memory` (or the disk)
+    comes back with `problem` set, so the caller can still print the plan."""
     import shutil
 
-    from megadrp.model.llama import count_parameters
-
-    plan = make_plan(cfg, world_size, 0)
+    plan = make_plan(cfg, world_size, 0, gpu_memory)
     t, lay = cfg.train, plan.layout
     tokens_step = t.global_batch * t.seq_len
     evals = t.steps // cfg.eval.interval + (1 if cfg.eval.at_start else 0)
@@ -103,12 +190,20 @@ def dry_run(cfg: Config, world_size: int) -> str:
     run_dir = Path(cfg.run_dir)
     probe = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
     free = shutil.disk_usage(probe).free
-    if need > free:
+    problem = None
+    if check_disk and need > free:
         raise ConfigError(f"run_dir {run_dir}: {free / 2**30:.1f} GiB free, the run needs about {need / 2**30:.1f} "
                           f"GiB ({at_once} checkpoint(s) of {ckpt / 2**30:.1f} GiB at once with save.keep="
                           f"{cfg.save.keep}, and the export); free space, lower save.keep or choose another run_dir")
     eval_tokens = cfg.eval.tokens_per_domain * plan.k
     interval_tokens = min(cfg.eval.interval, t.steps) * tokens_step
+    mem = plan.memory
+    assert mem is not None
+    build = build_requirements(ZeroSettings.from_ds(plan.ds_config))
+    if gpu_memory is not None and mem.total > gpu_memory:
+        name, size = mem.largest()
+        problem = (f"the plan needs {mem.total / GIB:.1f} GiB per GPU, more than the {gpu_memory / GIB:.1f} GiB "
+                   f"given; its largest term is {name} ({size / GIB:.1f} GiB): {_advice(name)}")
     lines = [
         f"stage {cfg.stage}: {params:,} parameters from {cfg.model.init or 'scratch'}"
         + (f" → target {plan.target.as_dict()}" if plan.target else ""),
@@ -121,10 +216,36 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"{eval_tokens / interval_tokens / 3:.0%} of their compute); dro.mode {cfg.dro.mode}, update lag "
         f"{cfg.dro.update_lag}",
         f"disk: {at_once} checkpoint(s) of ≈ {ckpt / 2**30:.1f} GiB at once (save.keep={cfg.save.keep}) + export "
-        f"≤ {export_bytes / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free under {probe}",
-        "dry run: no problem found",
+        f"≤ {export_bytes / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free under {probe}"
+        + ("" if check_disk or need <= free else " (NOT ENOUGH, not checked: --no-disk-check)"),
+        *mem.lines(),
+        f"optimizer: {build}" if build else "optimizer: torch's AdamW (no compiler needed on the node)",
+        f"dry run: {problem}" if problem else "dry run: no problem found",
     ]
-    return "\n".join(lines)
+    data = {
+        "stage": cfg.stage, "parameters": params, "world_size": world_size,
+        "layout": {"micro_batch": lay.micro_batch, "accumulation": lay.accumulation, "global_batch": t.global_batch,
+                   "seq_len": t.seq_len, "checkpointed_layers": plan.checkpointed_layers},
+        "steps": t.steps, "tokens": t.steps * tokens_step,
+        "domains": dict(zip(plan.names, map(float, plan.p0))),
+        "disk": {"need_bytes": need, "free_bytes": free, "checked": check_disk},
+        "memory_per_gpu_bytes": mem.total, "gpu_memory_bytes": gpu_memory, "memory": mem.as_dict(),
+        "build_requirements": build, "problem": problem,
+    }
+    return DryRun(lines, data, problem)
+
+
+def _advice(term: str) -> str:
+    return {
+        "activations": "lower train.micro_batch or set model.activation_checkpointing: true (or auto)",
+        "logits": "lower train.micro_batch (or eval.micro_batch) — the vocabulary makes the logits large",
+        "recompute_and_backward": "lower train.micro_batch",
+        "master_and_adam": "use more ranks or ds_configs/zero3_offload.json (the optimizer on the host)",
+        "gradient_partitions": "use more ranks or ds_configs/zero3_offload.json",
+        "weights": "use more ranks or offload the parameters (offload_param)",
+        "live_parameters": "lower stage3_max_live_parameters / stage3_prefetch_bucket_size in the DeepSpeed JSON",
+        "gradient_buckets": "lower reduce_bucket_size in the DeepSpeed JSON (auto: hidden²)",
+    }.get(term, "use more ranks or a smaller micro-batch")
 
 
 def _model_config(cfg: Config, manifest: Manifest):
@@ -173,9 +294,10 @@ def _target(cfg: Config, model_config) -> Shape | None:
     return target
 
 
-def _ds_config(cfg: Config, layout: BatchLayout) -> dict:
-    """The DeepSpeed JSON with the run's batch, clipping and optimizer settings written in
-    (DeepSpeed reads them from here; the config keys are the single source)."""
+def _ds_config(cfg: Config, hidden: int) -> dict:
+    """The DeepSpeed JSON with the run's clipping and optimizer settings written in (DeepSpeed
+    reads them from here; the config keys are the single source) and `auto` bucket sizes
+    filled from the hidden size; the batch keys follow once the layout is known."""
     p = Path(cfg.deepspeed)
     if not p.is_file():
         raise ConfigError(f"deepspeed {p}: DeepSpeed JSON not found (see ds_configs/)")
@@ -184,15 +306,18 @@ def _ds_config(cfg: Config, layout: BatchLayout) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from e
     t = cfg.train
-    ds["train_micro_batch_size_per_gpu"] = layout.micro_batch
-    ds["gradient_accumulation_steps"] = layout.accumulation
-    ds["train_batch_size"] = t.global_batch
     ds["gradient_clipping"] = t.grad_clip
     ds["steps_per_print"] = 10**9
     ds["wall_clock_breakdown"] = False
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt.setdefault("params", {}).update(lr=t.lr, betas=[t.beta1, t.beta2], eps=t.eps, weight_decay=t.weight_decay)
-    return ds
+    return fill_auto(ds, hidden)
+
+
+def _set_batch(ds: dict, cfg: Config, layout: BatchLayout) -> None:
+    ds["train_micro_batch_size_per_gpu"] = layout.micro_batch
+    ds["gradient_accumulation_steps"] = layout.accumulation
+    ds["train_batch_size"] = cfg.train.global_batch
 
 
 def per_domain(value, key: str, names: list[str]) -> list[float] | None:

@@ -3,9 +3,12 @@
 Also runs as `python megadrp/train.py` (one process), under torchrun, srun and mpirun;
 wiring only — the loop lives in megadrp/engine.py.
 
-    --dry-run [--world-size N]   resolve and check everything that needs no weights (config,
-                                 data manifest, the source's config.json against the target,
-                                 the batch layout for N ranks, free space), print the plan, exit
+    --dry-run [--world-size N] [--gpu-memory GIB] [--json] [--no-disk-check]
+        resolve and check everything that needs no weights (config, data manifest, the
+        source's config.json against the target, the batch layout for N ranks, free space,
+        the per-GPU memory plan), print the plan, exit. With --gpu-memory a job whose plan
+        does not fit is refused (exit 2, one line naming the largest term); --json prints the
+        whole plan as one JSON object (`memory_per_gpu_bytes` and its `memory.terms`).
 
 Exit codes: 0 done (or a dry run that found no problem); 2 a user error (one line naming the
 key, file or variable); 3 stopped at a checkpoint by SIGTERM/SIGUSR1 (resume with
@@ -41,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="check and print the run plan, build nothing")
     ap.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run (default: "
                     "the launcher's WORLD_SIZE / SLURM_NTASKS, else 1)")
+    ap.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                    help="with --dry-run: GiB of memory per GPU of the job; refuse a plan that does not fit "
+                    "(also what `auto` micro-batch and checkpointing plan for)")
+    ap.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    ap.add_argument("--no-disk-check", action="store_true",
+                    help="with --dry-run: plan for another machine; report, but do not refuse, a run_dir without room")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=10")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # flags may follow the overrides
     stop = _STOP or StopRequest().install()
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -65,15 +74,20 @@ def main(argv: list[str] | None = None) -> int:
 
     user_errors = (ConfigError, ManifestError, IndexedDatasetError, CheckpointError, OSError)
     if args.dry_run:
-        from megadrp.plan import dry_run
+        from megadrp.plan import GIB, dry_run
 
+        world = args.world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+        budget = int(args.gpu_memory * GIB) if args.gpu_memory else None
         try:
-            print(dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
-                                                      or 1)))
-            return 0
+            report = dry_run(cfg, world, budget, check_disk=not args.no_disk_check)
         except user_errors as e:
             print(f"train: dry run: {e}", file=sys.stderr)
             return 2
+        print(json.dumps(report.data, indent=2) if args.json else "\n".join(report.lines))
+        if report.problem:
+            print(f"train: dry run: {report.problem}", file=sys.stderr)
+            return 2
+        return 0
     try:
         info = distributed.discover()
     except distributed.LaunchError as e:
@@ -98,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.run()
     except distributed.LaunchError as e:
         print(f"train: launch error: {e}", file=sys.stderr)
+        distributed.release()
         return 2
     except (*user_errors, TrainingStopped) as e:
         print(f"train: error (rank {info.rank}): {e}", file=sys.stderr)
+        distributed.release()
         return 2
 
 

@@ -275,6 +275,8 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert json.loads(p.stdout.strip().splitlines()[-1]) == res
     assert res["device"] == "cpu" and res["tokens_per_s"] > 0 and res["mfu"] is None
     assert res["parameters"] > 0 and res["model_flops_per_token"] > 6 * res["parameters"]
+    assert res["numerics"]["pass"] and res["sdpa"]["flash"]  # the CPU's flash kernel, in smoke mode
+    assert 0 < res["plan_allocated_bytes"] < res["plan_bytes"]
     assert "| cpu |" in (tmp_path / "out" / "gpu_check.md").read_text()
 
 
@@ -302,7 +304,18 @@ def test_dry_run_plans_without_building(tmp_path, data_dir, base_model, monkeypa
     with pytest.raises(ConfigError, match=r"the run needs about .* \(3 checkpoint\(s\) of .* save.keep=2"):
         dry_run(loaded, 16)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: types.SimpleNamespace(free=params * (16 * 3 + 4)))
-    assert "no problem found" in dry_run(loaded, 16)
+    assert "dry run: no problem found" in dry_run(loaded, 16).lines
+    # auto: the largest micro-batch whose plan fits the memory given (less the headroom)
+    from megadrp.memory_plan import AUTO_HEADROOM
+
+    auto = load_config(str(path), ["train.micro_batch=auto"])
+    sizes = {m: dry_run(load_config(str(path), [f"train.micro_batch={m}"]), 4, check_disk=False)
+             .data["memory_per_gpu_bytes"] for m in (8, 4)}
+    assert sizes[8] > sizes[4]
+    budget = int((sizes[4] + sizes[8]) / 2 / (1 - AUTO_HEADROOM))
+    chosen = dry_run(auto, 4, budget, check_disk=False).data
+    assert chosen["layout"]["micro_batch"] == 4 and chosen["problem"] is None
+    assert dry_run(auto, 4, budget * 4, check_disk=False).data["layout"]["micro_batch"] == 8
     assert not (tmp_path / "dry").exists()  # nothing written
     p = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run", "--world-size", "64"], check=False)
     assert p.returncode == 2 and "cannot be split evenly over 64 ranks" in p.stderr and "Traceback" not in p.stderr

@@ -60,7 +60,7 @@ def main() -> None:
             p.normal_(1.0, 1.5)
         ref.l0.lambdas.normal_()
     model = copy.deepcopy(ref)
-    model.activation_checkpointing = args.activation_checkpointing
+    model.checkpointed_layers = cfg.num_hidden_layers if args.activation_checkpointing else 0
     ids = torch.randint(0, 300, (BATCH, 33), generator=torch.Generator().manual_seed(1))
 
     loss_of(ref, ids).backward()

@@ -235,7 +235,7 @@ class MaskedLlama(nn.Module):
     """
 
     def __init__(self, config, target: Shape | None = None, ramp_steps: int = 1,
-                 activation_checkpointing: bool = False, sets: tuple[str, ...] | list[str] = SETS,
+                 activation_checkpointing: bool | int = False, sets: tuple[str, ...] | list[str] = SETS,
                  lambda2_init: float = 0.0) -> None:
         super().__init__()
         check_config(config)  # unknown family, unsupported rope: refused before any weight exists
@@ -252,7 +252,11 @@ class MaskedLlama(nn.Module):
                    if target is not None else None)
         inv_freq, self.attention_scaling = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.activation_checkpointing = activation_checkpointing
+        # Layers whose forward is recomputed in backward (the first N; True: all): what the
+        # memory plan chose (`model.activation_checkpointing`, megadrp/memory_plan.py).
+        L = config.num_hidden_layers
+        ac = activation_checkpointing
+        self.checkpointed_layers = L if ac is True else 0 if ac is False else min(int(ac), L)
 
     def init_weights(self, std: float | None = None) -> None:
         """HF's init: normal(0, initializer_range) for linears and embeddings, ones for norms."""
@@ -292,7 +296,7 @@ class MaskedLlama(nn.Module):
             m = LayerMasks(head=z["head"][i] if "head" in z else None,
                            intermediate=z["intermediate"][i] if "intermediate" in z else None,
                            out_scale=scale, kept=kept)
-            if self.activation_checkpointing and self.training:
+            if i < self.checkpointed_layers and self.training:
                 h = checkpoint(block, h, cos, sin, m, use_reentrant=False)
             else:
                 h = block(h, cos, sin, m)
@@ -313,13 +317,21 @@ class MaskedLlama(nn.Module):
         if mask_mode is not None and self.l0 is not None:
             gen = None
             if mask_mode == "sample":
-                gen = torch.Generator().manual_seed(mask_draw_seed(mask_seed, step, mask_draw))
+                gen = draw_generator(input_ids.device, mask_draw_seed(mask_seed, step, mask_draw))
             z, lag, shape = self.l0(step, mask_mode, gen)
         logits = self.logits(input_ids, z)
         if labels is None:
             return logits
-        shape_t = None if shape is None else torch.tensor([shape[k] for k in SHAPE_STATS], dtype=torch.float64)
-        return ForwardOutput(token_losses(logits, labels), lag, shape_t)
+        return ForwardOutput(token_losses(logits, labels), lag, shape)
+
+
+def draw_generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """A generator on `device` seeded with `seed`, so the mask noise is drawn where the masks
+    are (one generator per draw: a resumed run draws the same noise). None on `meta`, which
+    has no generator (shape-level runs only)."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def mask_draw_seed(seed: int, step: int, draw: int) -> int:

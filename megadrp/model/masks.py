@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -197,30 +198,32 @@ class L0Masks(nn.Module):
         """Each active set's own ramped target fraction."""
         return {m: self.target_fraction(m, step) for m in self.active}
 
-    def _prunable_params(self, layer: torch.Tensor, kv_heads: torch.Tensor, intermediate: torch.Tensor,
-                         hidden: torch.Tensor | float) -> torch.Tensor:
+    def _prunable_params(self, layer, kv_heads, intermediate, hidden):
         """Attention and MLP projection parameters of a model whose layer l is kept with
         (expected) weight layer[l] and holds kv_heads[l] key/value groups and intermediate[l]
-        channels over `hidden` residual dimensions: nested products, as the reference counts."""
+        channels over `hidden` residual dimensions: nested products, as the reference counts.
+        Tensors (on the masks' device) or plain numbers alike."""
         s = self.source
         per_kv_group = self.head_dim * (2 * (s.heads // s.kv_heads) + 2)  # q and o per query head, k and v
         return (layer * hidden * (kv_heads * per_kv_group + 3 * intermediate)).sum()
 
     def source_params(self) -> float:
+        """The source's prunable parameters: arithmetic on the config, no tensor."""
         s = self.source
-        ones = torch.ones(s.layers, dtype=torch.float64)
-        return float(self._prunable_params(ones, ones * s.kv_heads, ones * s.intermediate, float(s.hidden)))
+        per_kv_group = self.head_dim * (2 * (s.heads // s.kv_heads) + 2)
+        return float(s.layers * s.hidden * (s.kv_heads * per_kv_group + 3 * s.intermediate))
 
-    def expected_sparsity(self, probs: dict[str, torch.Tensor]) -> float:
+    def expected_sparsity(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Expected fraction of the non-embedding prunable parameters removed (SPEC §3.1):
-        what the pruning scaling law takes as s."""
+        what the pruning scaling law takes as s. A 0-d float64 tensor on the masks' device
+        (no host synchronisation; the evaluator reads it once, after its all-reduce)."""
         s = self.source
-        ones = torch.ones(s.layers, dtype=torch.float64)
+        ones = torch.ones(s.layers, dtype=torch.float64, device=self.lambdas.device)
         layer = probs["layer"].double() if "layer" in probs else ones
         kv = probs["head"].double().sum(-1) if "head" in probs else ones * s.kv_heads
         inter = probs["intermediate"].double().sum(-1) if "intermediate" in probs else ones * s.intermediate
         hidden = probs["hidden"].double().sum() if "hidden" in probs else float(s.hidden)
-        return 1.0 - float(self._prunable_params(layer, kv, inter, hidden)) / self.source_params()
+        return 1.0 - self._prunable_params(layer, kv, inter, hidden) / self.source_params()
 
     def target_shape(self, step: int) -> dict[str, float]:
         """The ramped target of `step`, in the units of `expected_shape`."""
@@ -236,25 +239,32 @@ class L0Masks(nn.Module):
         ramps it (linearly from 0). Not the sparsity of the ramped shape: the nested products
         of per-set linear ramps run ahead of it mid-ramp (0.60 against 0.45 halfway in the test)."""
         t = self.target_shape(self.ramp_steps)
-        ones = torch.ones(1, dtype=torch.float64)
-        kept = self._prunable_params(ones * t["layers"], ones * t["kv_heads"], ones * t["intermediate"], t["hidden"])
+        kept = self._prunable_params(np.array([t["layers"]]), t["kv_heads"], t["intermediate"], t["hidden"])
         return min(1.0, step / self.ramp_steps) * (1.0 - float(kept) / self.source_params())
 
-    def expected_shape(self, probs: dict[str, torch.Tensor]) -> dict[str, float]:
+    def expected_shape(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The masks' expected shape and sparsity, SHAPE_STATS order (layers, hidden, heads,
+        kv_heads, intermediate, sparsity), as one float64 tensor on the masks' device."""
         s = self.source
-        layers = probs["layer"].sum().item() if "layer" in probs else float(s.layers)
-        kv = probs["head"].sum(-1).mean().item() if "head" in probs else float(s.kv_heads)
-        inter = probs["intermediate"].sum(-1).mean().item() if "intermediate" in probs else float(s.intermediate)
-        hidden = probs["hidden"].sum().item() if "hidden" in probs else float(s.hidden)
+        dev = self.lambdas.device
+
+        def const(x: float) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.float64, device=dev)
+
+        layers = probs["layer"].double().sum() if "layer" in probs else const(s.layers)
+        kv = probs["head"].double().sum(-1).mean() if "head" in probs else const(s.kv_heads)
+        inter = (probs["intermediate"].double().sum(-1).mean() if "intermediate" in probs
+                 else const(s.intermediate))
+        hidden = probs["hidden"].double().sum() if "hidden" in probs else const(s.hidden)
         group = s.heads // s.kv_heads
-        return {"layers": layers, "hidden": hidden, "heads": kv * group, "kv_heads": kv, "intermediate": inter}
+        return torch.stack([layers, hidden, kv * group, kv, inter, self.expected_sparsity(probs)])
 
     def lagrangian(self, step: int, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ over sets of mean(λ1·gap + λ2·gap²), gap = expected − target fraction; the mean
         runs over layers for the per-layer sets (SPEC §2)."""
-        if not self.active:
-            return torch.zeros(())
         lam = _ReverseGrad.apply(self.lambdas)
+        if not self.active:
+            return torch.zeros((), device=lam.device)
         expected, target = self.expected_fractions(probs), self.target_fractions(step)
         total = torch.zeros((), dtype=torch.float32, device=lam.device)
         for i, m in enumerate(self.active):
@@ -263,11 +273,14 @@ class L0Masks(nn.Module):
         return total
 
     # ---- masks --------------------------------------------------------------------------
-    def sample(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def sample(self, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """One hard-concrete draw per active set. The noise is drawn on the masks' device from
+        `generator` (a generator of that device; None only where the device has none, e.g.
+        `meta`): no host-to-device copy per forward."""
         z = {}
         for m in self.active:
             la = self.clamped(m)
-            u = torch.rand(la.shape, generator=generator, dtype=torch.float32).clamp_(EPS, 1 - EPS).to(la.device)
+            u = torch.rand(la.shape, generator=generator, dtype=torch.float32, device=la.device).clamp_(EPS, 1 - EPS)
             z[m] = sample_z(la, u)
         return z
 
@@ -290,18 +303,19 @@ class L0Masks(nn.Module):
         return z
 
     def forward(self, step: int, mode: str, generator: torch.Generator | None = None
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float] | None]:
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """mode: 'sample' (training), 'expected' (deterministic, expected counts) or 'final'.
-        Returns (masks, Lagrangian, expected shape with its 'sparsity'); the shape only when
-        evaluating, so a training forward never waits for the device (no `.item()`)."""
+        Returns (masks, Lagrangian, expected shape and sparsity as a SHAPE_STATS tensor); the
+        shape only when evaluating. Everything stays on the masks' device: no forward ever
+        waits for the device (no `.item()`, no host tensor)."""
         probs = self.probs()
         if mode == "sample":
-            assert generator is not None
             return self.sample(generator), self.lagrangian(step, probs), None
         final = mode == "final"
-        z = self.deterministic(final, self.master_log_alpha if final else None)
+        master = None
         if final and self.master_log_alpha is not None:
-            z = {m: v.to(self.log_alpha[m].device) for m, v in z.items()}
+            master = {m: v.to(self.log_alpha[m].device) for m, v in self.master_log_alpha.items()}
+        z = self.deterministic(final, master)
         lag = self.lagrangian(step, probs).detach()
         detached = {k: v.detach() for k, v in probs.items()}
-        return z, lag, {**self.expected_shape(detached), "sparsity": self.expected_sparsity(detached)}
+        return z, lag, self.expected_shape(detached)

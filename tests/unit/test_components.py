@@ -216,6 +216,42 @@ def test_faults_from_env():
 
 
 # ---- a skipped step is skipped ------------------------------------------------------------
+def test_shipped_bf16_config_builds_torch_adamw_and_fp32_gradients(gloo):
+    """ds_configs/zero3_bf16.json, as the run plan resolves it, on a real ZeRO-3 engine: torch's
+    fused AdamW (no DeepSpeed op is compiled), gradients accumulated in an fp32 partition, the
+    reduce bucket d². On a GPU node without nvcc this config starts where FusedAdam would not."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(k, v)
+    import deepspeed
+    from transformers import LlamaConfig
+
+    from megadrp.memory_plan import fill_auto
+    from megadrp.model.llama import MaskedLlama
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=8)
+    ds = fill_auto(json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text()), cfg.hidden_size)
+    ds["optimizer"]["params"].update(lr=1e-3)
+    ds.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1)
+    torch.manual_seed(0)
+    model = MaskedLlama(cfg)
+    model.init_weights()
+    with build_locks.watch():
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    opt = engine.optimizer
+    assert type(opt.optimizer) is torch.optim.AdamW and opt.optimizer.defaults["fused"] is True
+    assert opt.grad_partitions_flat_buffer.dtype == torch.float32
+    assert opt.reduce_bucket_size == 16 * 16
+    ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(1))
+    before = opt.fp32_partitioned_groups_flat[0].detach().clone()
+    engine.backward(engine(ids[:, :-1], ids[:, 1:]).losses.mean())
+    engine.step()
+    assert not torch.equal(before, opt.fp32_partitioned_groups_flat[0])  # the step ran
+
+
 def test_non_finite_step_leaves_optimizer_state_unchanged(gloo):
     """The engine backpropagates a non-finite loss as it is; ZeRO-3 sees a non-finite gradient
     norm and skips the step: weights, Adam's moments and its step count stay as they were."""

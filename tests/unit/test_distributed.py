@@ -371,7 +371,7 @@ def test_init_turns_a_busy_port_into_rendezvous_busy(monkeypatch):
                            "useIpv6: 0, code: -98, name: EADDRINUSE, message: address already in use")
 
     monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=init_distributed))
-    monkeypatch.setattr(D, "_cuda_available", lambda: False)
+    monkeypatch.setattr(D, "accelerator", lambda: ("cpu", "gloo"))
     monkeypatch.setenv("MASTER_PORT", "29500")
     with pytest.raises(D.RendezvousBusy, match="MASTER_PORT=29500") as e:
         D.init(info(0, 1))
@@ -383,3 +383,23 @@ def test_init_turns_a_busy_port_into_rendezvous_busy(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=other_failure))
     with pytest.raises(RuntimeError, match="connection refused"):
         D.init(info(0, 1))
+
+
+def test_backend_follows_deepspeeds_accelerator_not_the_visible_gpus(tmp_path):
+    """DS_ACCELERATOR=cpu on a host where torch sees a GPU (simulated: `_cuda_available` says
+    yes, and no device exists to bind): a CPU engine needs a gloo group and no CUDA binding.
+    Binding CUDA there fails ("sees no GPU"), and an NCCL group would refuse every CPU tensor."""
+    code = """
+import os, torch.distributed as dist, megadrp.distributed as D
+D._cuda_available = lambda: True
+info = D.discover(os.environ)
+D.init(info)
+assert dist.get_backend() == "gloo", dist.get_backend()
+assert D.accelerator() == ("cpu", "gloo")
+D.shutdown()
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), MEGADRP_MASTER_PORT=str(D.free_port()))
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
