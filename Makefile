@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m megadrp.demo $(if $(DATA),--data "$(DATA)") $(DEMO_ARGS)
+	$(VENV)/bin/megadrp demo $(if $(DATA),--data "$(DATA)") $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

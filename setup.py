@@ -10,7 +10,12 @@ setup(
     name="megadrp",
     version="0.1.0",
     description="DRPruning: L0 structured pruning of Llama models with distributionally robust domain weights",
-    packages=find_packages(include=["megadrp", "megadrp.*", "data_tools", "data_tools.*"]),
+    packages=find_packages(include=["megadrp", "megadrp.*"]) + ["megadrp.configs", "megadrp.ds_configs"],
+    # The recipes and DeepSpeed JSONs stay at the top of the checkout, where users and the Slurm
+    # scripts name them; installed, they live inside the package (megadrp/resources.py finds them).
+    package_dir={"megadrp.configs": "configs", "megadrp.ds_configs": "ds_configs"},
+    package_data={"megadrp.configs": ["*.yaml", "tiny/*.yaml"], "megadrp.ds_configs": ["*.json"]},
+    entry_points={"console_scripts": ["megadrp = megadrp.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...) is 2.5's

@@ -10,9 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
 
-from megadrp.atomic import atomic_write_text  # noqa: E402
+from megadrp.runtime.files import atomic_write_text  # noqa: E402
 
 
 def machine() -> dict:

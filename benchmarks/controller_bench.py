@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS, ROOT, paired_median, rotated, save
 
+from megadrp.runtime.run_dir import RunDir
+
 
 def controller_ms(k: int, pruning: bool, repeats: int = 3) -> float:
     from megadrp.dro.controller import Controller, ControllerSettings, Observation
@@ -97,7 +99,7 @@ def run_histories(root: Path, points: int = 64):
     """(problems, finals, names) per law from every metrics.jsonl under root: per run and domain,
     eval loss against the domain's tokens so far (and expected sparsity in prune stages), at most
     `points` evaluations spread evenly over the run (the controller's history holds 64)."""
-    from megadrp.metrics import read_metrics
+    from megadrp.engine.metrics import read_metrics
 
     out = {True: ([], [], []), False: ([], [], [])}
     for path in sorted(root.glob("**/metrics.jsonl")) if root.is_dir() else []:
@@ -298,8 +300,8 @@ def step_section(rounds: int = 2) -> None:
     run's training time, which shows it does nothing else in the background. The paired ratio of
     step times over rounds is reported beside them with its range and with `constant`'s own
     round-to-round spread, the drift."""
-    from megadrp import pipeline
-    from megadrp.metrics import read_metrics
+    from megadrp.engine.metrics import read_metrics
+    from megadrp.tools import pipeline
 
     cost = {f"{k} domains, {'pruning' if p else 'continued'} law": round(controller_ms(k, p), 1)
             for k in (7, 64) for p in (False, True)}
@@ -316,7 +318,7 @@ def step_section(rounds: int = 2) -> None:
                                      base + [f"model.init={tmp / 'base' / 'hf'}", f"dro.mode={mode}",
                                              f"train.steps={steps}", "dro.fit_start=0.0", "dro.history_start=0.0", "dro.min_fit_points=2",
                                              "eval.interval=5", "dro.update_lag=0"], ranks=1, quiet=True)
-                rows = read_metrics(tmp / f"{mode}{r}" / "metrics.jsonl")
+                rows = read_metrics(RunDir(tmp / f"{mode}{r}").metrics)
                 cpu = [x.get("controller_cpu_seconds", 0.0) for x in rows]
                 runs[mode].append({"train_s": sum(x.get("train_seconds", 0) for x in rows),
                                    "wait_s": sum(x.get("controller_wait_seconds", 0) for x in rows),

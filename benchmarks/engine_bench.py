@@ -13,13 +13,15 @@ from pathlib import Path
 
 from _common import paired_median, rotated, save
 
+from megadrp.runtime.run_dir import RunDir
+
 MASKS_OFF = "same model, masks off (continue stage), 1 rank"
 
 
 def _stats(run_dir: Path) -> dict:
-    from megadrp.metrics import read_metrics
+    from megadrp.engine.metrics import read_metrics
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(RunDir(run_dir).metrics)
     train = sum(r.get("train_seconds", 0) for r in rows)
     ev = sum(r["eval_seconds"] for r in rows)
     tokens = sum(rows[-1]["tokens"].values())
@@ -32,7 +34,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of one run per variant, in rotated order")
     ap.add_argument("--steps", type=int, default=40, help="training steps per run")
     args = ap.parse_args()
-    from megadrp import pipeline
+    from megadrp.tools import pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

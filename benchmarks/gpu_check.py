@@ -29,6 +29,8 @@ from pathlib import Path
 
 from _common import ROOT, machine
 
+from megadrp.runtime.run_dir import RunDir
+
 SHAPES = {
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
                num_attention_heads=16, num_key_value_heads=16, head_dim=128),
@@ -59,9 +61,9 @@ def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
 def measured(run_dir: Path) -> tuple[float, float, dict | None]:
     """(tokens, seconds) of training after the first timed interval (which holds warm-up), and
     the last evaluation's device memory peaks (None on the CPU)."""
-    from megadrp.metrics import read_metrics
+    from megadrp.engine.metrics import read_metrics
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(RunDir(run_dir).metrics)
     timed = [r for r in rows if r.get("train_seconds")]
     if len(timed) < 2:
         raise SystemExit(f"gpu_check: {run_dir}/metrics.jsonl has {len(timed)} timed rows; need 2 (more --steps)")
@@ -162,10 +164,10 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megadrp import pipeline
     from megadrp.config import load_config
     from megadrp.model.llama import count_parameters
     from megadrp.plan import GIB, dry_run
+    from megadrp.tools import pipeline
 
     shape = "smoke" if args.smoke else "1b"
     if not args.smoke and not torch.cuda.is_available():

@@ -23,8 +23,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, "-m", "megadrp.demo", "--help"], cwd=ROOT, check=True, capture_output=True)
-        from megadrp import pipeline
+        subprocess.run([sys.executable, "-m", "megadrp", "demo", "--help"], cwd=ROOT, check=True, capture_output=True)
+        from megadrp.tools import pipeline
 
         data = pipeline.prepare_data(tmp, docs_per_domain=500, eval_docs=10)
         m = load_manifest(data)

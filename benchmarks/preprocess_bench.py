@@ -1,4 +1,4 @@
-"""Preprocessing throughput: data_tools/preprocess.py with 1 and 2 workers against a
+"""Preprocessing throughput: `megadrp preprocess` with 1 and 2 workers against a
 baseline in the same run — the same tokenizer feeding megatron-core's
 IndexedDatasetBuilder in one process (what Megatron's own preprocess_data.py does per worker).
 
@@ -50,7 +50,7 @@ def baseline(corpus: Path, tokenizer: Path, out: Path) -> tuple[float, int]:
 def ours(corpus: Path, tokenizer: Path, out: Path, workers: int) -> tuple[float, int]:
     """In-process, like the baseline: the counting pass for the eval hold-out, worker start-up,
     the eval split and the manifest are all inside the timing."""
-    from data_tools.preprocess import preprocess
+    from megadrp.tools.preprocess import preprocess
 
     domains = {f.stem: [f] for f in sorted(corpus.glob("*.jsonl"))}
     t0 = time.perf_counter()
@@ -66,9 +66,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, "data_tools/synth_corpus.py", "--out", str(tmp / "corpus"),
+        subprocess.run([sys.executable, "-m", "megadrp", "synth-corpus", "--out", str(tmp / "corpus"),
                         "--docs-per-domain", str(args.docs_per_domain)], cwd=ROOT, check=True, capture_output=True)
-        subprocess.run([sys.executable, "data_tools/train_tokenizer.py", "--input", *map(str, sorted((tmp / "corpus").glob("*.jsonl"))),
+        subprocess.run([sys.executable, "-m", "megadrp", "tokenizer", "--input", *map(str, sorted((tmp / "corpus").glob("*.jsonl"))),
                         "--vocab-size", "4096", "--out", str(tmp / "tok")], cwd=ROOT, check=True, capture_output=True)
         rows = {}
         for r in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike

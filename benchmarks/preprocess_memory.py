@@ -3,7 +3,7 @@
     python benchmarks/preprocess_memory.py --tokenizer DIR [--mb 50] [--max-doc-bytes 64MiB]
 
 Writes a corpus of a few short documents and one line of MB megabytes of words, runs
-data_tools/preprocess.py in a child process, and prints that child's peak RSS (the main
+`megadrp preprocess` in a child process, and prints that child's peak RSS (the main
 process: reading, writing shards) and its largest child's (a tokenizer worker), from
 resource.getrusage. With the default --max-doc-bytes (16 MiB) the line is refused; pass a
 larger cap to have it tokenized (in pieces).

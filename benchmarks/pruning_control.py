@@ -18,6 +18,8 @@ import time
 import numpy as np
 from _common import ROOT, save
 
+from megadrp.runtime.run_dir import RunDir
+
 DIMS = ("layers", "hidden", "heads", "intermediate")
 
 
@@ -39,8 +41,8 @@ def control(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    from megadrp import pipeline
-    from megadrp.metrics import read_metrics
+    from megadrp.engine.metrics import read_metrics
+    from megadrp.tools import pipeline
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
@@ -67,7 +69,7 @@ def main() -> None:
                 pipeline.train_stage("configs/tiny/prune.yaml", run, [
                     f"data_dir={data}", f"model.init={base / 'hf'}", f"seed={1234 + seed}", f"train.steps={length}",
                     "train.log_interval=1000", "save.interval=0", *over], ranks=args.ranks, quiet=True)
-                rows = read_metrics(run / "metrics.jsonl")
+                rows = read_metrics(RunDir(run).metrics)
                 results.setdefault(name, {}).setdefault(str(length), []).append({
                     "seed": seed, "control": control(rows), "final_loss": float(np.mean(list(rows[-1]["eval_loss"].values()))),
                     "trajectory": [{"step": r["step"], "expected": r["expected_shape"], "target": r["target_shape"]}

@@ -1,11 +1,11 @@
 """The five domain schedules compared: from the same base model and shards, prune then
 continue with each of constant, sheared, dro, dro_dyloss, drpruning at equal tokens, and
-evaluate every result with megadrp.evaluate (transformers).
+evaluate every result with megadrp eval (transformers).
 
     python benchmarks/schedules.py [--seeds 1] [--prune-steps 100] [--continue-steps 100] [--eval-interval 10]
         [--corpus DIR --root runs/schedules_debian] [--modes constant,sheared,drpruning]
 
-`--corpus DIR`: a directory of NAME.jsonl domains (e.g. data_tools/debian_corpus.py's real
+`--corpus DIR`: a directory of NAME.jsonl domains (e.g. `megadrp debian-corpus`'s real
 text) instead of the embedded corpus: its own tokenizer and base model are built under
 ROOT/base, and p0 ∝ tokens^0.3 (SPEC §1) since its domains have no recipe proportions.
 
@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 from _common import ROOT, save
 
+from megadrp.runtime.run_dir import RunDir
+
 MODES = ("constant", "sheared", "dro", "dro_dyloss", "drpruning")
 
 
 def _fitted_updates(metrics: Path) -> int:
     """Controller updates in a run's metrics.jsonl that used at least one fitted law."""
-    from megadrp.metrics import read_metrics
+    from megadrp.engine.metrics import read_metrics
 
     return sum(1 for r in read_metrics(metrics) if r.get("controller") and any(r["controller"].get("fits", {}).values()))
 
@@ -37,14 +39,14 @@ def _fitted_updates(metrics: Path) -> int:
 def _prediction_errors(root: Path) -> dict[str, float]:
     """Mean absolute % error of the end-of-stage loss predicted at 25/50/75% of each stage
     (megadrp.metrics.prediction_accuracy), keyed 'prune 25%' … 'continue 75%'."""
-    from megadrp.metrics import prediction_accuracy, read_metrics
+    from megadrp.engine.metrics import prediction_accuracy, read_metrics
 
     return {f"{stage} {frac}": a["mape"] for stage in ("prune", "continue")
-            for frac, a in prediction_accuracy(read_metrics(root / stage / "metrics.jsonl")).items()}
+            for frac, a in prediction_accuracy(read_metrics(RunDir(root / stage).metrics)).items()}
 
 
 def main() -> None:
-    from megadrp import pipeline
+    from megadrp.tools import pipeline
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=1)
@@ -72,7 +74,7 @@ def main() -> None:
     pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *mix])
     # The base model scored the same way: `auto` references are its own losses, so the χ² schedules
     # move weight toward the domains furthest above the base, not toward the worst in absolute terms.
-    base_ppl = pipeline.evaluate(base / "hf", data, 4096, 128, args.root / "base_eval.json")["domain_ppl"]
+    base_ppl = pipeline.evaluate(RunDir(base).hf, data, 4096, 128, args.root / "base_eval.json")["domain_ppl"]
     evals: dict[str, list[dict]] = {m: [] for m in modes}
     fitted: dict[str, list[int]] = {m: [] for m in modes}
     predicted: dict[str, list[dict]] = {m: [] for m in modes}
@@ -86,8 +88,8 @@ def main() -> None:
             pipeline.train_stage("configs/tiny/continue.yaml", root / "continue",
                                  common + [f"model.init={root / 'prune' / 'hf'}", f"train.steps={args.continue_steps}"],
                                  quiet=True)
-            evals[mode].append(pipeline.evaluate(root / "continue" / "hf", data, 4096, 128, root / "eval.json"))
-            fitted[mode].append(sum(_fitted_updates(root / stage / "metrics.jsonl") for stage in ("prune", "continue")))
+            evals[mode].append(pipeline.evaluate(RunDir(root / "continue").hf, data, 4096, 128, RunDir(root).eval_json))
+            fitted[mode].append(sum(_fitted_updates(RunDir(root / stage).metrics) for stage in ("prune", "continue")))
             predicted[mode].append(_prediction_errors(root))
             pipeline.log(f"{mode} seed {seed}: mean ppl {evals[mode][-1]['mean_ppl']:.3f} "
                          f"worst {evals[mode][-1]['worst_ppl']:.3f}")
@@ -101,7 +103,7 @@ def main() -> None:
                   + f" | {r['mean_ppl']:.3f} {pm} {r['mean_ppl_sd']:.3f} | {r['worst_ppl']:.3f} {pm} {r['worst_ppl_sd']:.3f}"
                   f" | {_interval(r['mean_vs_sheared_pct'])} | {_interval(r['worst_vs_sheared_pct'])}"
                   f" | {r['fitted_updates']:g} |")
-    md += ["", "Under shifted domain mixes (megadrp.evaluate --shift; perplexity of the mix's mean token loss, "
+    md += ["", "Under shifted domain mixes (megadrp eval --shift; perplexity of the mix's mean token loss, "
            f"mean {pm} sd over seeds; the χ² ball has the run's ρ around its p0):", "",
            "| schedule | uniform mix | p0 mix | worst χ² mix | worst χ² mix vs sheared (paired) | worst domain |",
            "|---|---|---|---|---|---|"]
@@ -133,7 +135,7 @@ def main() -> None:
            "those differences with its 95% interval (Student's t over seeds), then the per-seed values. "
            f"Prune {args.prune_steps} steps + continue {args.continue_steps} steps per schedule, 16 × 128 tokens a "
            f"step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; {time.time() - t0:.0f} s in "
-           "all. Perplexities from megadrp.evaluate on 32 eval windows of 128 tokens per domain."]
+           "all. Perplexities from megadrp.tools.evaluate on 32 eval windows of 128 tokens per domain."]
     save(args.name, {"seeds": args.seeds, "base_ppl": base_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
                      "prediction_errors_per_seed": predicted,

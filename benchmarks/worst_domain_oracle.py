@@ -6,7 +6,7 @@ The goal the schedules are measured against is a worst-domain perplexity ≥ 5% 
 about the worst domain, not about the schedules: this script continues each seed's pruned
 `drpruning` model for the same steps and tokens with nearly the whole batch on the worst
 domain (`dro.mode=constant`, p0 = 0.9 on it, the rest shared), which no schedule with a
-floor would ever do, and scores the result with megadrp.evaluate. If even that does not
+floor would ever do, and scores the result with megadrp eval. If even that does not
 bring the worst domain 5% below `sheared`'s, no schedule can at this budget, and the gap
 measures the budget, not DRO.
 
@@ -37,11 +37,13 @@ from pathlib import Path
 import numpy as np
 from _common import ROOT, save
 
+from megadrp.runtime.run_dir import RunDir
+
 ARMS = ("drpruning", "oracle", "rho", "absolute")  # drpruning: the schedules table's own run
 
 
 def main() -> None:
-    from megadrp import pipeline
+    from megadrp.tools import pipeline
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "schedules_s3")
@@ -60,7 +62,7 @@ def main() -> None:
     rows = []
     for seed in range(args.seeds):
         base = args.root / f"seed{seed}"
-        evals = {m: json.loads((base / m / "eval.json").read_text()) for m in ("sheared", "drpruning", "constant")}
+        evals = {m: json.loads((RunDir(base / m).eval_json).read_text()) for m in ("sheared", "drpruning", "constant")}
         worst = max(evals["sheared"]["domain_ppl"], key=evals["sheared"]["domain_ppl"].get)
         names = list(evals["sheared"]["domain_ppl"])
         rest = (1.0 - args.share) / (len(names) - 1)
@@ -79,7 +81,7 @@ def main() -> None:
         for arm, over in arms.items():
             name = {"oracle": "oracle", "rho": f"drpruning_rho{args.rho:g}", "absolute": "dro_absolute"}[arm]
             pipeline.train_stage("configs/tiny/continue.yaml", base / name / "continue", common + over, quiet=True)
-            ev = pipeline.evaluate(base / name / "continue" / "hf", data, 4096, 128, base / name / "eval.json")
+            ev = pipeline.evaluate(RunDir(base / name / "continue").hf, data, 4096, 128, RunDir(base / name).eval_json)
             row.update({f"{arm}_ppl": ev["domain_ppl"][worst], f"{arm}_mean_ppl": ev["mean_ppl"],
                         f"{arm}_worst_ppl": ev["worst_ppl"]})
         for m in ARMS:
@@ -113,7 +115,7 @@ def main() -> None:
            f"each), evaluation every {args.eval_interval}; the oracle puts {args.share:.0%} of every batch on the worst "
            "domain (the one worst under sheared), the second runs drpruning with a larger χ² ball, the third dro with every "
            "reference loss 0 (the excess is the loss). Perplexities from "
-           f"megadrp.evaluate (32 windows of 128 tokens a domain); {time.time() - t0:.0f} s."]
+           f"megadrp eval (32 windows of 128 tokens a domain); {time.time() - t0:.0f} s."]
     save(args.name, {"rows": rows, **summary, "share": args.share, "rho": args.rho,
                      "continue_steps": args.continue_steps}, "\n".join(md))
 

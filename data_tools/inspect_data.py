@@ -1,78 +1,8 @@
-"""Look inside shards: counts, a document-length histogram and a decoded sample.
-
-    python data_tools/inspect_data.py PREFIX_OR_DATA_DIR [--sample N]
-"""
-from __future__ import annotations
-
+"""`python data_tools/inspect_data.py ...` = `megadrp inspect ...` (megadrp/tools/inspect_data.py), kept for the
+scripts that call it by path. Needs megadrp installed (`pip install -e .`)."""
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from megadrp.data.indexed import IndexedDataset, IndexedDatasetError  # noqa: E402
-from megadrp.data.manifest import MANIFEST, ManifestError, load_manifest  # noqa: E402
-
-
-def _histogram(lengths: np.ndarray, bins: int = 8) -> str:
-    if len(lengths) == 0:
-        return "  (no documents)"
-    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, bins + 1)).astype(int))
-    counts, edges = np.histogram(lengths, bins=edges if len(edges) > 1 else 1)
-    width = max(counts.max(), 1)
-    return "\n".join(f"  {int(lo):>7}-{int(hi):<7} {'#' * int(40 * c / width):<40} {c}"
-                     for lo, hi, c in zip(edges[:-1], edges[1:], counts))
-
-
-def describe(prefix: Path, tokenizer=None, sample: int = 1) -> str:
-    ds = IndexedDataset(prefix)
-    lines = [f"{prefix}: {len(ds):,} documents, {ds.num_tokens:,} tokens, dtype {ds.dtype.name}",
-             f"  mean length {ds.lengths.mean() if len(ds) else 0:.1f}, max {ds.lengths.max() if len(ds) else 0}",
-             _histogram(ds.lengths)]
-    for i in range(min(sample, len(ds))):
-        ids = ds[i][:64].tolist()
-        text = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
-        lines.append(f"  sample {i}: {text[:300]!r}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", type=Path)
-    ap.add_argument("--sample", type=int, default=1)
-    args = ap.parse_args(argv)
-    try:
-        if (args.path / MANIFEST).is_file():
-            m = load_manifest(args.path)
-            from megadrp.data.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(m.tokenizer) if m.tokenizer.is_dir() else None
-            print(f"{args.path}: {len(m.domains)} domains, vocab {m.vocab_size}, eod {m.eod_id}, {m.dtype}")
-            total = 0
-            for d in m.domains.values():
-                print(f"  {d.name:>14}: train {d.train_docs:,} docs / {d.train_tokens:,} tokens, "
-                      f"eval {d.eval_docs:,} docs / {d.eval_tokens:,} tokens")
-                total += d.train_tokens + d.eval_tokens
-            print(f"  total {total:,} tokens")
-            for d in m.domains.values():
-                print(describe(d.train, tok, args.sample))
-        else:
-            tok = None
-            manifest_dir = args.path.parent
-            if (manifest_dir / MANIFEST).is_file():
-                from megadrp.data.tokenizer import load_tokenizer
-
-                tok = load_tokenizer(load_manifest(manifest_dir).tokenizer)
-            print(describe(args.path, tok, args.sample))
-    except (IndexedDatasetError, ManifestError) as e:
-        print(f"inspect: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from megadrp.tools.inspect_data import main
 
 if __name__ == "__main__":
     sys.exit(main())

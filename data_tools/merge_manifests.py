@@ -1,66 +1,8 @@
-"""Merge per-domain DATA_DIRs (e.g. from a Slurm array of preprocess.py) into one manifest.
-
-    python data_tools/merge_manifests.py --out DATA_DIR PART_DIR [PART_DIR ...]
-
-Shards stay where they are; the merged manifest points at them by relative path. All
-parts must share one tokenizer (same vocabulary and end-of-document id).
-"""
-from __future__ import annotations
-
+"""`python data_tools/merge_manifests.py ...` = `megadrp merge ...` (megadrp/tools/merge_manifests.py), kept for the
+scripts that call it by path. Needs megadrp installed (`pip install -e .`)."""
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-
-from megadrp.data.manifest import MANIFEST, ManifestError, write_manifest  # noqa: E402
-
-
-def merge(out: Path, parts: list[Path]) -> dict:
-    merged: dict = {"domains": {}}
-    out.mkdir(parents=True, exist_ok=True)
-    for part in parts:
-        path = part / MANIFEST
-        if not path.is_file():
-            raise ManifestError(f"{path}: not found; did the preprocessing of this part finish?")
-        m = json.loads(path.read_text())
-        for key in ("vocab_size", "eod_id", "dtype"):
-            if key in merged and merged[key] != m[key]:
-                raise ManifestError(f"{path}: {key}={m[key]} differs from the other parts ({merged[key]}); "
-                                    "every part must use the same tokenizer")
-            merged[key] = m[key]
-        if "tokenizer" not in merged:
-            src = part / m["tokenizer"]
-            if src.resolve() != (out / "tokenizer").resolve():
-                shutil.copytree(src, out / "tokenizer", dirs_exist_ok=True)
-            merged["tokenizer"] = "tokenizer"
-        rel = Path(os.path.relpath(part.resolve(), out.resolve()))
-        for name, d in m["domains"].items():
-            if name in merged["domains"]:
-                raise ManifestError(f"{path}: domain {name!r} appears in more than one part")
-            merged["domains"][name] = {**d, "train": str(rel / d["train"]), "eval": str(rel / d["eval"])}
-    write_manifest(out, merged)
-    return merged
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("parts", nargs="+", type=Path)
-    args = ap.parse_args(argv)
-    try:
-        m = merge(args.out, args.parts)
-    except ManifestError as e:
-        print(f"merge_manifests: error: {e}", file=sys.stderr)
-        return 2
-    print(f"merge_manifests: {args.out / MANIFEST} with {len(m['domains'])} domains")
-    return 0
-
+from megadrp.tools.merge_manifests import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,45 +15,66 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and what to do."""
+from megadrp.dro.constants import DROConstants
+from megadrp.errors import ConfigError
 
 
 @dataclass
 class ModelShapeConfig:
-    """A model built from scratch (stage `pretrain`)."""
+    """A model built from scratch (stage `pretrain`), in Hugging Face's names."""
 
     num_hidden_layers: int = 4
+    """Decoder layers."""
     hidden_size: int = 256
+    """Residual width d."""
     num_attention_heads: int = 4
+    """Query heads."""
     num_key_value_heads: int = 4
+    """Key/value heads (grouped-query attention when fewer than the query heads)."""
     intermediate_size: int = 688
+    """MLP width."""
     head_dim: int | None = None
-    vocab_size: int | None = None  # None: the manifest's vocabulary
+    """Per-head width; null: hidden_size / num_attention_heads."""
+    vocab_size: int | None = None
+    """null: the data manifest's vocabulary."""
     tie_word_embeddings: bool = False
+    """Share the input embedding with the LM head."""
     rope_theta: float = 10000.0
+    """Rotary embedding base."""
     max_position_embeddings: int = 4096
+    """Longest sequence the model is configured for."""
     rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
 
 
 @dataclass
 class ModelConfig:
-    init: str | None = None  # Hugging Face directory (prune, continue)
-    shape: ModelShapeConfig | None = None  # pretrain
-    # Recompute each layer's forward in backward instead of keeping its activations: true (every
-    # layer), false, a number of layers (the first N), or auto: the fewest layers that let the
-    # micro-batch fit the GPU (megadrp/memory_plan.py; `--dry-run` prints the choice).
+    """What the stage trains."""
+
+    init: str | None = None
+    """Hugging Face model directory the stage starts from (prune, continue)."""
+    shape: ModelShapeConfig | None = None
+    """The shape of a from-scratch model (pretrain)."""
     activation_checkpointing: bool | int | Literal["auto"] = False
+    """Recompute each layer's forward in backward instead of keeping its activations: true (every
+    layer), false, a number of layers (the first N), or auto: the fewest layers that let the
+    micro-batch fit the GPU (the memory plan, `--dry-run` prints the choice)."""
 
 
 @dataclass
 class PruneTarget:
+    """The shape to prune to (checked against the source before any compute)."""
+
     num_hidden_layers: int
+    """Layers kept."""
     hidden_size: int
+    """Residual width kept."""
     num_attention_heads: int
+    """Query heads kept: a whole number of key/value groups."""
     num_key_value_heads: int
+    """Key/value groups kept."""
     intermediate_size: int
+    """MLP channels kept per layer."""
 
 
 MaskSet = Literal["layer", "head", "intermediate", "hidden"]
@@ -61,108 +82,157 @@ MaskSet = Literal["layer", "head", "intermediate", "hidden"]
 
 @dataclass
 class PruneConfig:
+    """Targeted structured pruning with L0 masks (stage `prune`; docs/method.md §2)."""
+
     target: PruneTarget | None = None
-    # Mask sets trained (SPEC §2). The multilingual Qwen2 recipe keeps all 28 layers and
-    # trains head, intermediate and hidden only; a target that shrinks a dimension whose
-    # set is left out is refused (masks.check_target), never silently kept at full size.
+    """The target shape (required for stage prune)."""
     sets: list[MaskSet] = field(default_factory=lambda: ["layer", "head", "intermediate", "hidden"])
+    """Mask sets trained. The multilingual Qwen2 recipe keeps its layers: [head, intermediate,
+    hidden]. A target that shrinks a dimension whose set is left out is refused."""
     mask_lr: float = 1.0
+    """Learning rate of the masks' log α (paper: 1.0), scaled by the weights' warmup + cosine multiplier."""
     lambda_lr: float = 1.0
-    ramp_fraction: float = 0.2  # target ramps from source to target over this share of steps
-    # Starting value of every λ2 (the quadratic penalty's multiplier). 0 is the reference. Under
-    # Adam λ2 grows by about lambda_lr per step whatever the gap (gap² is never negative), so the
-    # reference's λ2 is in the hundreds by the end of its 640-step ramp and holds the masks on
-    # target; a run of a few hundred steps never gets there, and λ1, wound up while the masks
-    # could not yet move, drives them far past the target (issue #20). Start λ2 where it would be.
+    """Learning rate of the Lagrange multipliers (gradient ascent; paper: 1.0), same multiplier."""
+    ramp_fraction: float = 0.2
+    """Share of the steps over which the target ramps linearly from the source shape (paper: 0.2)."""
     lambda2_init: float = 0.0
+    """Starting value of every λ2. 0 is the reference. Under Adam λ2 grows by about lambda_lr a step
+    whatever the gap, so the reference's λ2 is in the hundreds by the end of its 640-step ramp; a run
+    of a few hundred steps never gets there and its masks overshoot: start λ2 where it would be."""
 
 
 @dataclass
 class TrainConfig:
+    """The optimisation: steps, batch layout, AdamW, data loading."""
+
     steps: int = 100
+    """Optimizer steps of the stage."""
     global_batch: int = 8
-    # Sequences a rank runs in one forward; lowered to divide the rank's share of the global batch.
-    # auto: the largest that fits the GPU's memory (megadrp/memory_plan.py).
+    """Sequences a step, over all ranks (accumulation adapts so any world size gives it)."""
     micro_batch: int | Literal["auto"] = 2
+    """Sequences a rank runs in one forward; lowered to divide the rank's share of the global batch.
+    auto: the largest that fits the GPU's memory (the memory plan)."""
     seq_len: int = 128
+    """Tokens a training sequence (windows of seq_len + 1 tokens)."""
     lr: float = 1e-4
+    """Peak learning rate of the weights."""
     min_lr_ratio: float = 0.1
+    """The cosine ends at lr × this."""
     warmup_steps: int = 0
+    """Linear warmup steps before the cosine."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the weights (the masks and λ's have none)."""
     beta1: float = 0.9
+    """AdamW β1."""
     beta2: float = 0.95
+    """AdamW β2."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
+    """Gradient-norm clipping (DeepSpeed's gradient_clipping)."""
     num_workers: int = 2
+    """Data-loader worker processes a rank (any number: batches are the same with 0 or 2)."""
     prefetch_factor: int = 2
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    """Batches each worker prepares ahead."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite steps (each skipped) before the run stops."""
     log_interval: int = 1
-    # Memory each rank may plan for, in GiB (the `auto` choices; the dry run checks against
-    # --gpu-memory). None: the device's own memory.
+    """Steps between progress lines."""
     gpu_memory_gib: float | None = None
+    """Memory each rank may plan for, in GiB (the `auto` choices); null: the device's own."""
 
 
 @dataclass
 class EvalConfig:
+    """Per-domain evaluation on held-out windows."""
+
     interval: int = 50
+    """Steps between evaluations, and so between domain-weight updates (paper: 50 pruning, 400 continuing)."""
     tokens_per_domain: int = 16384
+    """Eval tokens a domain (paper: 500 × 4096 = 2048000)."""
     micro_batch: int = 4
+    """Sequences a rank evaluates in one forward."""
     at_start: bool = True
+    """Evaluate at step 0: sets `auto` reference losses and is logged; it makes no decision."""
 
 
 @dataclass
 class SaveConfig:
-    interval: int = 0  # 0: only at the end
+    """Checkpoints (DeepSpeed's, with the controller and sampler state)."""
+
+    interval: int = 0
+    """Steps between checkpoints; 0: only at the end (and on a stop signal)."""
     keep: int = 2
+    """Complete checkpoints kept; older ones are removed once a newer one is complete."""
 
 
 @dataclass
-class DROConfig:
+class DROConfig(DROConstants):
+    """The domain schedule (docs/method.md §3). The constants above `mode` are the controller's
+    own (megadrp/dro/constants.py), declared once."""
+
     mode: Literal["constant", "sheared", "dro", "dro_dyloss", "drpruning"] = "drpruning"
-    initial_proportion: list[float] | dict[str, float] | str | None = None  # None: ∝ tokens^0.3
+    """constant (p0), sheared (Sheared-LLaMA's), dro (χ² with fixed references), dro_dyloss (+ scaling-law
+    references), drpruning (+ the moving reference ratio: the method)."""
+    initial_proportion: list[float] | dict[str, float] | str | None = None
+    """p0: a list (the domains' order), a {domain: value} mapping, uniform, tokens or tokens^0.3; null: uniform."""
     reference_loss: list[float] | dict[str, float] | str = "auto"
+    """r: a list, a mapping, or auto: each domain's eval loss at the stage's first evaluation."""
     signal: Literal["eval", "train_ema"] = "eval"
-    # Evaluations between a decision's input and its weights taking effect. 0 (SPEC §3
-    # Timing): the decision made at step t drives steps t+1 … t+interval. 1 defers it.
+    """The loss the controller sees: eval, or train_ema (a moving average of the training loss, 0.9)."""
     update_lag: int = 0
-    rho: float = 0.1
-    min_prob: float = 0.2
-    sheared_eta: float = 1.0
-    sheared_c: float = 1e-4
-    history_start: float = 0.02
-    fit_start: float = 0.1
-    # A domain's law is fitted once its history holds more than this many points (SPEC §3.1).
-    min_fit_points: int = 10
-    ratio_start: float = 0.2
-    max_points: int = 64
+    """0: the decision made at the evaluation after step t drives steps t+1 … t+interval (the paper's
+    timing; the step waits for it). 1: defer each decision by one interval."""
 
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases logging (rank 0; never stops training)."""
+
     mode: Literal["online", "offline", "disabled"] = "offline"
+    """offline writes under RUN_DIR/wandb; online needs network and a login."""
     project: str = "megadrp"
+    """The wandb project."""
     name: str | None = None
+    """The run's name; null: wandb's."""
 
 
 @dataclass
 class Config:
+    """One stage of one run."""
+
     run_dir: str
+    """Where the run writes (docs/run_dir.md): config.yaml, metrics.jsonl, checkpoints/, hf/, status.json."""
     data_dir: str
+    """DATA_DIR written by `megadrp preprocess` (its manifest.json)."""
     stage: Literal["pretrain", "prune", "continue"]
+    """pretrain (from model.shape), prune (from model.init to prune.target), continue (from model.init)."""
     seed: int = 1234
-    domains: list[str] | None = None  # None: every domain in the manifest
+    """Seeds the batches, the mask draws, the controller and a from-scratch model."""
+    domains: list[str] | None = None
+    """The domains used, in this order; null: every domain of the manifest."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
     prune: PruneConfig = field(default_factory=PruneConfig)
+    """Pruning (stage prune)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
     save: SaveConfig = field(default_factory=SaveConfig)
+    """Checkpoints."""
     resume: str = "auto"
-    # Starting over (resume: none, or no checkpoint to resume) in a run_dir whose status.json
-    # says `done` would destroy a finished run's metrics and model: refused unless this is true.
+    """auto (the last complete checkpoint in run_dir, if any), none (start over), or a checkpoint path."""
     overwrite: bool = False
+    """Allow resume: none to start over in a run_dir whose status.json says done (it would replace
+    a finished run's metrics and model)."""
     deepspeed: str = "ds_configs/zero3_cpu.json"
+    """The DeepSpeed JSON: zero3_cpu.json (CPU, fp32), zero3_bf16.json (GPUs), zero3_offload.json
+    (optimizer and parameters on the host); a shipped one by name from any directory."""
     dro: DROConfig = field(default_factory=DROConfig)
+    """The domain schedule."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Logging."""
 
 
 # ---- conversion ---------------------------------------------------------------------------
@@ -272,7 +342,9 @@ def apply_override(raw: dict, item: str) -> None:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     raw: dict = {}
     if path is not None:
-        p = Path(path)
+        from megadrp.resources import resolve
+
+        p = resolve(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
@@ -313,7 +385,7 @@ def validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.micro_batch={t.micro_batch} is larger than train.global_batch="
                           f"{t.global_batch}; lower the micro-batch")
     for key, v in (("train.lr", t.lr), ("prune.mask_lr", cfg.prune.mask_lr), ("prune.lambda_lr", cfg.prune.lambda_lr),
-                   ("dro.rho", cfg.dro.rho)):
+                   ("dro.rho", cfg.dro.rho), ("dro.tol", cfg.dro.tol)):
         if not (math.isfinite(v) and v > 0):
             raise ConfigError(f"{where}: {key}={v} must be a positive finite number")
     for key, v in (("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip), ("train.eps", t.eps),
@@ -321,7 +393,8 @@ def validate(cfg: Config, where: str) -> None:
         if not (math.isfinite(v) and v >= 0):
             raise ConfigError(f"{where}: {key}={v} must be a finite number ≥ 0")
     for key, v in (("train.min_lr_ratio", t.min_lr_ratio), ("train.beta1", t.beta1), ("train.beta2", t.beta2),
-                   ("prune.ramp_fraction", cfg.prune.ramp_fraction), ("dro.min_prob", cfg.dro.min_prob)):
+                   ("prune.ramp_fraction", cfg.prune.ramp_fraction), ("dro.min_prob", cfg.dro.min_prob),
+                   ("dro.ratio_momentum", cfg.dro.ratio_momentum)):
         if not 0 <= v <= 1:
             raise ConfigError(f"{where}: {key}={v} must lie in [0, 1]")
     for key in ("reference_loss", "initial_proportion"):

@@ -8,16 +8,16 @@ that caused it, and nothing downstream re-derives (and possibly disagrees about)
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from megadrp.config import Config, ConfigError
+from megadrp.config import Config
 from megadrp.data.manifest import DomainShards, Manifest, load_manifest
 from megadrp.data.mixture import BatchLayout
+from megadrp.errors import ConfigError
 from megadrp.memory_plan import (
     GIB,
     Dims,
@@ -298,13 +298,13 @@ def _ds_config(cfg: Config, hidden: int) -> dict:
     """The DeepSpeed JSON with the run's clipping and optimizer settings written in (DeepSpeed
     reads them from here; the config keys are the single source) and `auto` bucket sizes
     filled from the hidden size; the batch keys follow once the layout is known."""
-    p = Path(cfg.deepspeed)
+    from megadrp.resources import resolve
+    from megadrp.runtime.files import read_json
+
+    p = resolve(cfg.deepspeed)
     if not p.is_file():
         raise ConfigError(f"deepspeed {p}: DeepSpeed JSON not found (see ds_configs/)")
-    try:
-        ds = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from e
+    ds = read_json(p, ConfigError)
     t = cfg.train
     ds["gradient_clipping"] = t.grad_clip
     ds["steps_per_print"] = 10**9
@@ -337,7 +337,7 @@ def per_domain(value, key: str, names: list[str]) -> list[float] | None:
 
 def initial_proportion(ip, domains, names: list[str], key: str = "dro.initial_proportion") -> np.ndarray:
     """p0 from `dro.initial_proportion`'s value (a list, a mapping, 'uniform', 'tokens' or
-    'tokens^0.3'), normalised; also what `megadrp.evaluate --shift` weighs losses with."""
+    'tokens^0.3'), normalised; also what `megadrp eval --shift` weighs losses with."""
     given = per_domain(ip, key, names)
     if given is not None:
         p = np.array(given, dtype=np.float64)

@@ -1,7 +1,8 @@
-"""Entry point: `deepspeed megadrp/train.py --config CONFIG.yaml [dotted.key=value ...]`.
+"""Entry point: `deepspeed megadrp/train.py --config CONFIG.yaml [dotted.key=value ...]`
+(or `megadrp train ...`).
 
-Also runs as `python megadrp/train.py` (one process), under torchrun, srun and mpirun;
-wiring only — the loop lives in megadrp/engine.py.
+Also runs as `python megadrp/train.py` (one process), under torchrun, srun and mpirun; wiring
+only — the loop lives in megadrp/engine/trainer.py.
 
     --dry-run [--world-size N] [--gpu-memory GIB] [--json] [--no-disk-check]
         resolve and check everything that needs no weights (config, data manifest, the
@@ -21,25 +22,29 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megadrp.stop import StopRequest  # noqa: E402  (signal and logging only)
+try:  # signal and logging only: nothing slow is imported before the stop handlers are in place
+    from megadrp.runtime.stop import StopRequest
+except ModuleNotFoundError as _e:  # run as a script from a checkout that was never installed
+    if _e.name != "megadrp":
+        raise
+    print(f"train: megadrp is not installed in this Python ({sys.executable}); in the checkout run "
+          "`pip install -e .` (or `make setup`), then launch again", file=sys.stderr)
+    sys.exit(2)
 
 # Before anything slow (torch and DeepSpeed imports, the rendezvous, a 7B model load): a stop
 # during startup is a clean stop (exit 3, no new checkpoint), never death by SIGUSR1.
 _STOP = StopRequest().install() if __name__ == "__main__" else None
 
-from megadrp.config import ConfigError, load_config  # noqa: E402
+from megadrp.errors import UserError  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML run config (see configs/)")
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="megadrp train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML run config (see configs/; a shipped one by its name "
+                    "works from any directory)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dry-run", action="store_true", help="check and print the run plan, build nothing")
     ap.add_argument("--world-size", type=int, default=None, help="ranks to plan for with --dry-run (default: "
@@ -51,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-disk-check", action="store_true",
                     help="with --dry-run: plan for another machine; report, but do not refuse, a run_dir without room")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=10")
-    args = ap.parse_intermixed_args(argv)  # flags may follow the overrides
-    stop = _STOP or StopRequest().install()
+    return ap
+
+
+def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # DeepSpeed still calls torch.distributed APIs that warn on every step.
@@ -60,63 +67,60 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _dry_run(cfg, args) -> int:
+    from megadrp.plan import GIB, dry_run
+
+    world = args.world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    budget = int(args.gpu_memory * GIB) if args.gpu_memory else None
+    try:
+        report = dry_run(cfg, world, budget, check_disk=not args.no_disk_check)
+    except (UserError, OSError) as e:
+        print(f"train: dry run: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.data, indent=2) if args.json else "\n".join(report.lines))
+    if report.problem:
+        print(f"train: dry run: {report.problem}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
+    args = parser().parse_intermixed_args(argv)  # flags may follow the overrides
+    stop = stop or _STOP or StopRequest().install()
+    _quiet_libraries()
+    from megadrp.config import load_config
+
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+    except UserError as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2
-
-    from megadrp import build_locks, distributed
-    from megadrp.data.indexed import IndexedDatasetError
-    from megadrp.data.manifest import ManifestError
-    from megadrp.engine import Trainer, TrainingStopped
-    from megadrp.model.hf_io import CheckpointError
-
-    user_errors = (ConfigError, ManifestError, IndexedDatasetError, CheckpointError, OSError)
     if args.dry_run:
-        from megadrp.plan import GIB, dry_run
+        return _dry_run(cfg, args)
 
-        world = args.world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-        budget = int(args.gpu_memory * GIB) if args.gpu_memory else None
-        try:
-            report = dry_run(cfg, world, budget, check_disk=not args.no_disk_check)
-        except user_errors as e:
-            print(f"train: dry run: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(report.data, indent=2) if args.json else "\n".join(report.lines))
-        if report.problem:
-            print(f"train: dry run: {report.problem}", file=sys.stderr)
-            return 2
-        return 0
-    try:
-        info = distributed.discover()
-    except distributed.LaunchError as e:
-        print(f"train: launch error: {e}", file=sys.stderr)
-        return 2
-    try:
-        # DeepSpeed JIT-loads its ops in both init and the engine build: a lock a killed
-        # process left on one must not hang this start (megadrp/build_locks.py).
-        with build_locks.watch(enabled=info.local_rank == 0):
-            try:
-                distributed.init(info)
-            except distributed.RendezvousBusy as e:
-                # Transient: mark the run for a retry (the Slurm scripts requeue it) and say so.
-                print(f"train: {e}", file=sys.stderr)
-                from megadrp.atomic import atomic_write_text
+    from megadrp.engine.trainer import Trainer, TrainingStopped
+    from megadrp.runtime import process_group
+    from megadrp.runtime.run_dir import RunDir
 
-                Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-                atomic_write_text(Path(cfg.run_dir) / "status.json",
-                                  json.dumps({"state": "retry", "time": time.time()}) + "\n")
-                return e.exit_code
+    rank = os.environ.get("RANK", "?")
+    try:
+        with process_group.starting() as info:  # DeepSpeed JIT-loads ops in init and in the engine build
+            rank = info.rank
             trainer = Trainer(cfg, info, stop)
         return trainer.run()
-    except distributed.LaunchError as e:
-        print(f"train: launch error: {e}", file=sys.stderr)
-        distributed.release()
-        return 2
-    except (*user_errors, TrainingStopped) as e:
-        print(f"train: error (rank {info.rank}): {e}", file=sys.stderr)
-        distributed.release()
+    except process_group.RendezvousBusy as e:
+        # Transient: mark the run for a retry (the Slurm scripts requeue it) and say so.
+        print(f"train: {e}", file=sys.stderr)
+        RunDir(cfg.run_dir).write_state("retry")
+        return e.exit_code
+    except (UserError, OSError, TrainingStopped) as e:
+        from megadrp.errors import LaunchError
+
+        print(f"train: {'launch error' if isinstance(e, LaunchError) else f'error (rank {rank})'}: {e}",
+              file=sys.stderr)
+        process_group.release()
         return 2
 
 

@@ -23,9 +23,9 @@ esac
 # One task per GPU (or per CPU rank): every task is a torch.distributed rank whose RANK,
 # LOCAL_RANK and WORLD_SIZE come from SLURM_PROCID, SLURM_LOCALID and SLURM_STEP_NUM_TASKS,
 # and whose rendezvous (the step's first node, a port mixed from job and step id) is chosen
-# per step by megadrp/distributed.py. No ssh, no pdsh: Slurm places the processes.
+# per step by megadrp/runtime/launch.py. No ssh, no pdsh: Slurm places the processes.
 # sbatch exports the submitting shell's environment: a MASTER_ADDR/MASTER_PORT from there
-# names some other rendezvous (distributed.py ignores them under srun; unset to avoid doubt),
+# names some other rendezvous (launch.py ignores them under srun; unset to avoid doubt),
 # and a RANK/WORLD_SIZE/LOCAL_RANK from there (a shell inside another job, a torchrun
 # session) would win over srun's variables and give every task the same rank.
 unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE

@@ -6,7 +6,7 @@
 # Environment (defaults in brackets):
 #   TARGET      1.3b | 2.7b | qwen2-1.8b (see prune_7b.sh)  [1.3b]
 #   MODEL_DIR   the pruned model                         [runs/prune_7b_$TARGET/hf]
-#   DATA_DIR    DATA_DIR from data_tools/preprocess.py   [data/redpajama]
+#   DATA_DIR    DATA_DIR from `megadrp preprocess`   [data/redpajama]
 #   RUN_DIR     where the run writes                     [runs/continue_7b_$TARGET]
 #   CONFIG      recipe                                   [configs/continue_$TARGET.yaml]
 #   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]

@@ -24,7 +24,7 @@ n=${#domains[@]}
 pre=$(sbatch --parsable --array=0-$((n - 1)) ${PRE_SBATCH_ARGS:-} slurm/preprocess_array.sh)
 merge=$(sbatch --parsable --dependency=afterok:$pre --ntasks=1 --job-name=megadrp-merge --output=%x-%j.out \
   --open-mode=append \
-  --wrap "${PYTHON:-python} data_tools/merge_manifests.py --out $DATA_DIR $(printf "$DATA_DIR/parts/%s " "${domains[@]}")")
+  --wrap "${PYTHON:-python} -m megadrp merge --out $DATA_DIR $(printf "$DATA_DIR/parts/%s " "${domains[@]}")")
 prune=$(sbatch --parsable --dependency=afterok:$merge ${PRUNE_SBATCH_ARGS:-} slurm/prune_7b.sh)
 cont=$(MODEL_DIR=${CONTINUE_MODEL_DIR:-runs/prune_7b_$TARGET/hf} sbatch --parsable --dependency=afterok:$prune \
   ${CONTINUE_SBATCH_ARGS:-} slurm/continue_7b.sh)

@@ -10,6 +10,6 @@
 source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
 read -r -a domains <<< "${DOMAINS:?set DOMAINS}"
 d=${domains[${SLURM_ARRAY_TASK_ID:-0}]}
-"$PYTHON" data_tools/preprocess.py --input "$d=${RAW_DIR:?set RAW_DIR}/$d/*.jsonl*" \
+"$PYTHON" -m megadrp preprocess --input "$d=${RAW_DIR:?set RAW_DIR}/$d/*.jsonl*" \
   --tokenizer "${TOKENIZER:?set TOKENIZER}" --out "${DATA_DIR:?set DATA_DIR}/parts/$d" \
   --workers "${SLURM_CPUS_PER_TASK:-1}" --eval-docs "${EVAL_DOCS:-500}" --overwrite

@@ -6,7 +6,7 @@
 #
 # Environment (defaults in brackets):
 #   MODEL_DIR   Hugging Face Llama-2-7B directory       [checkpoints/Llama-2-7b-hf]
-#   DATA_DIR    DATA_DIR from data_tools/preprocess.py   [data/redpajama]
+#   DATA_DIR    DATA_DIR from `megadrp preprocess`   [data/redpajama]
 #   TARGET      1.3b | 2.7b (Llama-2-7B) | qwen2-1.8b (Qwen2-7B, SPEC §4's multilingual recipe)
 #               | llama31-4b (Llama-3.1-8B → the Minitron-4B-Width shape)   [1.3b]
 #   RUN_DIR     where the run writes                     [runs/prune_7b_$TARGET]

@@ -29,10 +29,10 @@ RUN_ROOT=${RUN_ROOT:-runs/smoke}
 STEPS=${STEPS:-20}
 mkdir -p logs "$RUN_ROOT"
 if [ ! -f "$RUN_ROOT/data/manifest.json" ]; then
-  "$PYTHON" data_tools/synth_corpus.py --out "$RUN_ROOT/corpus" --docs-per-domain 300
-  "$PYTHON" data_tools/train_tokenizer.py --input "$RUN_ROOT"/corpus/*.jsonl --vocab-size 1024 --out "$RUN_ROOT/tokenizer"
+  "$PYTHON" -m megadrp synth-corpus --out "$RUN_ROOT/corpus" --docs-per-domain 300
+  "$PYTHON" -m megadrp tokenizer --input "$RUN_ROOT"/corpus/*.jsonl --vocab-size 1024 --out "$RUN_ROOT/tokenizer"
   inputs=(); for f in "$RUN_ROOT"/corpus/*.jsonl; do n=$(basename "$f" .jsonl); inputs+=(--input "$n=$f"); done
-  "$PYTHON" data_tools/preprocess.py "${inputs[@]}" --tokenizer "$RUN_ROOT/tokenizer" --out "$RUN_ROOT/data" \
+  "$PYTHON" -m megadrp preprocess "${inputs[@]}" --tokenizer "$RUN_ROOT/tokenizer" --out "$RUN_ROOT/data" \
     --workers 2 --eval-docs 20 --overwrite
 fi
 # megadrp_train returns only when its run is done (it requeues or exits otherwise), so a

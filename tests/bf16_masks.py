@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
@@ -22,18 +20,15 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_set_full_fp32_param  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from megadrp import build_locks, distributed  # noqa: E402
-from megadrp.distributed import shutdown  # noqa: E402
-from megadrp.ds_setup import fp32_master  # noqa: E402
-from megadrp.export import final_masks  # noqa: E402
+from megadrp.engine.export import final_masks  # noqa: E402
+from megadrp.engine.zero3 import fp32_master  # noqa: E402
 from megadrp.model.llama import MaskedLlama  # noqa: E402
 from megadrp.model.masks import Shape, deterministic_z  # noqa: E402
+from megadrp.runtime import process_group  # noqa: E402
 
 
 def main() -> None:
-    info = distributed.discover()
-    with build_locks.watch(enabled=info.local_rank == 0):  # DeepSpeed JIT-loads an op in init
-        distributed.init(info)  # as train.py: no allreduce segment outlives the run
+    process_group.start()  # as train.py: discover, watch build locks, init
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=32)
@@ -72,4 +67,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    shutdown()
+    process_group.shutdown()

@@ -22,7 +22,7 @@ def pytest_sessionstart(session) -> None:
     would wait on forever, allreduce segments holding RAM in /dev/shm) goes first. Every
     training run does the same on its node; this covers the tests that start DeepSpeed in
     process and the memory the suite needs before the first run."""
-    from megadrp import build_locks, shm_segments
+    from megadrp.runtime import build_locks, shm_segments
 
     shm_segments.clear_stale()
     build_locks.clear_stale()

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from megadrp.distributed import free_port
+from megadrp.runtime.launch import free_port
 
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "sinfo")
 

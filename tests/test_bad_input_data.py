@@ -35,10 +35,10 @@ import pytest
 import zstandard
 from conftest import PY, ROOT, run
 
-from data_tools import preprocess as pp
-from data_tools.corpus_io import Oversized, _lines, count_records
+from megadrp.data.corpus_io import Oversized, _lines, count_records
 from megadrp.data.manifest import load_manifest
 from megadrp.data.tokenizer import load_tokenizer
+from megadrp.tools import preprocess as pp
 
 IS_ROOT = os.geteuid() == 0
 TEXTS = [f"document {i}: the quick brown fox jumps over {i} lazy dogs" for i in range(12)]
@@ -412,7 +412,7 @@ def test_leftover_of_a_killed_run_is_named_not_deleted(ws: Path, tokenizer: Path
 def test_unreadable_input_for_root_too(ws: Path, tokenizer: Path, capsys, monkeypatch) -> None:
     """The table's unreadable-input case needs a user that permissions stop; this one
     makes the open fail (EACCES) for anyone, root included."""
-    from data_tools import corpus_io
+    from megadrp.data import corpus_io
 
     def denied(path, *a, **kw):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
@@ -492,7 +492,7 @@ def test_a_tokenizer_that_is_not_piece_safe_is_detected() -> None:
 MEMORY_PROBE = """
 import json, resource, sys
 import numpy as np
-from data_tools import preprocess as pp
+from megadrp.tools import preprocess as pp
 pp._init_worker(sys.argv[1], "text", False, 2, np.uint16, True)
 words = "the of and a to in is was for on that with as by it at from this be or".split()
 text = " ".join(words[(i * 7919) % len(words)] for i in range(1_100_000))[:4_000_000]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT
 
-from megadrp.config import ConfigError, load_config
+from megadrp.config import load_config
+from megadrp.errors import ConfigError
 
 
 def test_recipes_load():

@@ -11,8 +11,9 @@ import pytest
 import zstandard
 from conftest import PY, run
 
-from data_tools.corpus_io import CorpusError, count_records, iter_documents
+from megadrp.data.corpus_io import count_records, iter_documents
 from megadrp.data.manifest import load_manifest
+from megadrp.errors import CorpusError
 
 TEXTS = [f"документ {i}: 文本 {i} — text number {i} " + "word " * (i % 7) for i in range(40)]
 

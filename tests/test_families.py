@@ -15,11 +15,12 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from megadrp.config import ConfigError, load_config
-from megadrp.model.families import FamilyError, check_config, check_sliding_window
-from megadrp.model.hf_io import CheckpointError, export_hf, load_hf_config, load_weights
+from megadrp.config import load_config
+from megadrp.errors import CheckpointError, ConfigError, FamilyError, TargetShapeError
+from megadrp.model.families import check_config, check_sliding_window
+from megadrp.model.hf_io import export_hf, load_hf_config, load_weights
 from megadrp.model.llama import MaskedLlama, count_parameters, head_dim_of, shape_of
-from megadrp.model.masks import SETS, L0Masks, Shape, TargetShapeError, check_target
+from megadrp.model.masks import SETS, L0Masks, Shape, check_target
 from megadrp.model.prune import prune_state_dict
 
 VOCAB = 300

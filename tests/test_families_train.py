@@ -15,7 +15,7 @@ import torch
 import zstandard
 from conftest import PY, metrics, run, tiny_run_config, write_config
 
-from megadrp.distributed import free_port
+from megadrp.runtime.launch import free_port
 
 pytestmark = pytest.mark.slow
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -147,7 +147,7 @@ def test_family_prune_two_ranks_evaluates_the_same(name, cls_name, tmp_path, dat
 
 
 def test_export_tokenizer_is_the_sources_only_with_the_datas_vocabulary(tmp_path, tokenizer):
-    from megadrp.export import tokenizer_source
+    from megadrp.engine.export import tokenizer_source
 
     src = tmp_path / "src"
     src.mkdir()

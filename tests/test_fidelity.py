@@ -15,13 +15,13 @@ import torch
 from conftest import PY, run
 
 from megadrp.data.mixture import BatchLayout
-from megadrp.distributed import free_port
 from megadrp.dro.controller import Controller, ControllerSettings, Observation
 from megadrp.dro.scaling_law import Fit, reference_prediction
 from megadrp.dro.weights import apply_floor, dro_weights, update_ratio
+from megadrp.engine.optim import group_lrs
+from megadrp.engine.train_state import ema_update
 from megadrp.model.masks import L0Masks, Shape, prob_nonzero
-from megadrp.optim import group_lrs
-from megadrp.train_state import ema_update
+from megadrp.runtime.launch import free_port
 
 
 # 1. Mask and λ learning rates follow the schedule -----------------------------------------

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from megadrp.data.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, dtype_for_vocab
+from megadrp.data.indexed import IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
+from megadrp.errors import IndexedDatasetError
 
 
 def _docs(rng, n=50, vocab=1000):

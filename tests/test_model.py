@@ -10,7 +10,7 @@ import torch
 from conftest import PY, run, tiny_llama_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from megadrp.distributed import free_port
+from megadrp.errors import TargetShapeError
 from megadrp.model.hf_io import export_hf, load_hf_config, load_weights
 from megadrp.model.llama import GatedLinear, MaskedLlama, _GatedWeight, shape_of
 from megadrp.model.masks import (
@@ -19,13 +19,13 @@ from megadrp.model.masks import (
     LIMIT_R,
     L0Masks,
     Shape,
-    TargetShapeError,
     check_target,
     deterministic_z,
     prob_nonzero,
     sample_z,
 )
 from megadrp.model.prune import prune_state_dict
+from megadrp.runtime.launch import free_port
 
 CASES = [dict(num_key_value_heads=4), dict(num_key_value_heads=2), dict(num_key_value_heads=4, tie_word_embeddings=True),
          dict(num_key_value_heads=2, tie_word_embeddings=True)]

@@ -286,7 +286,8 @@ def test_dry_run_plans_without_building(tmp_path, data_dir, base_model, monkeypa
     import shutil
     import types
 
-    from megadrp.config import ConfigError, load_config
+    from megadrp.config import load_config
+    from megadrp.errors import ConfigError
     from megadrp.plan import dry_run
 
     cfg = prune_cfg(tmp_path, data_dir, base_model, "dry", train={"global_batch": 32, "micro_batch": 4})

@@ -17,9 +17,7 @@ import argparse
 import copy
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
@@ -27,10 +25,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from megadrp import build_locks, distributed  # noqa: E402
-from megadrp.distributed import shutdown  # noqa: E402
 from megadrp.model.llama import MaskedLlama  # noqa: E402
 from megadrp.model.masks import Shape  # noqa: E402
+from megadrp.runtime import process_group  # noqa: E402
 
 LR, STEP, SEED, BATCH = 0.1, 3, 5, 4
 
@@ -45,9 +42,7 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = ap.parse_args()
-    info = distributed.discover()
-    with build_locks.watch(enabled=info.local_rank == 0):  # DeepSpeed JIT-loads an op in init
-        distributed.init(info)  # as train.py: no allreduce segment outlives the run
+    process_group.start()  # as train.py: discover, watch build locks, init
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
@@ -88,4 +83,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    shutdown()
+    process_group.shutdown()

@@ -28,6 +28,8 @@ from typing import Iterable
 
 import numpy as np
 
+from megadrp.errors import IndexedDatasetError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
@@ -43,10 +45,6 @@ DTYPE_CODES: dict[int, type] = {
     8: np.uint16,
 }
 CODE_OF_DTYPE: dict[type, int] = {v: k for k, v in DTYPE_CODES.items()}
-
-
-class IndexedDatasetError(ValueError):
-    """A shard that cannot be read as it is; the message names the file and what to do."""
 
 
 def dtype_for_vocab(vocab_size: int) -> type:
@@ -175,7 +173,7 @@ class IndexedDataset:
         idx_path, bin_path = index_file(prefix), data_file(prefix)
         for p in (idx_path, bin_path):
             if not p.is_file():
-                raise IndexedDatasetError(f"{p}: shard file not found; run data_tools/preprocess.py to create it")
+                raise IndexedDatasetError(f"{p}: shard file not found; run `megadrp preprocess` to create it")
         idx_size = idx_path.stat().st_size
         if idx_size < _HEADER.size:
             raise IndexedDatasetError(f"{idx_path}: index is {idx_size} bytes, shorter than its header; the file is truncated, re-run preprocessing")
@@ -251,5 +249,5 @@ class IndexedDataset:
             raise IndexedDatasetError(
                 f"{data_file(self.prefix)}: token id {bad} near token {start} is outside the model's vocabulary "
                 f"of {self.vocab_size}; the shards were made with another tokenizer: re-run "
-                "data_tools/preprocess.py with the model's tokenizer")
+                "`megadrp preprocess` with the model's tokenizer")
         return out

@@ -7,13 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megadrp.atomic import atomic_write_text
+from megadrp.errors import ManifestError
+from megadrp.runtime.files import atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
-
-
-class ManifestError(ValueError):
-    """A manifest that is missing, malformed or does not match what a run asks for."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class Manifest:
         if over:
             raise ManifestError(f"{self.data_dir / MANIFEST}: token ids of {', '.join(over)} reach past the model's "
                                 f"vocab_size {model_vocab}; the data was made with another tokenizer: re-run "
-                                "data_tools/preprocess.py with the model's tokenizer")
+                                "`megadrp preprocess` with the model's tokenizer")
 
 
 def write_manifest(data_dir: Path, content: dict[str, Any]) -> Path:
@@ -66,12 +63,9 @@ def write_manifest(data_dir: Path, content: dict[str, Any]) -> Path:
 def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     d = Path(data_dir)
     path = d / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path}: not found; create DATA_DIR with data_tools/preprocess.py")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+    raw = read_json(path, ManifestError, missing="create DATA_DIR with `megadrp preprocess`")
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: the top level must be a JSON object")
     for key, typ in (("tokenizer", str), ("vocab_size", int), ("eod_id", int), ("dtype", str), ("domains", dict)):
         if not isinstance(raw.get(key), typ):
             raise ManifestError(f"{path}: key {key!r} missing or not a {typ.__name__}")

@@ -244,7 +244,7 @@ class MixtureDataset(IterableDataset):
 
 class EvalWindows:
     """The fixed eval windows of one domain: the first `tokens // seq_len` non-overlapping
-    windows of its eval split (the same ones `megadrp.evaluate` scores)."""
+    windows of its eval split (the same ones `megadrp eval` scores)."""
 
     def __init__(self, prefix, seq_len: int, tokens: int, name: str = "", vocab_size: int | None = None) -> None:
         self.ds = IndexedDataset(prefix, vocab_size)

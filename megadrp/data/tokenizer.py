@@ -1,6 +1,6 @@
 """One way to load a tokenizer for every tool: any Hugging Face tokenizer directory on disk.
 
-`data_tools/train_tokenizer.py` writes directories that this loads too, so preprocessing,
+`megadrp tokenizer` writes directories that this loads too, so preprocessing,
 export and evaluation all agree on token ids and on the end-of-document id.
 """
 from __future__ import annotations
@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class TokenizerError(ValueError):
-    """The tokenizer path cannot be used; the message says which path and why."""
+from megadrp.errors import TokenizerError
 
 
 @dataclass
@@ -44,7 +42,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     p = Path(path)
     if not p.is_dir():
         raise TokenizerError(f"{p}: tokenizer directory not found; pass a directory written by "
-                             "data_tools/train_tokenizer.py or a Hugging Face tokenizer saved on disk")
+                             "`megadrp tokenizer` or a Hugging Face tokenizer saved on disk")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 

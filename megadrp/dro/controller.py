@@ -16,41 +16,33 @@ from typing import Any
 import numpy as np
 
 from megadrp.dro import batched_fit, scaling_law
+from megadrp.dro.constants import DROConstants
 from megadrp.dro.weights import dro_weights, normalise, sheared_update, update_ratio
 
 log = logging.getLogger("megadrp.dro")
 MODES = ("constant", "sheared", "dro", "dro_dyloss", "drpruning")
 
 
-@dataclass
-class ControllerSettings:
+@dataclass(kw_only=True)
+class ControllerSettings(DROConstants):
+    """What the controller is given: the constants (megadrp/dro/constants.py) and what the run
+    knows. Only numbers, never the config."""
+
     mode: str
     domains: list[str]
     p0: list[float]
     total_steps: int
     reference_loss: list[float] | None  # None: the first evaluation's losses ("auto")
     pruning: bool = False
-    rho: float = 0.1
-    min_prob: float = 0.2
-    tol: float = 1e-4
-    sheared_eta: float = 1.0
-    sheared_c: float = 1e-4
-    history_start: float = 0.02
-    fit_start: float = 0.1
-    min_fit_points: int = 10
-    ratio_start: float = 0.2
-    ratio_momentum: float = 0.9
-    max_points: int = 64
     seed: int = 0
 
     @classmethod
     def from_config(cls, dro, **run) -> "ControllerSettings":
-        """Every field `dro` (a `megadrp.config.DROConfig`) shares with these settings, by
-        name, so the two cannot drift apart; `run` gives what the run knows (domains, p0,
-        resolved reference losses, ...) and wins over `dro`. The controller itself only
-        ever sees numbers, never the config."""
-        shared = {f.name: getattr(dro, f.name) for f in fields(cls) if hasattr(dro, f.name)}
-        return cls(**{**shared, **run})
+        """The constants from `dro` (a `megadrp.config.DROConfig`, which extends the same
+        DROConstants) and `mode`; `run` gives what the run knows (domains, p0, resolved reference
+        losses, ...)."""
+        shared = {f.name: getattr(dro, f.name) for f in fields(DROConstants)}
+        return cls(**shared, mode=dro.mode, **run)
 
 
 @dataclass

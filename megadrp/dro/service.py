@@ -19,8 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from megadrp.atomic import atomic_write_text
 from megadrp.dro.controller import Controller, ControllerSettings, Decision, Observation
+from megadrp.runtime.files import atomic_write_text
 
 log = logging.getLogger("megadrp.dro")
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-
-class FamilyError(ValueError):
-    """A model config megadrp cannot reproduce exactly; names the config.json key."""
+from megadrp.errors import FamilyError
 
 
 @dataclass(frozen=True)

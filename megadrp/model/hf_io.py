@@ -12,7 +12,6 @@ tokenizer) to a temporary name and renames it into place.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -20,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from megadrp.model.families import FamilyError, check_config, check_sliding_window, model_class
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded as asked; names the file and key."""
+from megadrp.errors import CheckpointError, FamilyError
+from megadrp.model.families import check_config, check_sliding_window, model_class
+from megadrp.runtime.files import read_json
 
 
 def load_hf_config(path: str | os.PathLike, seq_len: int | None = None):
@@ -60,9 +57,9 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (p / index).is_file():
             try:
-                shards = sorted(set(json.loads((p / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{p / index}: malformed shard index ({e})") from e
+                shards = sorted(set(read_json(p / index, CheckpointError)["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{p / index}: malformed shard index (no weight_map: {e})") from e
             missing = [s for s in shards if not (p / s).is_file()]
             if missing:
                 raise CheckpointError(f"{p / index}: lists {missing[0]} which does not exist")

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from megadrp.errors import TargetShapeError
+
 LIMIT_L, LIMIT_R = -0.1, 1.1
 BETA = 2.0 / 3.0
 EPS = 1e-6
@@ -51,10 +53,6 @@ class Shape:
     def as_dict(self) -> dict[str, int]:
         return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads,
                 "kv_heads": self.kv_heads, "intermediate": self.intermediate}
-
-
-class TargetShapeError(ValueError):
-    """A prune target that cannot be reached from the source model."""
 
 
 SETS = ("layer", "head", "intermediate", "hidden")

@@ -14,17 +14,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megadrp import build_locks, checkpoint
-from megadrp.config import Config, ConfigError, DROConfig, EvalConfig, TrainConfig
+from megadrp.config import Config, DROConfig, EvalConfig, TrainConfig
 from megadrp.data.mixture import BatchLayout
-from megadrp.distributed import free_port
-from megadrp.domain_schedule import DomainSchedule
 from megadrp.dro.controller import ControllerSettings
-from megadrp.faults import Faults
-from megadrp.metrics import MetricsLog
-from megadrp.optim import cosine_lr, param_groups
+from megadrp.engine import checkpoint
+from megadrp.engine.domain_schedule import DomainSchedule
+from megadrp.engine.metrics import MetricsLog
+from megadrp.engine.optim import cosine_lr, param_groups
+from megadrp.engine.train_state import TrainState
+from megadrp.errors import ConfigError
 from megadrp.plan import RunPlan, per_domain
-from megadrp.train_state import TrainState
+from megadrp.runtime import build_locks
+from megadrp.runtime.faults import Faults
+from megadrp.runtime.launch import free_port
+from megadrp.runtime.run_dir import RunDir
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +53,7 @@ def _plan(tmp: Path, lag: int = 0, mode: str = "dro") -> RunPlan:
 
 # ---- DomainSchedule ---------------------------------------------------------------------
 def test_schedule_lag0_decides_for_the_next_interval(gloo, tmp_path):
-    s = DomainSchedule(_plan(tmp_path), 0, tmp_path, Faults())
+    s = DomainSchedule(_plan(tmp_path), 0, RunDir(tmp_path).controller_pid, Faults())
     s.start(evaluation_at_start=True)
     try:
         d, waited = s.observe(0, np.array([2.0, 1.0, 1.0]), np.zeros(3))
@@ -68,7 +71,7 @@ def test_schedule_lag0_decides_for_the_next_interval(gloo, tmp_path):
 
 
 def test_schedule_lag1_defers_by_one_interval(gloo, tmp_path):
-    s = DomainSchedule(_plan(tmp_path, lag=1), 0, tmp_path, Faults())
+    s = DomainSchedule(_plan(tmp_path, lag=1), 0, RunDir(tmp_path).controller_pid, Faults())
     s.start(evaluation_at_start=False)
     try:
         assert np.allclose(s.table.weights_at(10), [0.5, 0.3, 0.2])  # promised without any evaluation
@@ -81,14 +84,14 @@ def test_schedule_lag1_defers_by_one_interval(gloo, tmp_path):
 
 
 def test_schedule_state_round_trip(gloo, tmp_path):
-    a = DomainSchedule(_plan(tmp_path), 0, tmp_path, Faults())
+    a = DomainSchedule(_plan(tmp_path), 0, RunDir(tmp_path).controller_pid, Faults())
     a.start(evaluation_at_start=False)
     for step in range(1, 11):
         a.draw(step)
     a.observe(10, np.array([2.0, 1.0, 1.0]), np.full(3, 1e3))
     saved = copy.deepcopy(a.state_dict())
     a.close()
-    b = DomainSchedule(_plan(tmp_path), 0, tmp_path, Faults())
+    b = DomainSchedule(_plan(tmp_path), 0, RunDir(tmp_path).controller_pid, Faults())
     b.load_state_dict(saved)
     b.start()
     try:
@@ -320,8 +323,8 @@ def test_checkpoint_problem_names_what_a_rank_cannot_load(tmp_path):
 def test_prediction_accuracy_by_hand():
     """The prediction made at the last evaluation no later than 25/50/75% of the stage against
     the stage's final eval loss; fractions before the first fitted law are left out."""
-    from megadrp.metrics import prediction_accuracy
-    from megadrp.report import prediction_table
+    from megadrp.engine.metrics import prediction_accuracy
+    from megadrp.tools.report import prediction_table
 
     def row(step, loss, pred=None):
         return {"step": step, "eval_loss": {"a": loss, "b": 2 * loss},

@@ -112,7 +112,7 @@ def meta_only_group():
 
 
 def test_step_reduction_and_stop_flag_stay_on_the_device(meta_only_group):
-    from megadrp.collectives import StepSums, any_rank
+    from megadrp.engine.collectives import StepSums, any_rank
 
     sums = StepSums(k=3, device=META)
     sums.add(torch.zeros(2, 5, device=META), torch.tensor([0, 2], device=META), torch.zeros((), device=META))
@@ -124,7 +124,7 @@ def test_step_reduction_and_stop_flag_stay_on_the_device(meta_only_group):
 
 def test_evaluation_sums_stay_on_the_device(meta_only_group):
     """The evaluator's forwards and its all-reduce, with the masked model on the device."""
-    from megadrp.evaluator import Evaluator
+    from megadrp.engine.evaluator import Evaluator
 
     class Windows:
         n = 3

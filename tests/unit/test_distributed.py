@@ -1,4 +1,4 @@
-"""megadrp.distributed with faked launcher environments: torchrun / the deepspeed launcher,
+"""megadrp.runtime.launch (and process_group's init) with faked launcher environments: torchrun / the deepspeed launcher,
 srun (steps, GPU bindings, rendezvous address and port), mpirun (mpi4py faked in
 sys.modules), mpirun inside a Slurm allocation, and one process. No processes, no GPUs:
 each test hands `discover` a dict for the environment (plus a fake `scontrol` on PATH
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from megadrp import distributed as D
-from megadrp.config import ConfigError
+from megadrp.errors import ConfigError
+from megadrp.runtime import launch as D
+from megadrp.runtime import process_group as PG
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -348,16 +349,16 @@ def test_no_visible_gpu_is_an_error():
 def test_bind_device_makes_local_rank_the_device_for_deepspeed():
     env = dict(LOCAL_RANK="5", OMPI_COMM_WORLD_LOCAL_RANK="5", SLURM_GPUS_ON_NODE="8")
     chosen = []
-    assert D.bind_device(info(5, 8), env, visible=1, set_device=chosen.append) == 0
+    assert PG.bind_device(info(5, 8), env, visible=1, set_device=chosen.append) == 0
     assert chosen == [0] and env["LOCAL_RANK"] == "0" and env["OMPI_COMM_WORLD_LOCAL_RANK"] == "0"
     env = dict(LOCAL_RANK="5")
-    D.bind_device(info(5, 8), env, visible=8, set_device=chosen.append)
+    PG.bind_device(info(5, 8), env, visible=8, set_device=chosen.append)
     assert chosen[-1] == 5 and env == dict(LOCAL_RANK="5")
 
 
 def test_discovery_does_not_load_torch():
     # rank discovery is environment work; torch loads only when a device is chosen
-    code = "import sys, megadrp.distributed as d; d.discover({}); assert 'torch' not in sys.modules"
+    code = "import sys, megadrp.runtime.launch as d; d.discover({}); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
 
 
@@ -371,10 +372,10 @@ def test_init_turns_a_busy_port_into_rendezvous_busy(monkeypatch):
                            "useIpv6: 0, code: -98, name: EADDRINUSE, message: address already in use")
 
     monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=init_distributed))
-    monkeypatch.setattr(D, "accelerator", lambda: ("cpu", "gloo"))
+    monkeypatch.setattr(PG, "accelerator", lambda: ("cpu", "gloo"))
     monkeypatch.setenv("MASTER_PORT", "29500")
-    with pytest.raises(D.RendezvousBusy, match="MASTER_PORT=29500") as e:
-        D.init(info(0, 1))
+    with pytest.raises(PG.RendezvousBusy, match="MASTER_PORT=29500") as e:
+        PG.init(info(0, 1))
     assert e.value.exit_code == 75 and calls[0]["dist_backend"] == "gloo"
 
     def other_failure(**kw):
@@ -382,7 +383,7 @@ def test_init_turns_a_busy_port_into_rendezvous_busy(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=other_failure))
     with pytest.raises(RuntimeError, match="connection refused"):
-        D.init(info(0, 1))
+        PG.init(info(0, 1))
 
 
 def test_backend_follows_deepspeeds_accelerator_not_the_visible_gpus(tmp_path):
@@ -390,16 +391,16 @@ def test_backend_follows_deepspeeds_accelerator_not_the_visible_gpus(tmp_path):
     yes, and no device exists to bind): a CPU engine needs a gloo group and no CUDA binding.
     Binding CUDA there fails ("sees no GPU"), and an NCCL group would refuse every CPU tensor."""
     code = """
-import os, torch.distributed as dist, megadrp.distributed as D
-D._cuda_available = lambda: True
+import os, torch.distributed as dist, megadrp.runtime.launch as D, megadrp.runtime.process_group as PG
+PG._cuda_available = lambda: True
 info = D.discover(os.environ)
-D.init(info)
+PG.init(info)
 assert dist.get_backend() == "gloo", dist.get_backend()
-assert D.accelerator() == ("cpu", "gloo")
-D.shutdown()
+assert PG.accelerator() == ("cpu", "gloo")
+PG.shutdown()
 print("ok")
 """
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), MEGADRP_MASTER_PORT=str(D.free_port()))
+    env.update(DS_ACCELERATOR="cpu", MEGADRP_MASTER_PORT=str(D.free_port()))
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]

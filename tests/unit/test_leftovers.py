@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from megadrp import build_locks, shm_segments
-from megadrp.config import ConfigError
-from megadrp.open_files import _mapped_inodes, holders
+from megadrp.errors import ConfigError
+from megadrp.runtime import build_locks, shm_segments
+from megadrp.runtime.open_files import _mapped_inodes, holders
 
 pytestmark = pytest.mark.unit
 

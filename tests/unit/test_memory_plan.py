@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megadrp import recipes
-from megadrp.config import ConfigError
+from megadrp.errors import ConfigError
 from megadrp.memory_plan import (
     AUTO_HEADROOM,
     GIB,
@@ -25,6 +24,7 @@ from megadrp.memory_plan import (
     layer_activations,
     plan_memory,
 )
+from megadrp.tools import recipes
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,20 +1,22 @@
-"""Running the stages as a user would, from Python: data preparation and training stages
-as subprocesses under the DeepSpeed launcher. Shared by `megadrp.demo` and the benchmarks.
-A stage whose `RUN_DIR/hf` is complete is reused, so reruns only do what is missing.
+"""Running the stages as a user would, from Python: data preparation and training stages as
+subprocesses (training under the DeepSpeed launcher). Shared by `megadrp demo` and the
+benchmarks. A stage whose run directory is done (status `done`, an exported model) is
+reused, so reruns only do what is missing.
+
+Every command is found through the installed package (`python -m megadrp <command>`, the
+trainer's own file), never through paths of a checkout, so this runs from any directory.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from megadrp.distributed import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from megadrp.runtime.files import read_json
+from megadrp.runtime.launch import free_port
+from megadrp.runtime.run_dir import RunDir
 
 
 def log(msg: str) -> None:
@@ -24,9 +26,14 @@ def log(msg: str) -> None:
 def sh(cmd: list[str], env: dict | None = None, quiet: bool = False) -> None:
     e = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), **(env or {}))
     out = subprocess.DEVNULL if quiet else None
-    p = subprocess.run(cmd, cwd=ROOT, env=e, stdout=out)
+    p = subprocess.run(cmd, env=e, stdout=out)
     if p.returncode != 0:
         raise SystemExit(f"megadrp: command failed ({p.returncode}): {' '.join(cmd)}")
+
+
+def megadrp(command: str, *args: str) -> list[str]:
+    """The command line of `megadrp <command> args` in this Python."""
+    return [sys.executable, "-m", "megadrp", command, *args]
 
 
 def prepare_data(out: Path, corpus: Path | None = None, vocab: int = 4096, docs_per_domain: int = 2000,
@@ -37,55 +44,51 @@ def prepare_data(out: Path, corpus: Path | None = None, vocab: int = 4096, docs_
     if (data / "manifest.json").is_file():
         log(f"data: reusing {data}")
         return data
-    py = sys.executable
     if corpus is None:
         corpus = out / "corpus"
         log("data: writing the embedded corpus")
-        sh([py, "data_tools/synth_corpus.py", "--out", str(corpus), "--seed", str(seed),
-            "--docs-per-domain", str(docs_per_domain)])
+        sh(megadrp("synth-corpus", "--out", str(corpus), "--seed", str(seed), "--docs-per-domain", str(docs_per_domain)))
     files = sorted(list(corpus.glob("*.jsonl")) + list(corpus.glob("*.jsonl.gz")))
     if not files:
         raise SystemExit(f"megadrp: {corpus} has no NAME.jsonl files (one file a domain)")
     log("data: training the tokenizer")
-    sh([py, "data_tools/train_tokenizer.py", "--input", *map(str, files), "--vocab-size", str(vocab),
-        "--out", str(out / "tokenizer")])
+    sh(megadrp("tokenizer", "--input", *map(str, files), "--vocab-size", str(vocab), "--out", str(out / "tokenizer")))
     inputs = [a for f in files for a in ("--input", f"{f.name.split('.')[0]}={f}")]
     log("data: tokenizing into shards")
-    sh([py, "data_tools/preprocess.py", *inputs, "--tokenizer", str(out / "tokenizer"), "--out", str(data),
-        "--workers", str(min(2, os.cpu_count() or 1)), "--eval-docs", str(eval_docs), "--overwrite"])
+    sh(megadrp("preprocess", *inputs, "--tokenizer", str(out / "tokenizer"), "--out", str(data),
+               "--workers", str(min(2, os.cpu_count() or 1)), "--eval-docs", str(eval_docs), "--overwrite"))
     return data
 
 
-def stage_done(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return (run_dir / "hf" / "config.json").is_file() and status.is_file() and \
-        json.loads(status.read_text()).get("state") == "done"
-
-
 def train_stage(config: str, run_dir: Path, overrides: list[str], ranks: int = 2, quiet: bool = False) -> float:
-    """Runs one stage to completion (resuming a partial run); returns seconds taken."""
-    if stage_done(run_dir):
-        log(f"{run_dir.name}: reusing {run_dir / 'hf'}")
+    """Runs one stage to completion (resuming a partial run); returns seconds taken. `config`:
+    a YAML path, or a shipped recipe's (`configs/tiny/prune.yaml`) from any directory."""
+    rd = RunDir(run_dir)
+    if rd.done():
+        log(f"{run_dir.name}: reusing {rd.hf}")
         return 0.0
     t0 = time.time()
-    launcher = Path(sys.executable).parent / "deepspeed"
-    args = ["megadrp/train.py", "--config", config, f"run_dir={run_dir}", "resume=auto", *overrides]
+    import megadrp.train
+
+    script = megadrp.train.__file__
+    args = [script, "--config", config, f"run_dir={run_dir}", "resume=auto", *overrides]
     if ranks > 1:
+        launcher = Path(sys.executable).parent / "deepspeed"
         cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
     else:
         cmd = [sys.executable, *args]
     log(f"{run_dir.name}: training ({ranks} rank{'s' if ranks > 1 else ''}, ZeRO-3)")
     sh(cmd, quiet=quiet)
-    if not stage_done(run_dir):
-        raise SystemExit(f"megadrp: {run_dir} did not finish (see its status.json)")
+    if not rd.done():
+        raise SystemExit(f"megadrp: {run_dir} did not finish (see {rd.status})")
     return time.time() - t0
 
 
 def evaluate(model: Path, data: Path, tokens: int, seq_len: int, out: Path) -> dict:
     if out.is_file():
-        cached = json.loads(out.read_text())
+        cached = read_json(out)
         if "shift" in cached:  # one written before --shift existed is made again
             return cached
-    sh([sys.executable, "-m", "megadrp.evaluate", "--model", str(model), "--data", str(data),
-        "--tokens-per-domain", str(tokens), "--seq-len", str(seq_len), "--out", str(out), "--shift"], quiet=True)
-    return json.loads(out.read_text())
+    sh(megadrp("eval", "--model", str(model), "--data", str(data), "--tokens-per-domain", str(tokens),
+               "--seq-len", str(seq_len), "--out", str(out), "--shift"), quiet=True)
+    return read_json(out)

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Protocol
 import torch
 import torch.distributed as dist
 
-from megadrp.atomic import atomic_open, atomic_write_text
+from megadrp.runtime.files import atomic_open, atomic_write_text, fsync_dir
 
 STATE_FILE = "megadrp_state.pt"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -78,14 +78,14 @@ def save(engine, root: Path, step: int, states: Mapping[str, Stateful], keep: in
     if rank == 0:
         with atomic_open(tmp / STATE_FILE, "wb") as f:
             torch.save(state, f)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     dist.barrier()
     final = root / tag
     if rank == 0:
         if final.exists():  # a re-save of the same step (resume then immediate save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         atomic_write_text(root / "latest", tag + "\n")
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -130,17 +130,6 @@ def load(engine, path: Path, states: Mapping[str, Stateful]) -> None:
                            load_optimizer_states=True, load_lr_scheduler_states=False)
     for name, obj in states.items():
         obj.load_state_dict(state[name])
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def first_problem(problem: str | None, world: int) -> str | None:

@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from megadrp.config import ConfigError
-from megadrp.open_files import holders
+from megadrp.errors import ConfigError
+from megadrp.runtime.open_files import holders
 
 log = logging.getLogger("megadrp.build_locks")
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megadrp.atomic import atomic_write_text
+from megadrp.runtime.files import atomic_write_text, read_jsonl
 
 log = logging.getLogger("megadrp")
 
@@ -25,8 +25,8 @@ class MetricsLog:
             if path.exists():
                 path.unlink()
         elif path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            atomic_write_text(path, "".join(k + "\n" for k in keep))
+            keep = [r for r in read_jsonl(path) if r["step"] <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -73,7 +73,9 @@ def _jsonable(x: Any) -> Any:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """Every evaluation record of a run's metrics.jsonl; a malformed line is a DataError naming
+    the file and line."""
+    return read_jsonl(path)
 
 
 def prediction_accuracy(rows: list[dict], fractions: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, dict]:

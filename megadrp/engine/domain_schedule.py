@@ -18,18 +18,19 @@ import torch.distributed as dist
 from megadrp.data.mixture import DomainSampler, WeightsTable
 from megadrp.dro.controller import ControllerSettings, Decision, Observation
 from megadrp.dro.service import ControllerService
-from megadrp.faults import Faults
 from megadrp.plan import RunPlan
+from megadrp.runtime.faults import Faults
 
 
 class DomainSchedule:
-    def __init__(self, plan: RunPlan, rank: int, run_dir: Path, faults: Faults) -> None:
+    def __init__(self, plan: RunPlan, rank: int, pid_file: Path, faults: Faults) -> None:
+        """`pid_file`: where rank 0 records the controller process (RunDir.controller_pid)."""
         cfg = plan.cfg
         self.plan, self.rank, self.faults = plan, rank, faults
         self.interval, self.steps, self.lag = cfg.eval.interval, cfg.train.steps, cfg.dro.update_lag
         self.table = WeightsTable(plan.p0, max_rows=cfg.train.steps // cfg.eval.interval + 8)
         self.sampler = DomainSampler(cfg.seed, plan.k, cfg.train.global_batch)
-        self.pid_file = run_dir / "controller.pid"
+        self.pid_file = pid_file
         self.controller: ControllerService | None = None
         self._resumed, self._saved_controller = False, None
         self.settings = ControllerSettings.from_config(

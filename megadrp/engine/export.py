@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megadrp import ds_setup
+from megadrp.engine import zero3
 from megadrp.model.hf_io import export_hf, tokenizer_files
 from megadrp.model.llama import count_parameters
 from megadrp.model.masks import L0Masks
@@ -50,13 +50,14 @@ def final_masks(l0: L0Masks) -> dict[str, torch.Tensor]:
     """The masks of the exported shape, chosen from the fp32 master log α (SPEC §2), on the
     CPU. Collective under ZeRO-3 (every rank calls it); the engine's last evaluation and the
     export both take their masks from here, so the last eval loss is the exported model's."""
-    l0.master_log_alpha = ds_setup.fp32_master(dict(l0.log_alpha.items()))
+    l0.master_log_alpha = zero3.fp32_master(dict(l0.log_alpha.items()))
     with torch.no_grad():
         return l0.deterministic(final=True, log_alpha=l0.master_log_alpha)
 
 
-def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
-    sd = ds_setup.full_state_dict(engine, plan.zero3, rank)
+def export(plan: RunPlan, engine, out_dir: Path, rank: int) -> Path | None:
+    """Write the final model into `out_dir` (the run's `hf/`); collective, rank 0 writes."""
+    sd = zero3.full_state_dict(engine, plan.zero3, rank)
     l0 = engine.module.l0
     z = final_masks(l0) if plan.pruning and l0 is not None else {}
     out = None
@@ -71,7 +72,7 @@ def export(plan: RunPlan, engine, run_dir: Path, rank: int) -> Path | None:
             "parameters": count_parameters(config), "source_parameters": count_parameters(plan.model_config),
             "domains": plan.names}, indent=2) + "\n"
         tok = tokenizer_source(plan.cfg.model.init, plan.manifest.tokenizer)
-        out = export_hf(weights, config, run_dir / "hf", tok, extra={"megadrp.json": about})
+        out = export_hf(weights, config, out_dir, tok, extra={"megadrp.json": about})
         log.info("exported model: %s (%s parameters)", out, f"{count_parameters(config):,}")
     dist.barrier()
     return out

@@ -1,6 +1,6 @@
 """Downstream accuracy of an exported model with lm-evaluation-harness (`lm_eval`).
 
-`python -m megadrp.evaluate --model RUN_DIR/hf --data DATA_DIR --tasks arc_easy,hellaswag`
+`megadrp eval --model RUN_DIR/hf --data DATA_DIR --tasks arc_easy,hellaswag`
 adds a "downstream" object to the evaluation JSON: per task, lm-eval's metrics (acc,
 acc_norm and their standard errors). The paper's set (README, "Downstream tasks") needs the
 datasets from the Hugging Face hub; on a machine without network, `--task-dir DIR` adds
@@ -64,3 +64,42 @@ def downstream(model_dir: str | os.PathLike, tasks: list[str], task_dir: str | o
     if log_samples:
         out["samples"] = res.get("samples", {})
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`megadrp downstream --model DIR --tasks a,b`: lm-eval accuracy alone (no DATA_DIR); the
+    same as `megadrp eval ... --tasks` without the perplexities."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="Hugging Face model directory (e.g. RUN_DIR/hf)")
+    ap.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
+    ap.add_argument("--task-dir", default=None, help="a directory of your own lm-eval task YAMLs")
+    ap.add_argument("--limit", type=int, default=None, help="at most N examples a task")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (task default)")
+    ap.add_argument("--online", action="store_true", help="let lm-eval download datasets from the hub")
+    ap.add_argument("--out", default=None, help="also write the JSON result here")
+    args = ap.parse_args(argv)
+    if not Path(args.model, "config.json").is_file():
+        ap.error(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        ap.error("needs lm-evaluation-harness: pip install -e '.[eval]'")
+    tasks = args.tasks.split(",")
+    try:
+        manager = task_manager(tasks, args.task_dir, online=args.online)
+        res = {"downstream": downstream(args.model, tasks, args.task_dir, args.limit, num_fewshot=args.num_fewshot,
+                                        manager=manager)}
+    except ValueError as e:
+        print(f"downstream: error: {e}", file=sys.stderr)
+        return 2
+    line = json.dumps(res)
+    if args.out:
+        from megadrp.runtime.files import atomic_write_text
+
+        atomic_write_text(args.out, line + "\n")
+    print(line)
+    return 0

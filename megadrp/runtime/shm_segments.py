@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from megadrp.open_files import snapshot
+from megadrp.runtime.open_files import snapshot
 
 log = logging.getLogger("megadrp.shm_segments")
 

@@ -7,8 +7,8 @@ the layout each recipe is documented to run on. `plan(recipe)` writes config-onl
 directories and a manifest-only DATA_DIR and runs the recipe's real dry run on them, so the
 README's memory table and the recipe tests come from the memory plan itself:
 
-    python -m megadrp.recipes                # the memory table (Markdown)
-    python -m megadrp.recipes --write-readme # ... and put it into README.md
+    megadrp recipes                # the memory table (Markdown)
+    megadrp recipes --write-readme # ... and put it into README.md (a checkout's)
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 GPU_GIB = 80  # the GPUs the recipes are documented for (A100/H100 80 GB)
 
 _LLAMA2 = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -107,7 +106,9 @@ def plan(recipe: Recipe, root: Path, gpu_gib: float = GPU_GIB, overrides: list[s
     from megadrp.plan import GIB, dry_run
 
     vocab = MODELS[recipe.model][1]["vocab_size"]
-    cfg = load_config(str(ROOT / "configs" / recipe.config),
+    from megadrp.resources import recipe as shipped
+
+    cfg = load_config(str(shipped(recipe.config)),
                       [f"model.init={model_dir(recipe.model, root)}", f"data_dir={data_dir(recipe.corpus, vocab, root)}",
                        f"run_dir={root / 'runs' / recipe.config}", *(overrides or [])])
     return dry_run(cfg, recipe.ranks, int(gpu_gib * GIB), check_disk=False)
@@ -137,7 +138,7 @@ def table(root: Path) -> str:
     return "\n".join(head + rows)
 
 
-START, END = "<!-- memory table: python -m megadrp.recipes --write-readme -->", "<!-- end of memory table -->"
+START, END = "<!-- memory table: megadrp recipes --write-readme -->", "<!-- end of memory table -->"
 
 
 def readme_block(text: str) -> str:
@@ -155,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         md = table(Path(tmp))
     print(md)
     if args.write_readme:
-        from megadrp.atomic import atomic_write_text
+        from megadrp.runtime.files import atomic_write_text
 
-        readme = ROOT / "README.md"
+        readme = Path(__file__).resolve().parents[2] / "README.md"  # a checkout's: a developer's command
+        if not readme.is_file():
+            print(f"recipes: {readme}: no README here (--write-readme is for a checkout)", file=sys.stderr)
+            return 2
         text = readme.read_text()
         readme_block(text)  # the markers are there
         before, rest = text.split(START, 1)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Union
 
+from megadrp.errors import CorpusError
+
 FORMATS = ".jsonl, .jsonl.gz, .jsonl.zst, .txt (.gz, .zst) or .parquet"
 PARQUET_BATCH = 1024  # rows handed out at a time; pyarrow decodes one row group at a time
 MAX_DOC_BYTES = 16 << 20  # default cap on one line / cell (see the module docstring)
@@ -41,10 +43,6 @@ class Oversized(NamedTuple):
 # One raw record: the bytes of a line, or a parquet cell (str, bytes for a binary column,
 # None for a null, which `parse_line` refuses), or an `Oversized` marker.
 Raw = Union[bytes, str, None, Oversized]
-
-
-class CorpusError(ValueError):
-    """Input that cannot be turned into documents; names file and line (or row)."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Every rank runs the same number of forwards (short shards are padded with window 0 and the
 padding is not counted), because under ZeRO-3 each forward gathers parameters collectively.
-The windows are the ones `megadrp.evaluate` scores, so an exported model can be checked
+The windows are the ones `megadrp eval` scores, so an exported model can be checked
 against the trainer's last evaluation. Sums stay on the engine's device until the one
 all-reduce; the host reads them once.
 """
@@ -45,7 +45,7 @@ class Evaluator:
         try:
             sets = [EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, vocab_size) for d in domains]
         except ValueError as e:
-            from megadrp.config import ConfigError
+            from megadrp.errors import ConfigError
 
             raise ConfigError(str(e)) from e
         return cls(sets, seq_len, micro_batch, rank, world)

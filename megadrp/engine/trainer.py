@@ -1,12 +1,12 @@
 """The training loop: a few components wired together, readable top to bottom.
 
-    plan      = make_plan(config, world)              # megadrp/plan.py: resolved and validated once
-    engine    = build_engine(plan)                    # megadrp/ds_setup.py: ZeRO-3 masked model
-    schedule  = DomainSchedule(plan)                  # megadrp/domain_schedule.py: weights table, sampler, controller
-    evaluate  = Evaluator(plan.domains)               # megadrp/evaluator.py
-    state     = TrainState(k)                         # megadrp/train_state.py: step, tokens, EMA, skipped steps
+    plan      = make_plan(config, world)        # megadrp/plan.py: resolved and validated once (+ memory plan)
+    ds_engine = zero3.build_engine(plan)        # engine/zero3.py: the masked model on DeepSpeed ZeRO-3
+    schedule  = DomainSchedule(plan)            # engine/domain_schedule.py: weights table, sampler, controller
+    evaluate  = Evaluator(plan.domains)         # engine/evaluator.py: per-domain losses, all-reduced
+    state     = TrainState(k)                   # engine/train_state.py: step, tokens, EMA, skipped steps
     for step:  train_step → evaluate + schedule.observe when due → checkpoint.save({train, schedule}) when due
-    export(plan, engine)                              # megadrp/export.py: final masks → smaller HF model
+    export(plan, ds_engine)                     # engine/export.py: final masks → smaller HF model
 
 Per step: every rank's DataLoader workers draw the step's windows from the shared weights
 table; forward/backward on the DeepSpeed engine (gradient accumulation to
@@ -17,7 +17,6 @@ not finite): weights, optimizer moments and the optimizer's step count stay as t
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -29,23 +28,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megadrp import checkpoint, distributed, ds_setup
-from megadrp.atomic import atomic_write_text
-from megadrp.collectives import StepSums, any_rank, min_over_ranks
-from megadrp.config import Config, ConfigError, dump_yaml, to_dict
+from megadrp.config import Config, dump_yaml, to_dict
 from megadrp.data.mixture import MixtureDataset, digest_hex
-from megadrp.distributed import DistInfo
-from megadrp.domain_schedule import DomainSchedule
-from megadrp.evaluator import EvalResult, Evaluator
-from megadrp.export import export, final_masks
-from megadrp.faults import Faults
-from megadrp.metrics import MetricsLog, Progress, Wandb, evaluation_record
+from megadrp.engine import checkpoint, zero3
+from megadrp.engine.collectives import StepSums, any_rank, min_over_ranks
+from megadrp.engine.domain_schedule import DomainSchedule
+from megadrp.engine.evaluator import EvalResult, Evaluator
+from megadrp.engine.export import export, final_masks
+from megadrp.engine.metrics import MetricsLog, Progress, Wandb, evaluation_record
+from megadrp.engine.optim import group_lrs
+from megadrp.engine.train_state import TrainState
+from megadrp.errors import ConfigError
 from megadrp.model.llama import count_parameters
-from megadrp.optim import group_lrs
 from megadrp.plan import make_plan
-from megadrp.run_dir import check_run_dir, on_rank0
-from megadrp.stop import StopRequest
-from megadrp.train_state import TrainState
+from megadrp.runtime import process_group
+from megadrp.runtime.faults import Faults
+from megadrp.runtime.files import atomic_write_text
+from megadrp.runtime.launch import DistInfo
+from megadrp.runtime.process_group import on_rank0
+from megadrp.runtime.run_dir import RunDir
+from megadrp.runtime.stop import StopRequest
 
 log = logging.getLogger("megadrp")
 
@@ -76,13 +78,13 @@ def _ignore_signals_in_worker(_: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, stop: StopRequest | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, info.rank, info.world_size
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir = RunDir(cfg.run_dir)
         self.faults = Faults.from_env()
         self.stop = stop or StopRequest().install()
-        on_rank0(lambda: check_run_dir(self.run_dir, cfg.resume, cfg.overwrite), self.rank, self.world)
+        on_rank0(lambda: self.run_dir.check(cfg.resume, cfg.overwrite), self.rank, self.world)
         # `auto` micro-batch and checkpointing plan for the smallest device of the job, so that
         # every rank chooses the same layout
-        memory, device = distributed.device_memory(info.local_world_size)
+        memory, device = process_group.device_memory(info.local_world_size)
         self.plan = make_plan(cfg, self.world, self.rank, min_over_ranks(memory, torch.device(device)))
         self._log_memory_plan(memory)
         self.evaluate = Evaluator.for_domains(self.plan.domains, cfg.train.seq_len, cfg.eval.tokens_per_domain,
@@ -90,10 +92,10 @@ class Trainer:
                                               self.plan.model_config.vocab_size)
         if self.faults.signal_in_startup:  # as Slurm's USR1 would, in the middle of a long model load
             os.kill(os.getpid(), signal.SIGUSR1)
-        self.engine, self.group_names = ds_setup.build_engine(self.plan, self.rank)
-        self.model = self.engine.module
+        self.ds_engine, self.group_names = zero3.build_engine(self.plan, self.rank)
+        self.model = self.ds_engine.module
         self.state = TrainState(self.plan.k, domains=self.plan.names)
-        self.schedule = DomainSchedule(self.plan, self.rank, self.run_dir, self.faults)
+        self.schedule = DomainSchedule(self.plan, self.rank, self.run_dir.controller_pid, self.faults)
         self.metrics: MetricsLog | None = None
 
     def _log_memory_plan(self, device_bytes: int) -> None:
@@ -114,7 +116,7 @@ class Trainer:
 
     def _resume(self, root: Path, stateful: dict) -> Path | None:
         try:
-            return checkpoint.resume(self.engine, root, self.cfg.resume, stateful, self.world)
+            return checkpoint.resume(self.ds_engine, root, self.cfg.resume, stateful, self.world)
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
@@ -130,14 +132,14 @@ class Trainer:
         if self._stop_requested():
             # A stop during startup: nothing trained since the last checkpoint, so none is written.
             return self._finish("interrupted")
-        ckpt_root = self.run_dir / "checkpoints"
+        ckpt_root = self.run_dir.checkpoints
         self._check_room(ckpt_root)
         stateful = {"train": self.state, "schedule": self.schedule}  # what a checkpoint holds besides the engine
         resume_from = self._resume(ckpt_root, stateful)
         if self.rank == 0:
-            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
-            self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.state.step if resume_from else None)
-            self.wandb = Wandb(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, self.run_dir, to_dict(cfg))
+            atomic_write_text(self.run_dir.config, dump_yaml(cfg))
+            self.metrics = MetricsLog(self.run_dir.metrics, self.state.step if resume_from else None)
+            self.wandb = Wandb(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, self.run_dir.root, to_dict(cfg))
             if resume_from:
                 log.info("resumed from %s at step %d", resume_from, self.state.step)
         self.schedule.start(evaluation_at_start=cfg.eval.at_start and not resume_from)
@@ -148,20 +150,20 @@ class Trainer:
         finally:
             self.schedule.close()
         if status == "done":
-            export(self.plan, self.engine, self.run_dir, self.rank)
+            export(self.plan, self.ds_engine, self.run_dir.hf, self.rank)
         if self.rank == 0:
             self.wandb.finish()
         return self._finish(status)
 
     def _stop_requested(self) -> bool:
-        return any_rank(self.stop_signal, self.engine.device).item() > 0
+        return any_rank(self.stop_signal, self.ds_engine.device).item() > 0
 
     def _finish(self, status: str) -> int:
         """Rank 0 writes status.json before any rank returns (a launcher may kill rank 0 as
         soon as another rank exits)."""
         if self.rank == 0:
-            atomic_write_text(self.run_dir / "status.json", json.dumps({"state": status, "time": time.time()}) + "\n")
-        distributed.shutdown()
+            self.run_dir.write_state(status)
+        process_group.shutdown()
         if status == "interrupted":
             return self.stop.exit_code
         return 0
@@ -176,7 +178,7 @@ class Trainer:
             ds, batch_size=None, num_workers=t.num_workers,
             prefetch_factor=t.prefetch_factor if t.num_workers > 0 else None,
             worker_init_fn=_ignore_signals_in_worker if t.num_workers > 0 else None,
-            pin_memory=self.engine.device.type == "cuda")  # so the step's copies to the device need not block
+            pin_memory=self.ds_engine.device.type == "cuda")  # so the step's copies to the device need not block
         batches = iter(loader)
         try:
             return self._loop(batches, ckpt_root, stateful)
@@ -188,7 +190,7 @@ class Trainer:
         cfg, t, st = self.cfg, self.cfg.train, self.state
         progress = Progress(t.steps, st.step, t.global_batch * t.seq_len)
         self._interval_t0, self._interval_steps = time.time(), 0
-        self.engine.train()
+        self.ds_engine.train()
         while st.step < t.steps:
             st.step += 1
             step = st.step
@@ -197,7 +199,7 @@ class Trainer:
             loss_sums, counts, bad, stop = self._train_step(step, batches)
             step_loss = st.finish_step(loss_sums, counts, t.seq_len, bad)
             if self.plan.pruning:
-                ds_setup.clamp_masks(self.model, self.plan.zero3)
+                zero3.clamp_masks(self.model, self.plan.zero3)
             if bad:
                 self._check_skipped(step, ckpt_root)
             if self.rank == 0 and (step % t.log_interval == 0 or step == t.steps) and step_loss is not None:
@@ -223,7 +225,7 @@ class Trainer:
         """One optimizer step over this rank's micro-batches. Returns the step's per-domain
         loss sums and sample counts (all ranks), whether its loss was non-finite anywhere,
         and whether any rank was signalled to stop."""
-        k, device = self.plan.k, self.engine.device
+        k, device = self.plan.k, self.ds_engine.device
         mode = "sample" if self.plan.pruning else None
         sums = StepSums(k, device)
         for accum in range(self.plan.layout.accumulation):
@@ -231,7 +233,7 @@ class Trainer:
             assert batch["step"] == step and batch["accum"] == accum, "data stream out of step with the trainer"
             x = batch["input_ids"].to(device, non_blocking=True)  # pinned by the loader on an accelerator
             # one hard-concrete draw per micro-batch, keyed by its place in the global batch
-            out = self.engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mode, mask_seed=self.cfg.seed,
+            out = self.ds_engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mode, mask_seed=self.cfg.seed,
                               mask_draw=self.plan.layout.micro_index(accum))
             loss = out.losses.mean()
             if out.lagrangian is not None:
@@ -241,8 +243,8 @@ class Trainer:
             sums.add(out.losses, batch["domain"].to(device, non_blocking=True), loss)
             # A non-finite loss is backpropagated as it is: the ZeRO-3 optimizer sees a
             # non-finite gradient norm (all-reduced, so on every rank) and skips the step.
-            self.engine.backward(loss)
-            self.engine.step()
+            self.ds_engine.backward(loss)
+            self.ds_engine.step()
             self.last_digest = batch["weights_digest"]
         if step == self.faults.signal_at and self.rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -253,7 +255,7 @@ class Trainer:
         return reduced[:k], reduced[k:2 * k], False, reduced[2 * k + 1] > 0
 
     def _check_skipped(self, step: int, ckpt_root: Path) -> None:
-        if not getattr(self.engine.optimizer, "overflow", False):
+        if not getattr(self.ds_engine.optimizer, "overflow", False):
             raise TrainingStopped(f"step {step}: non-finite loss, and the optimizer did not skip the step; "
                                   "megadrp relies on ZeRO-3 (zero_optimization.stage 3) to skip such steps")
         st, t = self.state, self.cfg.train
@@ -268,19 +270,19 @@ class Trainer:
 
     def _set_lr(self, step: int) -> None:
         lrs = self._lrs(step)
-        for g, name in zip(self.engine.optimizer.param_groups, self.group_names):
+        for g, name in zip(self.ds_engine.optimizer.param_groups, self.group_names):
             g["lr"] = lrs[name]
 
     def _save(self, root: Path, step: int, stateful: dict) -> None:
         self._check_room(root)
-        if checkpoint.first_problem(None if ds_setup.weights_finite(self.engine) else "non-finite weights",
+        if checkpoint.first_problem(None if zero3.weights_finite(self.ds_engine) else "non-finite weights",
                                     self.world) is not None:
             last = checkpoint.latest(root)
             self._finish("failed")
             raise TrainingStopped(f"step {step}: the model's weights are not finite; not saving them and not exporting. "
                                   f"The last good checkpoint is {last or 'none (no checkpoint was written)'}; lower "
                                   "train.lr or raise train.warmup_steps and resume from it")
-        checkpoint.save(self.engine, root, step, stateful, self.cfg.save.keep, self.faults.kill_in_save)
+        checkpoint.save(self.ds_engine, root, step, stateful, self.cfg.save.keep, self.faults.kill_in_save)
 
     # ---- evaluation and the domain schedule -----------------------------------------------
     def _evaluate_and_observe(self, step: int) -> None:
@@ -289,9 +291,9 @@ class Trainer:
         t0 = time.time()
         if mode == "final" and self.model.l0 is not None:  # score the masks the export keeps (collective)
             final_masks(self.model.l0)
-        ev = self.evaluate(self.engine, step, mode)
+        ev = self.evaluate(self.ds_engine, step, mode)
         eval_time = time.time() - t0
-        lambdas = ds_setup.lambdas(self.model, self.plan.zero3) if self.plan.pruning else None
+        lambdas = zero3.lambdas(self.model, self.plan.zero3) if self.plan.pruning else None
         gathered = [None] * self.world
         dist.all_gather_object(gathered, getattr(self, "last_digest", None))
         digests = [digest_hex(g) if g is not None else None for g in gathered]
@@ -317,10 +319,10 @@ class Trainer:
         if self._interval_steps_done():
             rec["train_seconds"] = round(self._train_seconds, 3)
             rec["train_tokens_per_s"] = round(self._interval_steps * t.global_batch * t.seq_len / self._train_seconds, 1)
-        if self.engine.device.type == "cuda":  # since the start of this process: what the memory plan predicts
-            rec["device_memory"] = {"peak_allocated": torch.cuda.max_memory_allocated(self.engine.device),
-                                    "peak_reserved": torch.cuda.max_memory_reserved(self.engine.device),
-                                    "total": torch.cuda.get_device_properties(self.engine.device).total_memory}
+        if self.ds_engine.device.type == "cuda":  # since the start of this process: what the memory plan predicts
+            rec["device_memory"] = {"peak_allocated": torch.cuda.max_memory_allocated(self.ds_engine.device),
+                                    "peak_reserved": torch.cuda.max_memory_reserved(self.ds_engine.device),
+                                    "total": torch.cuda.get_device_properties(self.ds_engine.device).total_memory}
         if self.plan.pruning:
             l0 = self.model.l0
             assert ev.shape is not None and l0 is not None

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from megadrp.engine.optim import param_groups
 from megadrp.model.hf_io import load_weights
 from megadrp.model.llama import MaskedLlama
 from megadrp.model.masks import LOG_ALPHA_MAX, LOG_ALPHA_MIN
-from megadrp.optim import param_groups
 from megadrp.plan import RunPlan
 
 

@@ -1,1 +1,0 @@
-"""Command-line tools that turn domain corpora into megadrp's indexed shards."""

@@ -1,0 +1,189 @@
+"""Independent per-domain evaluation of any Hugging Face causal LM on megadrp's eval windows.
+
+    megadrp eval --model HF_DIR --data DATA_DIR [--tokens-per-domain N]
+        [--seq-len N] [--out FILE] [--domains a,b,...] [--shift [--p0 SPEC] [--rho R]]
+        [--tasks arc_easy,hellaswag,... [--task-dir DIR] [--limit N] [--num-fewshot K]]
+
+Loads the model with transformers (not megadrp's model class: this is the check that the
+export is a standard model) and scores the same fixed windows the trainer evaluates. The
+last line printed is a JSON object:
+{"domain_loss": {...}, "domain_ppl": {...}, "mean_ppl": x, "worst_ppl": x}.
+
+`--shift` adds a "shift" object: the loss (and perplexity) the model would have under the
+uniform mix, under p0, under the worst mix inside the χ² ball of radius ρ around p0 (the
+DRO objective; the mix is reported) and on the single worst domain. p0 and ρ default to the
+run's `dro.initial_proportion` and `dro.rho` (RUN_DIR/config.yaml beside the model).
+
+`--tasks` adds a "downstream" object: lm-evaluation-harness's metrics per task
+(megadrp/downstream.py; `pip install -e .[eval]`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megadrp.data.manifest import load_manifest
+from megadrp.data.mixture import EvalWindows
+from megadrp.errors import ManifestError
+from megadrp.runtime.files import atomic_write_text
+from megadrp.runtime.run_dir import RunDir
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int,
+             domains: list[str] | None = None, batch: int = 8) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    if not Path(model_dir, "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    if not any(any(Path(model_dir).glob(pat)) for pat in ("*.safetensors", "pytorch_model*.bin")):
+        raise FileNotFoundError(f"{model_dir}: config.json but no weights (*.safetensors or pytorch_model*.bin); "
+                                "point --model at a complete export (RUN_DIR/hf)")
+    manifest = load_manifest(data_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    manifest.check_vocab(model.config.vocab_size, domains)
+    losses = {}
+    for d in manifest.select(domains):
+        ew = EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, model.config.vocab_size)
+        total, count = 0.0, 0
+        for s in range(0, ew.n, batch):
+            x = torch.from_numpy(np.stack([ew[i] for i in range(s, min(s + batch, ew.n))]))
+            logits = model(input_ids=x[:, :-1]).logits.float()
+            nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            total += float(nll)
+            count += x[:, 1:].numel()
+        losses[d.name] = total / count
+    ppl = {k: math.exp(v) for k, v in losses.items()}
+    return {"domain_loss": losses, "domain_ppl": ppl, "mean_ppl": float(np.mean(list(ppl.values()))),
+            "worst_ppl": max(ppl.values())}
+
+
+def shift_report(losses: dict[str, float], p0: np.ndarray, rho: float) -> dict:
+    """Mean loss under domain mixes a deployment may meet: uniform, p0, the worst in the χ²
+    ball of radius ρ around p0, the worst single domain. A mix's loss is Σ q_i·loss_i (each
+    domain's mean token loss, weighted by the share of tokens it gets)."""
+    from megadrp.dro.weights import worst_mix
+
+    names = list(losses)
+    loss = np.array([losses[n] for n in names])
+    q = worst_mix(loss, p0, rho)
+    j = int(np.argmax(loss))
+
+    def at(value: float, **more) -> dict:
+        return {"loss": float(value), "ppl": math.exp(value), **more}
+
+    return {"rho": rho, "p0": dict(zip(names, map(float, p0))),
+            "uniform": at(loss.mean()), "p0_mix": at(float(p0 @ loss)),
+            "worst_chi2": at(float(q @ loss), mix=dict(zip(names, map(float, q)))),
+            "worst_domain": at(loss[j], domain=names[j])}
+
+
+def _p0(spec, manifest, names: list[str], key: str) -> np.ndarray:
+    """--p0 (uniform | tokens | tokens^0.3 | comma-separated values in the domains' order) or
+    the run config's dro.initial_proportion."""
+    from megadrp.plan import initial_proportion
+
+    if isinstance(spec, str) and "," in spec:
+        try:
+            spec = [float(x) for x in spec.split(",")]
+        except ValueError as e:
+            raise ValueError(f"{key}={spec!r}: not a comma-separated list of numbers") from e
+    return initial_proportion(spec, manifest.select(names), names, key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="Hugging Face model directory")
+    ap.add_argument("--data", required=True, help="DATA_DIR written by `megadrp preprocess`")
+    ap.add_argument("--tokens-per-domain", type=int, default=None,
+                    help="eval tokens per domain (default: the trainer's, from RUN_DIR/config.yaml beside the model, else 16384)")
+    ap.add_argument("--seq-len", type=int, default=None, help="window length (default: the trainer's, else 128)")
+    ap.add_argument("--domains", default=None, help="comma-separated subset of domains (default: the run's "
+                    "`domains` from RUN_DIR/config.yaml beside the model, else all in the manifest)")
+    ap.add_argument("--out", default=None, help="also write the JSON result here")
+    ap.add_argument("--shift", action="store_true", help="also report losses under shifted domain mixes")
+    ap.add_argument("--p0", default=None, help="with --shift: uniform, tokens, tokens^0.3 or comma-separated "
+                    "values (default: the run's dro.initial_proportion, else uniform)")
+    ap.add_argument("--rho", type=float, default=None, help="with --shift: χ² radius (default: the run's dro.rho, "
+                    "else 0.1)")
+    ap.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks: downstream accuracy")
+    ap.add_argument("--task-dir", default=None, help="with --tasks: a directory of your own lm-eval task YAMLs")
+    ap.add_argument("--limit", type=int, default=None, help="with --tasks: at most N examples a task")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: few-shot examples (task default)")
+    ap.add_argument("--online", action="store_true", help="with --tasks: let lm-eval download datasets from the "
+                    "Hugging Face hub (default: offline, local and cached data only)")
+    args = ap.parse_args(argv)
+    for flag, v, lowest in (("--tokens-per-domain", args.tokens_per_domain, 1), ("--seq-len", args.seq_len, 1),
+                            ("--limit", args.limit, 1), ("--num-fewshot", args.num_fewshot, 0)):
+        if v is not None and v < lowest:
+            ap.error(f"{flag}={v}: must be at least {lowest}")  # exit 2, before any work
+    if args.tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            ap.error("--tasks needs lm-evaluation-harness: pip install -e '.[eval]'")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        ap.error(f"--out {args.out}: its folder does not exist; create it first")
+    if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
+        ap.error(f"--rho={args.rho}: must be a positive finite number")
+    run_cfg = RunDir(Path(args.model).parent).config
+    rc: dict = {}
+    if run_cfg.is_file():
+        import yaml
+
+        rc = yaml.safe_load(run_cfg.read_text()) or {}
+    tokens = args.tokens_per_domain if args.tokens_per_domain is not None else \
+        rc.get("eval", {}).get("tokens_per_domain", 16384)
+    seq = args.seq_len if args.seq_len is not None else rc.get("train", {}).get("seq_len", 128)
+    # The run's own domains, in its order, unless --domains says otherwise: a p0 given as a
+    # list in the run's config is in that order.
+    domains = args.domains.split(",") if args.domains else rc.get("domains") or None
+    try:
+        manager = p0 = None
+        if args.tasks:  # a task name lm-eval does not know fails here, before any evaluation
+            from megadrp.tools.downstream import task_manager
+
+            manager = task_manager(args.tasks.split(","), args.task_dir, online=args.online)
+        if args.shift:  # likewise a p0 that does not fit the domains
+            manifest = load_manifest(args.data)
+            names = domains or list(manifest.domains)
+            spec, where = (args.p0, "--p0") if args.p0 is not None else \
+                (rc.get("dro", {}).get("initial_proportion", "uniform"), f"{run_cfg}: dro.initial_proportion")
+            p0 = _p0(spec, manifest, names, where)
+        res = evaluate(args.model, args.data, tokens, seq, domains)
+        if p0 is not None:
+            res["shift"] = shift_report(res["domain_loss"], p0,
+                                        args.rho if args.rho is not None else float(rc.get("dro", {}).get("rho", 0.1)))
+        if args.tasks:
+            from megadrp.tools.downstream import downstream
+
+            res["downstream"] = downstream(args.model, args.tasks.split(","), args.task_dir, args.limit,
+                                           num_fewshot=args.num_fewshot, manager=manager)
+    except (FileNotFoundError, ManifestError, ValueError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    line = json.dumps(res)
+    if args.out:
+        atomic_write_text(args.out, line + "\n")
+    for name, v in res["domain_loss"].items():
+        print(f"{name:>14}: loss {v:.4f}  ppl {res['domain_ppl'][name]:.3f}", file=sys.stderr)
+    if "shift" in res:
+        sh = res["shift"]
+        for key, label in (("uniform", "uniform mix"), ("p0_mix", "p0 mix"),
+                           ("worst_chi2", f"worst mix, χ² ≤ {sh['rho']:g}"), ("worst_domain", "worst domain")):
+            print(f"{label:>22}: loss {sh[key]['loss']:.4f}  ppl {sh[key]['ppl']:.3f}", file=sys.stderr)
+    for task, m in res.get("downstream", {}).get("tasks", {}).items():
+        print(f"{task:>22}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "sample_len"), file=sys.stderr)
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
