@@ -18,26 +18,8 @@ import time
 import numpy as np
 from _common import ROOT, save
 
+from megadrp.engine.metrics import pruning_control as control
 from megadrp.runtime.run_dir import RunDir
-
-DIMS = ("layers", "hidden", "heads", "intermediate")
-
-
-def control(rows: list[dict]) -> dict:
-    """Per dimension: max overshoot during the ramp and max deviation after it, as a share of
-    the amount the dimension must lose (source − final target); dimensions not pruned skipped."""
-    src, final = rows[0]["target_shape"], rows[-1]["target_shape"]
-    out = {}
-    for k in DIMS:
-        amount = src[k] - final[k]
-        if amount <= 0:
-            continue
-        during = [max(0.0, r["target_shape"][k] - r["expected_shape"][k]) / amount
-                  for r in rows if r["target_shape"][k] > final[k] + 1e-9]
-        after = [abs(r["expected_shape"][k] - final[k]) / amount
-                 for r in rows if r["target_shape"][k] <= final[k] + 1e-9]
-        out[k] = {"ramp_overshoot": max(during, default=0.0), "post_ramp_deviation": max(after, default=0.0)}
-    return out
 
 
 def main() -> None:

@@ -67,6 +67,9 @@ def main() -> None:
     if args.root is None:
         args.root = ROOT / "runs" / (f"schedules_{args.corpus.resolve().name}" if args.corpus else "schedules")
     t0 = time.time()
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     work = args.root / "base" if args.corpus else ROOT / "runs" / "demo"
     data = pipeline.prepare_data(work, args.corpus.resolve() if args.corpus else None)
     base = work / "pretrain"
@@ -85,9 +88,12 @@ def main() -> None:
                       f"eval.interval={args.eval_interval}", *mix]
             pipeline.train_stage("configs/tiny/prune.yaml", root / "prune",
                                  common + [f"model.init={base / 'hf'}", f"train.steps={args.prune_steps}"], quiet=True)
+            # Sheared-LLaMA's scripts continue from the pruning stage's final proportions; the χ²
+            # schedules start from p0. Every continue stage's `auto` references are the source's.
+            carried = ["dro.initial_proportion=carried"] if mode == "sheared" else []
             pipeline.train_stage("configs/tiny/continue.yaml", root / "continue",
-                                 common + [f"model.init={root / 'prune' / 'hf'}", f"train.steps={args.continue_steps}"],
-                                 quiet=True)
+                                 common + [f"model.init={root / 'prune' / 'hf'}", f"train.steps={args.continue_steps}",
+                                           *carried], quiet=True)
             evals[mode].append(pipeline.evaluate(RunDir(root / "continue").hf, data, 4096, 128, RunDir(root).eval_json))
             fitted[mode].append(sum(_fitted_updates(RunDir(root / stage).metrics) for stage in ("prune", "continue")))
             predicted[mode].append(_prediction_errors(root))
@@ -103,6 +109,11 @@ def main() -> None:
                   + f" | {r['mean_ppl']:.3f} {pm} {r['mean_ppl_sd']:.3f} | {r['worst_ppl']:.3f} {pm} {r['worst_ppl_sd']:.3f}"
                   f" | {_interval(r['mean_vs_sheared_pct'])} | {_interval(r['worst_vs_sheared_pct'])}"
                   f" | {r['fitted_updates']:g} |")
+    if "constant" in table:
+        md += ["", "Against `constant` (p0 throughout), paired as above:", "",
+               "| schedule | mean vs constant | worst vs constant |", "|---|---|---|"]
+        for mode, r in table.items():
+            md.append(f"| {mode} | {_interval(r['mean_vs_constant_pct'])} | {_interval(r['worst_vs_constant_pct'])} |")
     md += ["", "Under shifted domain mixes (megadrp eval --shift; perplexity of the mix's mean token loss, "
            f"mean {pm} sd over seeds; the χ² ball has the run's ρ around its p0):", "",
            "| schedule | uniform mix | p0 mix | worst χ² mix | worst χ² mix vs sheared (paired) | worst domain |",
@@ -135,8 +146,11 @@ def main() -> None:
            "those differences with its 95% interval (Student's t over seeds), then the per-seed values. "
            f"Prune {args.prune_steps} steps + continue {args.continue_steps} steps per schedule, 16 × 128 tokens a "
            f"step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; {time.time() - t0:.0f} s in "
-           "all. Perplexities from megadrp.tools.evaluate on 32 eval windows of 128 tokens per domain."]
-    save(args.name, {"seeds": args.seeds, "base_ppl": base_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
+           "all. Perplexities from megadrp.tools.evaluate on 32 eval windows of 128 tokens per domain. "
+           f"Configuration (commit {commit}): each stage's `auto` references are the source model's (the base; "
+           "the continue stage carries them from its prune run), and `sheared` continues from its prune's final "
+           "mix (`initial_proportion: carried`), as the reference scripts do."]
+    save(args.name, {"seeds": args.seeds, "commit": commit, "base_ppl": base_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
                      "prediction_errors_per_seed": predicted,
                      "seconds": round(time.time() - t0)}, "\n".join(md))
@@ -183,6 +197,11 @@ def summarise(evals: dict[str, list[dict]], fitted: dict[str, list[int]],
             "worst_ppl": float(worst.mean()), "worst_ppl_sd": sd(worst),
             "mean_vs_sheared_pct": paired([100 * (a["mean_ppl"] / b["mean_ppl"] - 1) for a, b in zip(runs, ref)]),
             "worst_vs_sheared_pct": paired([100 * (a["worst_ppl"] / b["worst_ppl"] - 1) for a, b in zip(runs, ref)]),
+            **({"mean_vs_constant_pct": paired([100 * (a["mean_ppl"] / b["mean_ppl"] - 1)
+                                                for a, b in zip(runs, evals["constant"])]),
+                "worst_vs_constant_pct": paired([100 * (a["worst_ppl"] / b["worst_ppl"] - 1)
+                                                 for a, b in zip(runs, evals["constant"])])}
+               if "constant" in evals else {}),
             "fitted_updates": float(np.mean(fitted[mode])),
             "shift": {k: {"mean": float(np.mean(v)), "sd": sd(np.array(v))}
                       for k in SHIFT_KEYS for v in [[e["shift"][k]["ppl"] for e in runs]]},

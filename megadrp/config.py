@@ -174,10 +174,15 @@ class DROConfig(DROConstants):
     mode: Literal["constant", "sheared", "dro", "dro_dyloss", "drpruning"] = "drpruning"
     """constant (p0), sheared (Sheared-LLaMA's), dro (χ² with fixed references), dro_dyloss (+ scaling-law
     references), drpruning (+ the moving reference ratio: the method)."""
-    initial_proportion: list[float] | dict[str, float] | str | None = None
-    """p0: a list (the domains' order), a {domain: value} mapping, uniform, tokens or tokens^0.3; null: uniform."""
+    initial_proportion: list[float] | dict[str, float] | str = "tokens^0.3"
+    """p0: a list (the domains' order), a {domain: value} mapping, uniform, tokens, tokens^0.3 (∝ each
+    domain's training tokens to the 0.3, the paper's multilingual rule), or carried: the final domain
+    weights of the run that exported model.init (Sheared-LLaMA continues from its pruning's)."""
     reference_loss: list[float] | dict[str, float] | str = "auto"
-    """r: a list, a mapping, or auto: each domain's eval loss at the stage's first evaluation."""
+    """r: a list, a mapping, model:<HF dir> (that model's eval losses on this stage's windows, measured
+    once and cached in RUN_DIR/reference_losses.json), or auto: the source model's own losses (a prune:
+    model.init unmasked before step 1; a continue stage: the model the pruned model came from, carried
+    from the prune run; the stage's own first losses only where no source is known)."""
     signal: Literal["eval", "train_ema"] = "eval"
     """The loss the controller sees: eval, or train_ema (a moving average of the training loss, 0.9)."""
     update_lag: int = 0

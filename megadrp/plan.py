@@ -17,7 +17,7 @@ import numpy as np
 from megadrp.config import Config
 from megadrp.data.manifest import DomainShards, Manifest, load_manifest
 from megadrp.data.mixture import BatchLayout
-from megadrp.errors import ConfigError
+from megadrp.errors import ConfigError, UserError
 from megadrp.memory_plan import (
     GIB,
     Dims,
@@ -31,6 +31,8 @@ from megadrp.memory_plan import (
 )
 from megadrp.model.llama import count_parameters
 from megadrp.model.masks import Shape, check_target
+from megadrp.runtime.files import read_json, read_jsonl
+from megadrp.runtime.run_dir import RunDir
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,17 @@ class RunPlan:
     ramp_steps: int
     ds_config: dict
     p0: np.ndarray  # initial domain proportions, normalised
-    reference_loss: list[float] | None  # None: `auto` (the first evaluation's losses)
+    reference_loss: list[float] | None  # given (or carried) values; None: measured, or the first evaluation's
     memory: MemoryPlan | None = None  # the per-GPU memory plan at `layout` (None where not planned)
     checkpointed_layers: int = 0  # layers whose forward is recomputed in backward (resolved `auto`)
+    # Where the reference losses come from when they are not given (docs/method.md §3):
+    # `reference_model` is measured once on this stage's eval windows (`model:<dir>`, or the
+    # source model of the pruned model a continue stage starts from); `reference_from_engine`:
+    # the source itself, unmasked, before the first step of a prune; neither: the stage's
+    # first evaluation. `reference_note` says which, for the logs.
+    reference_model: str | None = None
+    reference_from_engine: bool = False
+    reference_note: str = ""
 
     @property
     def names(self) -> list[str]:
@@ -83,10 +93,13 @@ def make_plan(cfg: Config, world_size: int, rank: int, gpu_memory: int | None = 
     memory, micro, ckpt = _memory(cfg, model_config, target, ds, world_size, gpu_memory, given)
     layout = fit_layout(t.global_batch, micro, world_size, rank)
     _set_batch(ds, cfg, layout)
+    ref = resolve_reference(cfg, names)
     return RunPlan(cfg=cfg, manifest=manifest, domains=domains, layout=layout, model_config=model_config,
                    target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * cfg.train.steps))),
-                   ds_config=ds, p0=initial_proportion(cfg.dro.initial_proportion, domains, names),
-                   reference_loss=_reference_loss(cfg, names), memory=memory, checkpointed_layers=ckpt)
+                   ds_config=ds, p0=initial_proportion(cfg.dro.initial_proportion, domains, names,
+                                                       model_init=cfg.model.init),
+                   reference_loss=ref.values, memory=memory, checkpointed_layers=ckpt,
+                   reference_model=ref.model, reference_from_engine=ref.from_engine, reference_note=ref.note)
 
 
 def mask_gates(cfg: Config, model_config, target: Shape | None) -> MaskGates:
@@ -335,27 +348,122 @@ def per_domain(value, key: str, names: list[str]) -> list[float] | None:
     return None
 
 
-def initial_proportion(ip, domains, names: list[str], key: str = "dro.initial_proportion") -> np.ndarray:
-    """p0 from `dro.initial_proportion`'s value (a list, a mapping, 'uniform', 'tokens' or
-    'tokens^0.3'), normalised; also what `megadrp eval --shift` weighs losses with."""
+def initial_proportion(ip, domains, names: list[str], key: str = "dro.initial_proportion",
+                       model_init: str | None = None) -> np.ndarray:
+    """p0 from `dro.initial_proportion`'s value (a list, a mapping, 'uniform', 'tokens',
+    'tokens^0.3' or 'carried'), normalised; also what `megadrp eval --shift` weighs losses
+    with. 'carried': the last domain weights of the run that exported `model_init` (its
+    RUN_DIR/metrics.jsonl), as Sheared-LLaMA's scripts continue from the pruning stage's final
+    proportions."""
+    if ip == "carried":
+        ip = _carried_weights(model_init, key)
     given = per_domain(ip, key, names)
     if given is not None:
         p = np.array(given, dtype=np.float64)
-    elif ip in (None, "uniform"):
+    elif ip in ("uniform", None):  # None: a config.yaml written before the default became tokens^0.3
         p = np.ones(len(names))
     elif ip in ("tokens", "tokens^0.3"):
         tok = np.array([d.train_tokens for d in domains], dtype=np.float64)
-        p = tok ** (0.3 if ip == "tokens^0.3" else 1.0)
+        p = tok ** (1.0 if ip == "tokens" else 0.3)
     else:
-        raise ConfigError(f"{key}={ip!r}: give a list, a mapping, 'uniform', 'tokens' or 'tokens^0.3'")
+        raise ConfigError(f"{key}={ip!r}: give a list, a mapping, 'uniform', 'tokens', 'tokens^0.3' or 'carried'")
     if np.any(p <= 0) or not np.all(np.isfinite(p)):
         raise ConfigError(f"{key} values must be positive")
     return p / p.sum()
 
 
-def _reference_loss(cfg: Config, names: list[str]) -> list[float] | None:
+def _producing_run(model_init: str | None, key: str, what: str) -> RunDir:
+    """The run directory that exported `model_init` (model_init = RUN_DIR/hf)."""
+    if not model_init or not Path(model_init).is_dir():
+        raise ConfigError(f"{key}: {what} needs model.init to be a model megadrp exported (RUN_DIR/hf)")
+    return RunDir(Path(model_init).resolve().parent)
+
+
+def _carried_weights(model_init: str | None, key: str) -> dict[str, float]:
+    run = _producing_run(model_init, key, "'carried'")
+    if not run.metrics.is_file():
+        raise ConfigError(f"{key}=carried: {run.metrics} not found; model.init must be the export (RUN_DIR/hf) of "
+                          "a megadrp run whose domain weights are carried over, or give p0 explicitly")
+    rows = [r for r in read_jsonl(run.metrics) if r.get("weights")]
+    if not rows:
+        raise ConfigError(f"{key}=carried: {run.metrics} holds no domain weights")
+    return rows[-1]["weights"]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where a stage's reference losses come from (see RunPlan.reference_model)."""
+
+    values: list[float] | None = None
+    model: str | None = None
+    from_engine: bool = False
+    note: str = ""
+
+
+def reference_key(cfg: Config, names: list[str]) -> dict:
+    """What makes two measurements of reference losses the same: the eval windows (DATA_DIR,
+    domains, sequence length, tokens a domain)."""
+    return {"data_dir": str(Path(cfg.data_dir).resolve()), "domains": list(names), "seq_len": cfg.train.seq_len,
+            "tokens_per_domain": cfg.eval.tokens_per_domain}
+
+
+def resolve_reference(cfg: Config, names: list[str]) -> Reference:
+    """`dro.reference_loss` → values, a model to measure, or the stage's first evaluation.
+
+    - a list or a {domain: loss} mapping: those values;
+    - `model:<HF dir>`: that model's eval losses on this stage's windows, measured once (a
+      smaller model of the same family, as Sheared-LLaMA did; or the source model);
+    - `auto`: the source model's own losses. In a prune stage the source is model.init,
+      evaluated unmasked before the first step. In a continue stage it is the model the pruned
+      model was pruned from: its losses as the prune run measured them (RUN_DIR/reference_losses.json
+      beside model.init) where the windows are the same, else measured here from the source
+      named in the export's megadrp.json; only where neither exists, the stage's own first
+      evaluation (with a warning: the references then measure nothing of the source).
+    """
     ref = cfg.dro.reference_loss
     given = per_domain(ref, "dro.reference_loss", names)
-    if given is None and ref != "auto":
-        raise ConfigError(f"dro.reference_loss={ref!r}: give a list, a mapping or 'auto'")
-    return given
+    if given is not None:
+        return Reference(values=given, note="given in dro.reference_loss")
+    if isinstance(ref, str) and ref.startswith("model:"):
+        model = ref[len("model:"):]
+        if not Path(model, "config.json").is_file():
+            raise ConfigError(f"dro.reference_loss={ref!r}: {model} is not a Hugging Face model directory "
+                              "(no config.json)")
+        return Reference(model=model, note=f"measured from {model}")
+    if ref != "auto":
+        raise ConfigError(f"dro.reference_loss={ref!r}: give a list, a mapping, 'auto' or 'model:<HF directory>'")
+    if cfg.stage == "prune":
+        return Reference(from_engine=True, note=f"the source model {cfg.model.init}, unmasked, before step 1")
+    if cfg.stage == "continue" and cfg.model.init and Path(cfg.model.init).is_dir():
+        run = RunDir(Path(cfg.model.init).resolve().parent)
+        cached = read_reference_cache(run.reference_losses, reference_key(cfg, names), role="source")
+        if cached is not None:
+            return Reference(values=cached["losses"], note=f"the source model {cached['model']}, as "
+                             f"{run.reference_losses} measured it")
+        about = Path(cfg.model.init, "megadrp.json")
+        source = read_json(about).get("source") if about.is_file() else None
+        if source and Path(source, "config.json").is_file():
+            return Reference(model=source, note=f"the source model {source} (named in {about})")
+    import logging
+
+    logging.getLogger("megadrp").warning(
+        "dro.reference_loss=auto: no source model known for model.init=%s; the references are this stage's own "
+        "first losses. Give dro.reference_loss=model:<the source model> to recover toward it", cfg.model.init)
+    return Reference(note="this stage's first evaluation (no source model known)")
+
+
+def read_reference_cache(path: Path, key: dict, model: str | None = None, role: str | None = None) -> dict | None:
+    """The cached measurement at `path` if it was made on the same windows (and of `model`, in
+    `role`, where given), else None."""
+    if not path.is_file():
+        return None
+    try:
+        cached = read_json(path)
+    except UserError:
+        return None
+    if not isinstance(cached, dict) or cached.get("windows") != key or len(cached.get("losses") or []) != len(
+            key["domains"]):
+        return None
+    if (model is not None and cached.get("model") != model) or (role is not None and cached.get("role") != role):
+        return None
+    return cached

@@ -37,6 +37,12 @@ class DomainSchedule:
             cfg.dro, domains=plan.names, p0=plan.p0.tolist(), total_steps=cfg.train.steps,
             reference_loss=plan.reference_loss, pruning=plan.pruning, seed=cfg.seed)
 
+    def use_reference(self, losses: list[float]) -> None:
+        """Reference losses measured after the plan was made (engine/references.py); before
+        `start`, and only for a fresh start (a resumed controller has its own)."""
+        assert self.controller is None, "the controller has started"
+        self.settings.reference_loss = list(losses)
+
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self, evaluation_at_start: bool = False) -> None:
         """Start the controller (rank 0), fresh or from the state loaded by `load_state_dict`.

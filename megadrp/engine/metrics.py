@@ -156,3 +156,26 @@ class Wandb:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+SHAPE_DIMS = ("layers", "hidden", "heads", "intermediate")
+
+
+def pruning_control(rows: list[dict]) -> dict:
+    """How closely a prune's expected shape followed its ramped target (a prune run's metrics
+    rows): per dimension, the largest overshoot during the ramp (the masks ahead of the target)
+    and the largest deviation after it, as a share of the amount the dimension must lose
+    (source − final target); dimensions not pruned are skipped. Issue #20's goals: ≤ 0.25 and
+    ≤ 0.10 (benchmarks/pruning_control.py)."""
+    src, final = rows[0]["target_shape"], rows[-1]["target_shape"]
+    out = {}
+    for k in SHAPE_DIMS:
+        amount = src[k] - final[k]
+        if amount <= 0:
+            continue
+        during = [max(0.0, r["target_shape"][k] - r["expected_shape"][k]) / amount
+                  for r in rows if r["target_shape"][k] > final[k] + 1e-9]
+        after = [abs(r["expected_shape"][k] - final[k]) / amount
+                 for r in rows if r["target_shape"][k] <= final[k] + 1e-9]
+        out[k] = {"ramp_overshoot": max(during, default=0.0), "post_ramp_deviation": max(after, default=0.0)}
+    return out

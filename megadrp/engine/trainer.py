@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megadrp.config import Config, dump_yaml, to_dict
 from megadrp.data.mixture import MixtureDataset, digest_hex
-from megadrp.engine import checkpoint, zero3
+from megadrp.engine import checkpoint, references, zero3
 from megadrp.engine.collectives import StepSums, any_rank, min_over_ranks
 from megadrp.engine.domain_schedule import DomainSchedule
 from megadrp.engine.evaluator import EvalResult, Evaluator
@@ -92,6 +92,10 @@ class Trainer:
                                               self.plan.model_config.vocab_size)
         if self.faults.signal_in_startup:  # as Slurm's USR1 would, in the middle of a long model load
             os.kill(os.getpid(), signal.SIGUSR1)
+        # Another model's reference losses are measured before the training engine exists, so the
+        # two never hold memory together (engine/references.py; cached, so only the first start pays).
+        self.reference = (references.measure(self.plan, self.evaluate, self.run_dir, self.rank)
+                          if self.plan.reference_model else None)
         self.ds_engine, self.group_names = zero3.build_engine(self.plan, self.rank)
         self.model = self.ds_engine.module
         self.state = TrainState(self.plan.k, domains=self.plan.names)
@@ -142,6 +146,11 @@ class Trainer:
             self.wandb = Wandb(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, self.run_dir.root, to_dict(cfg))
             if resume_from:
                 log.info("resumed from %s at step %d", resume_from, self.state.step)
+        if not resume_from:  # a resumed controller holds its references
+            if self.plan.reference_from_engine:  # the source itself, unmasked, before the first step
+                self.reference = references.measure(self.plan, self.evaluate, self.run_dir, self.rank, self.ds_engine)
+            if self.reference is not None:
+                self.schedule.use_reference(self.reference)
         self.schedule.start(evaluation_at_start=cfg.eval.at_start and not resume_from)
         try:
             if cfg.eval.at_start and not resume_from:

@@ -35,6 +35,38 @@ def build_engine(plan: RunPlan, rank: int):
     return engine, [g["name"] for g in groups]
 
 
+def build_inference_engine(model_dir: str, plan: RunPlan, rank: int):
+    """An unmasked model of `model_dir` on a ZeRO-3 engine with no optimizer (sharded like the
+    training model, gathered layer by layer in each forward): to measure another model's losses
+    on the stage's eval windows. Free it with `release_engine` before the training engine is
+    built, so the two never hold memory together."""
+    import deepspeed
+
+    from megadrp.model.hf_io import load_hf_config
+
+    config = load_hf_config(model_dir, seq_len=plan.cfg.train.seq_len)
+    plan.manifest.check_vocab(config.vocab_size, plan.cfg.domains)
+    ds = {k: v for k, v in plan.ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=plan.zero3):
+        model = MaskedLlama(config)
+    load_weights(model, model_dir, zero3=plan.zero3, rank=rank)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
+    return engine
+
+
+def release_engine(engine) -> None:
+    """Give an engine's memory back (its partitions, buffers and the device cache)."""
+    import gc
+
+    destroy = getattr(engine, "destroy", None)
+    if destroy is not None:
+        destroy()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def clamp_masks(model: MaskedLlama, zero3: bool) -> None:
     """Keep the optimizer's master log α inside [log 0.01, log 100] (SPEC §2); the forward
     clamps its value too, so this only stops the master drifting where it cannot return."""

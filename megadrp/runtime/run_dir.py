@@ -7,6 +7,7 @@
     RUN_DIR/checkpoints/      stepNNNNNNNN/ DeepSpeed files + megadrp_state.pt
     RUN_DIR/hf/               the exported Hugging Face model
     RUN_DIR/controller.pid    the controller process of the running job
+    RUN_DIR/reference_losses.json  reference losses measured from a model (cached: measured once)
     RUN_DIR/eval.json, report.md, *.png   what the demo and the tools add
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     hf = property(lambda self: self.root / "hf")
     controller_pid = property(lambda self: self.root / "controller.pid")
+    reference_losses = property(lambda self: self.root / "reference_losses.json")
     eval_json = property(lambda self: self.root / "eval.json")
     report = property(lambda self: self.root / "report.md")
 

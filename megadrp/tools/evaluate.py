@@ -85,7 +85,7 @@ def shift_report(losses: dict[str, float], p0: np.ndarray, rho: float) -> dict:
             "worst_domain": at(loss[j], domain=names[j])}
 
 
-def _p0(spec, manifest, names: list[str], key: str) -> np.ndarray:
+def _p0(spec, manifest, names: list[str], key: str, model_init: str | None = None) -> np.ndarray:
     """--p0 (uniform | tokens | tokens^0.3 | comma-separated values in the domains' order) or
     the run config's dro.initial_proportion."""
     from megadrp.plan import initial_proportion
@@ -95,7 +95,7 @@ def _p0(spec, manifest, names: list[str], key: str) -> np.ndarray:
             spec = [float(x) for x in spec.split(",")]
         except ValueError as e:
             raise ValueError(f"{key}={spec!r}: not a comma-separated list of numbers") from e
-    return initial_proportion(spec, manifest.select(names), names, key)
+    return initial_proportion(spec, manifest.select(names), names, key, model_init=model_init)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     "`domains` from RUN_DIR/config.yaml beside the model, else all in the manifest)")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     ap.add_argument("--shift", action="store_true", help="also report losses under shifted domain mixes")
-    ap.add_argument("--p0", default=None, help="with --shift: uniform, tokens, tokens^0.3 or comma-separated "
+    ap.add_argument("--p0", default=None, help="with --shift: uniform, tokens, tokens^0.3, carried or comma-separated "
                     "values (default: the run's dro.initial_proportion, else uniform)")
     ap.add_argument("--rho", type=float, default=None, help="with --shift: χ² radius (default: the run's dro.rho, "
                     "else 0.1)")
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest = load_manifest(args.data)
             names = domains or list(manifest.domains)
             spec, where = (args.p0, "--p0") if args.p0 is not None else \
-                (rc.get("dro", {}).get("initial_proportion", "uniform"), f"{run_cfg}: dro.initial_proportion")
-            p0 = _p0(spec, manifest, names, where)
+                (rc.get("dro", {}).get("initial_proportion"), f"{run_cfg}: dro.initial_proportion")
+            p0 = _p0(spec, manifest, names, where, rc.get("model", {}).get("init"))
         res = evaluate(args.model, args.data, tokens, seq, domains)
         if p0 is not None:
             res["shift"] = shift_report(res["domain_loss"], p0,
