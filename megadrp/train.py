@@ -79,6 +79,12 @@ def _dry_run(cfg, args) -> int:
     except (UserError, OSError) as e:
         print(f"train: dry run: {e}", file=sys.stderr)
         return 2
+    from megadrp.engine.checkpoint import describe_resume
+    from megadrp.runtime.run_dir import RunDir
+
+    resume = describe_resume(RunDir(cfg.run_dir).checkpoints, cfg.resume, world)
+    report.lines.insert(len(report.lines) - 1, resume)
+    report.data["resume"] = resume
     print(json.dumps(report.data, indent=2) if args.json else "\n".join(report.lines))
     if report.problem:
         print(f"train: dry run: {report.problem}", file=sys.stderr)

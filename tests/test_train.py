@@ -228,6 +228,34 @@ def test_resume_equals_straight_and_controller_kill(prune2, tmp_path, data_dir, 
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+def test_elastic_resume_two_to_one_to_two_ranks(prune2, tmp_path, data_dir, base_model):
+    """A checkpoint of 2 ranks resumes on 1, which stops at a checkpoint that 2 ranks finish
+    (DeepSpeed's universal format, made once per checkpoint): the same tokens per domain, the same
+    decisions and the same eval losses (1e-4) as the straight 2-rank run at every evaluation. The
+    dry run says how each start would resume."""
+    _, straight = prune2
+    cfg = prune_cfg(tmp_path, data_dir, base_model, "elastic")
+    path = write_config(tmp_path / "elastic.yaml", **cfg)
+    assert train(cfg, tmp_path, ranks=2, env={"MEGADRP_FAULT_SIGNAL_AT": "4"}, check=False).returncode == 3
+    dry = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run", "--world-size", "1"]).stdout
+    assert "written by 2 rank(s), on 1: elastic" in dry and "step 4" in dry
+    p = train(cfg, tmp_path, ranks=1, env={"MEGADRP_FAULT_SIGNAL_AT": "8"}, check=False)
+    assert p.returncode == 3 and "resuming on 1" in p.stderr, p.stderr[-3000:]
+    run_dir = Path(cfg["run_dir"])
+    assert (run_dir / "checkpoints" / "step00000004" / "universal" / "zero").is_dir()
+    p = train(cfg, tmp_path, ranks=2)
+    assert "written by 1 rank(s), resuming on 2" in p.stderr
+    a, b = metrics(Path(straight["run_dir"])), metrics(run_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 4, 8, 12]
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"]
+        for d in x["eval_loss"]:
+            assert math.isclose(x["eval_loss"][d], y["eval_loss"][d], rel_tol=1e-4)
+            assert math.isclose(x["weights"][d], y["weights"][d], rel_tol=1e-5, abs_tol=1e-7)
+    wa, wb = _hf_weights(Path(straight["run_dir"]) / "hf"), _hf_weights(run_dir / "hf")
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
 def test_zero_to_fp32_consolidates_our_checkpoint(prune2, tmp_path):
     """DeepSpeed's own zero_to_fp32 script reads our tagged checkpoints."""
     _, cfg = prune2

@@ -93,25 +93,55 @@ def save(engine, root: Path, step: int, states: Mapping[str, Stateful], keep: in
     return final
 
 
+def _rank_files(path: Path, rank: int) -> list[Path]:
+    partitioned = any(path.glob("*zero_pp_rank_*"))  # ZeRO: one file set per rank; else one model file
+    return [f for f in path.glob(f"*zero_pp_rank_{rank}_*" if partitioned else "mp_rank_*_model_states.pt")
+            if f.is_file()]
+
+
+def read_state(path: Path) -> dict:
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
 def problem(path: Path, rank: int, world: int) -> str | None:
     """Why this rank could not load the checkpoint at `path` (None: it looks loadable). Checked
-    on every rank before any loads, so that a rank missing its own partition file is found
-    before the ranks part ways in a collective load."""
+    on every rank before any loads, so that a rank missing its files is found before the ranks
+    part ways in a collective load. A checkpoint of another rank count needs every one of its
+    ranks' files (they are converted to the universal form); one of this rank count, this
+    rank's own."""
     if not path.is_dir():
         return f"{path}: not a directory"
-    partitioned = any(path.glob("*zero_pp_rank_*"))  # ZeRO: one file set per rank; else one model file
-    own = [f for f in path.glob(f"*zero_pp_rank_{rank}_*" if partitioned else "mp_rank_*_model_states.pt")
-           if f.is_file()]
-    if not own or any(f.stat().st_size == 0 for f in own):
-        return f"{path}: the DeepSpeed files of rank {rank} are missing or empty"
-    if rank == 0:
-        try:
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated, corrupt, unpicklable: all mean "cannot resume from it"
-            return f"{path / STATE_FILE}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        if state.get("world_size", world) != world:
-            return None  # load() raises the clear world-size error
+    try:
+        saved = read_state(path).get("world_size", world)
+    except Exception as e:  # truncated, corrupt, unpicklable: all mean "cannot resume from it"
+        return f"{path / STATE_FILE}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    for r in ([rank] if saved == world else range(saved)):
+        own = _rank_files(path, r)
+        if not own or any(f.stat().st_size == 0 for f in own):
+            return f"{path}: the DeepSpeed files of rank {r} are missing or empty"
     return None
+
+
+def describe_resume(root: Path, setting: str, world: int) -> str:
+    """What a start with `resume: setting` on `world` ranks would do, for the dry run (no process
+    group: it reads files only)."""
+    if setting == "none":
+        return "resume: none: starts fresh (status done in run_dir needs overwrite=true)"
+    candidates = [p for _, p in reversed(complete_checkpoints(root))] if setting == "auto" else [Path(setting)]
+    for path in candidates:
+        why = next((problem(path, r, world) for r in range(world) if problem(path, r, world)), None)
+        if why is not None:
+            if setting != "auto":
+                return f"resume {path}: cannot: {why}"
+            continue
+        saved = read_state(path).get("world_size", world)
+        step = read_state(path).get("train", {}).get("step", "?")
+        if saved == world:
+            return f"resume: from {path} (step {step}, written by {saved} rank(s), the same as now)"
+        ready = (path / UNIVERSAL / "zero" / "optimizer_state.pt").is_file()
+        return (f"resume: from {path} (step {step}) written by {saved} rank(s), on {world}: elastic, through "
+                f"DeepSpeed's universal format ({'already converted' if ready else 'converted once at start: about 12 bytes a parameter of disk'})")
+    return "resume: auto: no complete checkpoint under " + str(root) + ": starts fresh"
 
 
 def load(engine, path: Path, states: Mapping[str, Stateful]) -> None:
@@ -123,13 +153,77 @@ def load(engine, path: Path, states: Mapping[str, Stateful]) -> None:
         raise ValueError(f"{path / STATE_FILE}: no {missing[0]!r} state (written by an older megadrp?); "
                          "resume from a checkpoint of this version, or start fresh with resume=none")
     world = dist.get_world_size()
-    if state.get("world_size", world) != world:
-        raise ValueError(f"{path}: written by {state['world_size']} ranks, resuming with {world}; ZeRO-3 partitions "
-                         "are per rank: resume with the same number of ranks (or start fresh with resume=none)")
-    engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                           load_optimizer_states=True, load_lr_scheduler_states=False)
+    saved = state.get("world_size", world)
+    if saved == world:
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        _load_elastic(engine, path, saved, world)
     for name, obj in states.items():
         obj.load_state_dict(state[name])
+
+
+UNIVERSAL = "universal"  # inside a checkpoint: its DeepSpeed universal form, made once when first needed
+
+
+def universal_form(path: Path) -> Path:
+    """The checkpoint at `path` in DeepSpeed's universal format (one file a parameter for the
+    fp32 master and each Adam moment, independent of the rank count), made by rank 0 on first
+    need and kept beside the per-rank files (it is about the size of the optimizer state: 12
+    bytes a parameter). Collective; the conversion writes into a temporary folder renamed when
+    complete, so a kill mid-way leaves nothing a later start would trust."""
+    out = path / UNIVERSAL
+    if dist.get_rank() == 0 and not (out / "zero" / "optimizer_state.pt").is_file():
+        import argparse
+        import contextlib
+        import io
+        import logging
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = path / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        logging.getLogger("megadrp").info("resume: converting %s to DeepSpeed's universal format", path)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints, one per parameter
+            ds_to_universal.main(args)
+        (path / "latest_universal").unlink(missing_ok=True)  # written beside its output: not ours
+        os.replace(tmp, out)
+        fsync_dir(path)
+    dist.barrier()
+    return out
+
+
+def _load_elastic(engine, path: Path, saved: int, world: int) -> None:
+    """Resume a checkpoint of `saved` ranks on `world` ranks: the weights, fp32 master and Adam
+    moments from its universal form, each rank taking its new partition of every parameter."""
+    import logging
+
+    logging.getLogger("megadrp").warning("resume: %s was written by %d rank(s), resuming on %d: loading its universal "
+                                         "form (docs/cluster.md, 'Elastic resume')", path, saved, world)
+    uni = universal_form(path)
+    groups = [dict(g) for g in engine.optimizer.param_groups]  # the settings and the fp32 partitions they own
+    engine._config.load_universal_checkpoint = True  # read at load time; DeepSpeed has no per-call switch
+    try:
+        engine.load_checkpoint(str(uni.parent), tag=uni.name, load_module_strict=True,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    # DeepSpeed's universal load of ZeRO-3 gives every parameter group the first group's settings:
+    # put each group's own back (the masks and λ's have their own lr and no weight decay).
+    for g, own in zip(engine.optimizer.param_groups, groups):
+        g.clear()
+        g.update(own)
+    # It also gives every partition's Adam state one shared `step` tensor, which torch's Adam
+    # increments in place once per partition and step: bias corrections would run ahead. One
+    # tensor each.
+    opt = engine.optimizer
+    for flat in getattr(opt, "fp32_partitioned_groups_flat", []):
+        state = opt.optimizer.state.get(flat, {})
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def first_problem(problem: str | None, world: int) -> str | None:
