@@ -66,6 +66,8 @@ def main() -> None:
         ap.error(f"--modes: unknown schedule(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
     if args.root is None:
         args.root = ROOT / "runs" / (f"schedules_{args.corpus.resolve().name}" if args.corpus else "schedules")
+    args.root = args.root.resolve()
+    args.root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     import subprocess
 
