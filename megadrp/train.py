@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     ap.add_argument("--no-disk-check", action="store_true",
                     help="with --dry-run: plan for another machine; report, but do not refuse, a run_dir without room")
+    ap.add_argument("--time-limit", default=None, metavar="TIME",
+                    help="stop at a checkpoint (exit 3) before this much time from the start has passed: seconds or "
+                    "[D-]H:M:S (default: the Slurm job's end time, where it is known)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=10")
     return ap
 
@@ -108,13 +111,19 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
 
     from megadrp.engine.trainer import Trainer, TrainingStopped
     from megadrp.runtime import process_group
+    from megadrp.runtime.deadline import Deadline
     from megadrp.runtime.run_dir import RunDir
 
     rank = os.environ.get("RANK", "?")
     try:
+        deadline = Deadline.find(args.time_limit)
+    except UserError as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+    try:
         with process_group.starting() as info:  # DeepSpeed JIT-loads ops in init and in the engine build
             rank = info.rank
-            trainer = Trainer(cfg, info, stop)
+            trainer = Trainer(cfg, info, stop, deadline)
         return trainer.run()
     except process_group.RendezvousBusy as e:
         # Transient: mark the run for a retry (the Slurm scripts requeue it) and say so.

@@ -5,9 +5,16 @@
 # Environment read here (defaults in brackets):
 #   MEGADRP_REPO         the repository                                [$SLURM_SUBMIT_DIR]
 #   PYTHON               interpreter with megadrp installed             [python]
-#   MAX_RESTARTS         requeues allowed per job (SLURM_RESTART_COUNT) [20]
-#   MEGADRP_NO_REQUEUE   1: an interrupted run stops (exit 3) instead of requeueing
-#   MEGADRP_MASTER_ADDR, MEGADRP_MASTER_PORT   force the rendezvous (docs/launch.md)
+#   MAX_RESTARTS         requeues allowed per job (SLURM_RESTART_COUNT), for stops and crashes [20]
+#   MEGADRP_NO_REQUEUE   1: an interrupted or crashed run stops instead of requeueing
+#   MEGADRP_MASTER_ADDR, MEGADRP_MASTER_PORT   force the rendezvous (docs/cluster.md)
+#   SRUN_ARGS            more arguments for the training step's srun (e.g. Pyxis:
+#                        "--container-image=IMG --container-mounts=/data:/data")  []
+#   CONTAINER            a command the step runs inside (e.g. "apptainer exec --nv IMG.sif") []
+#   SCRATCH              a fast per-user file system: RUN_DIR defaults under it, and DeepSpeed's
+#                        extension builds go to $SCRATCH/torch_extensions            []
+# RUN_DIR and DATA_DIR must be on a file system every node sees (the checkpoints of all ranks
+# meet in RUN_DIR; every rank reads DATA_DIR's shards).
 set -euo pipefail
 REPO=${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 if [ ! -f "$REPO/megadrp/train.py" ]; then
@@ -30,6 +37,25 @@ esac
 # session) would win over srun's variables and give every task the same rank.
 unset MASTER_ADDR MASTER_PORT RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Worked out once here, in the batch shell, so that no task needs scontrol or squeue (a
+# container may not have them): the rendezvous host (the job's first node) and the job's end
+# time, which the trainer stops before with a checkpoint (megadrp/runtime/deadline.py; Slurm
+# 23.02 and later export SLURM_JOB_END_TIME themselves). A requeued job runs this again.
+if [ -z "${MEGADRP_MASTER_ADDR:-}" ] && [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ] 2>/dev/null; then
+  MEGADRP_MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?}" | head -n 1) || MEGADRP_MASTER_ADDR=""
+  [ -n "$MEGADRP_MASTER_ADDR" ] && export MEGADRP_MASTER_ADDR
+fi
+if [ -z "${SLURM_JOB_END_TIME:-}" ] && [ -n "${SLURM_JOB_ID:-}" ] && command -v squeue >/dev/null 2>&1; then
+  _megadrp_end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null | head -n 1) || _megadrp_end=""
+  case $_megadrp_end in
+    '' | N/A | NONE | Unknown | INVALID) ;;
+    *) MEGADRP_JOB_END_TIME=$(date -d "$_megadrp_end" +%s 2>/dev/null) && export MEGADRP_JOB_END_TIME ;;
+  esac
+fi
+if [ -n "${SCRATCH:-}" ]; then
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$SCRATCH/torch_extensions}
+fi
+# wandb appends every segment of a requeued job to one run: its id is kept in RUN_DIR/wandb_id.
 # The log is opened with --open-mode=append, so one file holds every segment of a requeued job.
 echo "megadrp: job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname)} at $(date -Is)"
 
@@ -70,7 +96,7 @@ trap '_megadrp_on_signal TERM' TERM
 # Requeue this job (it resumes from its last complete checkpoint) unless switched off, out of
 # restarts or not a Slurm job; then exit. Never returns.
 _megadrp_requeue_or_stop() {
-  local why=$1 restarts=${SLURM_RESTART_COUNT:-0}
+  local why=$1 code=${2:-$MEGADRP_EXIT_INTERRUPTED} restarts=${SLURM_RESTART_COUNT:-0}
   if [ "${MEGADRP_NO_REQUEUE:-0}" = "1" ]; then
     echo "megadrp: $why; MEGADRP_NO_REQUEUE=1, so not requeueing: resubmit to continue" >&2
   elif [ -z "${SLURM_JOB_ID:-}" ]; then
@@ -88,7 +114,7 @@ _megadrp_requeue_or_stop() {
     _megadrp_requeued=0
     echo "megadrp: scontrol requeue $SLURM_JOB_ID failed (job submitted with --no-requeue?); resubmit to continue" >&2
   fi
-  exit "$MEGADRP_EXIT_INTERRUPTED"
+  exit "$code"
 }
 
 # State in RUN_DIR/status.json if the run wrote it after $2 (seconds since the epoch), else
@@ -105,9 +131,14 @@ except Exception:
 
 # megadrp_train RUN_DIR ARGS...: run megadrp/train.py ARGS on every task (resume=auto), then
 #  - done: return 0;
-#  - interrupted (a signal: Slurm's, preemption's or scancel's) or `retry` (a transient start
-#    failure such as a busy rendezvous port): requeue, or exit 3 when it will not be requeued;
-#  - anything else: exit with the run's status (no requeue: it would fail again).
+#  - interrupted (a signal: Slurm's, preemption's or scancel's; or the job's end coming) or
+#    `retry` (a transient start failure such as a busy rendezvous port): requeue, or exit 3
+#    when it will not be requeued;
+#  - exit 2, a user error (a config key, a file, non-finite weights): exit 2, never requeued
+#    (it would fail again);
+#  - any other failure (a crash: a lost node, an NCCL timeout, a killed rank): requeue, and the
+#    job resumes from its last complete checkpoint; MAX_RESTARTS bounds the requeues of a run
+#    that keeps crashing, and then the job exits with the crash's status.
 # Errors are handled explicitly: the scripts call it after `||`, where bash ignores `set -e`.
 megadrp_train() {
   local run_dir=$1; shift
@@ -129,7 +160,9 @@ megadrp_train() {
     _megadrp_requeue_or_stop "stopped by SIG$_megadrp_signal during the dry run of $run_dir"
   fi
   started=$(date +%s)
-  srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" megadrp/train.py "$@" run_dir="$run_dir" resume=auto &
+  # shellcheck disable=SC2086
+  srun --label --kill-on-bad-exit=1 --cpu-bind=none ${SRUN_ARGS:-} ${CONTAINER:-} \
+    "$PYTHON" megadrp/train.py "$@" run_dir="$run_dir" resume=auto &
   _megadrp_srun_pid=$!
   # A trap that ran between starting srun and knowing its pid could not forward the signal.
   if [ -n "$_megadrp_signal" ]; then
@@ -157,10 +190,13 @@ megadrp_train() {
     # checkpoint is lost, and resume=auto starts from it.
     _megadrp_requeue_or_stop "run stopped (srun exit $rc${_megadrp_signal:+, SIG$_megadrp_signal}) before finishing"
   fi
+  if [ "$rc" -eq 2 ]; then
+    echo "megadrp: training stopped on a user error (exit 2, see above); not requeueing" >&2
+    exit 2
+  fi
   if [ "$rc" -eq 0 ]; then
-    echo "megadrp: train.py exited 0 without writing a fresh $run_dir/status.json; treating it as a failure" >&2
+    echo "megadrp: train.py exited 0 without writing a fresh $run_dir/status.json; treating it as a crash" >&2
     rc=1
   fi
-  echo "megadrp: training failed (srun exit $rc); not requeueing" >&2
-  exit "$rc"
+  _megadrp_requeue_or_stop "training crashed (srun exit $rc)" "$rc"
 }

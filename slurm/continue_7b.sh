@@ -11,25 +11,38 @@
 #   CONFIG      recipe                                   [configs/continue_$TARGET.yaml]
 #   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]
 #   PYTHON, EXTRA, MAX_RESTARTS, ... as in prune_7b.sh
-# Requeue (slurm/_common.sh): --signal=B:USR1 reaches the batch shell before the time limit, which
-# has the step checkpoint and stop, then requeues the job (--requeue), at most MAX_RESTARTS [20]
-# times; it resumes from the checkpoint. --open-mode=append keeps every segment in the one log
-# (%j is the same after a requeue; the default truncates it). A run stopped and not requeued
-# (MEGADRP_NO_REQUEUE=1, the cap reached) exits 3, so `afterok` dependants do not start.
+# Site settings: set --partition and --account below (remove one '#' to enable a line); --time is
+# your partition's MaxTime: the run stops at a checkpoint before the job's end by itself and the
+# job requeues (--requeue), resuming where it stopped, so the time limit never loses work.
+# --exclusive and --mem=0 give the job whole nodes and their memory.
+# Requeue (slurm/_common.sh): before the end (the job's end time, or --signal=B:USR1 reaching the
+# batch shell), on preemption, and after a crash (a lost node, an NCCL timeout), at most
+# MAX_RESTARTS [20] times; a user error (exit 2) is never requeued. The run resumes from its last
+# complete checkpoint, on whatever number of nodes the requeued job gets (elastic resume,
+# docs/cluster.md). The log is logs/%x-%j.out (srun --label prefixes each line with its task);
+# --open-mode=append keeps every segment in it. A run stopped and not requeued exits non-zero, so
+# `afterok` dependants do not start (slurm/pipeline_7b.sh cancels them: --kill-on-invalid-dep).
+# RUN_DIR and DATA_DIR must be on a file system every node sees; RUN_DIR defaults under $SCRATCH
+# where it is set. Container: CONTAINER="apptainer exec --nv IMG.sif", or Pyxis through
+# SRUN_ARGS="--container-image=IMG --container-mounts=...".
 #SBATCH --job-name=megadrp-continue
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=10
 #SBATCH --time=72:00:00
-#SBATCH --output=%x-%j.out
+#SBATCH --exclusive
+#SBATCH --mem=0
+##SBATCH --partition=CHANGE_ME
+##SBATCH --account=CHANGE_ME
+#SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@600
 source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
 TARGET=${TARGET:-1.3b}
-MODEL_DIR=${MODEL_DIR:-runs/prune_7b_$TARGET/hf}
-RUN_DIR=${RUN_DIR:-runs/continue_7b_$TARGET}
+MODEL_DIR=${MODEL_DIR:-${SCRATCH:+$SCRATCH/megadrp/}runs/prune_7b_$TARGET/hf}
+RUN_DIR=${RUN_DIR:-${SCRATCH:+$SCRATCH/megadrp/}runs/continue_7b_$TARGET}
 case $TARGET in
   1.3b|2.7b)  recipe=configs/continue_$TARGET.yaml ;;
   qwen2-1.8b) recipe=configs/continue_qwen2_1.8b.yaml; DATA_DIR=${DATA_DIR:-data/culturax} ;;

@@ -22,10 +22,10 @@ read -r -a domains <<< "$DOMAINS"
 # requeued exits 3 (slurm/_common.sh), so continue never starts on a missing hf/.
 n=${#domains[@]}
 pre=$(sbatch --parsable --array=0-$((n - 1)) ${PRE_SBATCH_ARGS:-} slurm/preprocess_array.sh)
-merge=$(sbatch --parsable --dependency=afterok:$pre --ntasks=1 --job-name=megadrp-merge --output=%x-%j.out \
+merge=$(sbatch --parsable --dependency=afterok:$pre --kill-on-invalid-dep=yes --ntasks=1 --job-name=megadrp-merge --output=%x-%j.out \
   --open-mode=append \
   --wrap "${PYTHON:-python} -m megadrp merge --out $DATA_DIR $(printf "$DATA_DIR/parts/%s " "${domains[@]}")")
-prune=$(sbatch --parsable --dependency=afterok:$merge ${PRUNE_SBATCH_ARGS:-} slurm/prune_7b.sh)
-cont=$(MODEL_DIR=${CONTINUE_MODEL_DIR:-runs/prune_7b_$TARGET/hf} sbatch --parsable --dependency=afterok:$prune \
+prune=$(sbatch --parsable --dependency=afterok:$merge --kill-on-invalid-dep=yes ${PRUNE_SBATCH_ARGS:-} slurm/prune_7b.sh)
+cont=$(MODEL_DIR=${CONTINUE_MODEL_DIR:-${SCRATCH:+$SCRATCH/megadrp/}runs/prune_7b_$TARGET/hf} sbatch --parsable --dependency=afterok:$prune --kill-on-invalid-dep=yes \
   ${CONTINUE_SBATCH_ARGS:-} slurm/continue_7b.sh)
 echo "submitted: preprocess $pre, merge $merge, prune $prune, continue $cont"

@@ -127,26 +127,6 @@ def test_usr1_to_the_batch_shell_requeues_and_resumes(slurm, smoke, tmp_path):
     _assert_same_as_straight(smoke, root)
 
 
-def test_sigusr1_checkpoint_and_resubmit(slurm, smoke, tmp_path):
-    """scancel --signal=USR1 mid-prune: the job leaves a complete checkpoint and stops; a
-    resubmitted job finishes with the same numbers and model as the uninterrupted run."""
-    root = _copy_inputs(smoke, tmp_path)
-    env = dict(slurm, RUN_ROOT=str(root), STEPS="30", MEGADRP_NO_REQUEUE="1")
-    job = _sbatch(env, "-o", str(tmp_path / "first.out"), "slurm/smoke.sh", wait=False)
-    _wait_for_prune_step(root, 5)
-    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
-    _wait_gone(job, env)
-    first = (tmp_path / "first.out").read_text()
-    assert json.loads((root / "prune" / "status.json").read_text())["state"] == "interrupted", first[-3000:]
-    ckpts = sorted((root / "prune" / "checkpoints").glob("step*"))
-    assert ckpts and (ckpts[-1] / "megadrp_state.pt").is_file()
-    stopped_at = int(ckpts[-1].name[4:])
-    assert 5 <= stopped_at < 30 and not (root / "prune" / "hf").exists()
-    _sbatch(env, "-o", str(tmp_path / "second.out"), "slurm/smoke.sh")
-    assert "megadrp smoke: done" in (tmp_path / "second.out").read_text()
-    _assert_same_as_straight(smoke, root)
-
-
 def test_mpirun_prune(smoke, tmp_path):
     if shutil.which("mpirun") is None:
         _skip("mpirun not installed (apt-get install openmpi-bin libopenmpi-dev)")
@@ -165,3 +145,52 @@ def test_mpirun_prune(smoke, tmp_path):
     m = metrics(tmp_path / "mpi")
     assert m[-1]["step"] == 6 and m[-1]["world_size"] == 2 and len(set(m[-1]["weights_digests"])) == 1
     assert (tmp_path / "mpi" / "hf" / "config.json").is_file()
+
+
+def _stage_job(slurm, smoke: Path, tmp_path: Path, *sbatch_args: str, **env: str) -> tuple[str, Path, str]:
+    """Run tests/slurm_stage.sh (one prune stage through slurm/_common.sh) on smoke's inputs; waits
+    for the job, requeues included. Returns (job id, the stage's root, the job's output)."""
+    root = _copy_inputs(smoke, tmp_path)
+    out = tmp_path / "job.out"
+    job = _sbatch(dict(slurm, STAGE_DIR=str(root), **env), "-o", str(out), *sbatch_args, "tests/slurm_stage.sh",
+                  wait=False)
+    _wait_gone(job, slurm, timeout=900)
+    return job, root, out.read_text()
+
+
+def _job_info(job: str, env: dict) -> str:
+    return subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True).stdout
+
+
+def test_a_crash_is_requeued_and_the_job_finishes_as_a_straight_run(slurm, smoke, tmp_path):
+    """Rank 0 crashes in step 12 (as a lost node or an NCCL timeout would end the step): the batch
+    script requeues the job, which resumes from the step-10 checkpoint and finishes with the
+    numbers of the uninterrupted run."""
+    job, root, text = _stage_job(slurm, smoke, tmp_path, MEGADRP_FAULT_CRASH_AT="12")
+    info = _job_info(job, slurm)
+    assert "Restarts=1" in info and "JobState=COMPLETED" in info, (info, text[-3000:])
+    assert "training crashed (srun exit" in text and "megadrp stage: done" in text, text[-3000:]
+    resumed = re.search(r"resumed from (\S+) at step (\d+)", text)
+    assert resumed and int(resumed.group(2)) == 10, text[-3000:]
+    a, b = metrics(smoke / "prune"), metrics(root / "prune")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert x["weights"] == y["weights"] and x["tokens"] == y["tokens"]
+        for d in x["eval_loss"]:
+            assert math.isclose(x["eval_loss"][d], y["eval_loss"][d], rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_a_short_time_limit_stops_at_a_checkpoint_by_itself_and_resumes(slurm, smoke, tmp_path):
+    """A one-minute job with no signal asked for (no --signal): the run reads the job's end time
+    (the batch shell's squeue, or SLURM_JOB_END_TIME), stops at a checkpoint while a step, an
+    evaluation and a save still fit, and the requeued job resumes and finishes."""
+    steps = 80  # about 50 s of training here: more than a one-minute job leaves after its start
+    job, root, text = _stage_job(slurm, smoke, tmp_path, "--time=1", STEPS=str(steps))
+    info = _job_info(job, slurm)
+    assert "JobState=COMPLETED" in info and "Restarts=0" not in info, (info, text[-3000:])
+    assert "the job ends in" in text and "requeueing job" in text, text[-3000:]
+    assert "TIMEOUT" not in info and "DUE TO TIME LIMIT" not in text, text[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", text)]
+    assert resumed and all(0 < s < steps for s in resumed), text[-3000:]
+    m = metrics(root / "prune")
+    assert m[-1]["step"] == steps and json.loads((root / "prune" / "status.json").read_text())["state"] == "done"

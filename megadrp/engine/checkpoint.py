@@ -51,6 +51,22 @@ def latest(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def clear_partial(root: Path) -> list[Path]:
+    """Remove what a save killed mid-way left: `.tmp-stepN/` folders (at 7B about 100 GB each) and
+    a universal form's unfinished `.universal.tmp/`. Rank 0, before anything is loaded or saved;
+    each removal is logged."""
+    import logging
+
+    removed = []
+    if root.is_dir():
+        for d in [*root.glob(".tmp-step*"), *root.glob("step*/.universal.tmp")]:
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+                logging.getLogger("megadrp").warning("removed %s, left by a save that did not finish", d)
+    return removed
+
+
 def check_room(root: Path, needed_bytes: int) -> None:
     """Fail with a clear message, before writing, when the disk cannot hold a checkpoint."""
     root.mkdir(parents=True, exist_ok=True)

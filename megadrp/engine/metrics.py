@@ -138,8 +138,15 @@ class Wandb:
         try:
             import wandb
 
+            # One wandb run per run directory: a requeued or resumed job appends to the same run.
+            id_file = run_dir / "wandb_id"
+            if id_file.is_file():
+                run_id = id_file.read_text().strip()
+            else:
+                run_id = wandb.util.generate_id()
+                atomic_write_text(id_file, run_id + "\n")
             self.run = wandb.init(project=project, name=name, mode=mode, dir=str(run_dir), config=config,
-                                  reinit=True)
+                                  id=run_id, resume="allow", reinit=True)
         except Exception as e:  # wandb must never stop training
             log.warning("wandb disabled: %s", e)
 

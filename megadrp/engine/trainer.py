@@ -42,6 +42,7 @@ from megadrp.errors import ConfigError
 from megadrp.model.llama import count_parameters
 from megadrp.plan import make_plan
 from megadrp.runtime import process_group
+from megadrp.runtime.deadline import Deadline
 from megadrp.runtime.faults import Faults
 from megadrp.runtime.files import atomic_write_text
 from megadrp.runtime.launch import DistInfo
@@ -76,8 +77,17 @@ def _ignore_signals_in_worker(_: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo, stop: StopRequest | None = None) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, stop: StopRequest | None = None,
+                 deadline: Deadline | None = None) -> None:
+        """`deadline`: when the job ends (runtime/deadline.py); the run stops at a checkpoint
+        while a step, an evaluation due and a save still fit before it."""
         self.cfg, self.rank, self.world = cfg, info.rank, info.world_size
+        self.deadline = deadline or Deadline(None)
+        # what the deadline check weighs: a step (a moving average), the last evaluation, a save
+        # (until one is timed: the checkpoint's bytes at 1 GB/s, at least 5 s)
+        self._step_seconds = self._eval_seconds = 0.0
+        self._save_seconds: float | None = None
+        self._resumed = False
         self.run_dir = RunDir(cfg.run_dir)
         self.faults = Faults.from_env()
         self.stop = stop or StopRequest().install()
@@ -137,9 +147,11 @@ class Trainer:
             # A stop during startup: nothing trained since the last checkpoint, so none is written.
             return self._finish("interrupted")
         ckpt_root = self.run_dir.checkpoints
+        on_rank0(lambda: checkpoint.clear_partial(ckpt_root), self.rank, self.world)  # a killed save's leftovers
         self._check_room(ckpt_root)
         stateful = {"train": self.state, "schedule": self.schedule}  # what a checkpoint holds besides the engine
         resume_from = self._resume(ckpt_root, stateful)
+        self._resumed = resume_from is not None
         if self.rank == 0:
             atomic_write_text(self.run_dir.config, dump_yaml(cfg))
             self.metrics = MetricsLog(self.run_dir.metrics, self.state.step if resume_from else None)
@@ -203,9 +215,12 @@ class Trainer:
         while st.step < t.steps:
             st.step += 1
             step = st.step
+            t_step = time.time()
             self.schedule.draw(step)
             self._set_lr(step)
             loss_sums, counts, bad, stop = self._train_step(step, batches)
+            took = time.time() - t_step
+            self._step_seconds = took if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * took
             step_loss = st.finish_step(loss_sums, counts, t.seq_len, bad)
             if self.plan.pruning:
                 zero3.clamp_masks(self.model, self.plan.zero3)
@@ -257,6 +272,9 @@ class Trainer:
             self.last_digest = batch["weights_digest"]
         if step == self.faults.signal_at and self.rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
+        if step == self.faults.crash_at and self.rank == 0 and not self._resumed:
+            raise RuntimeError(f"MEGADRP_FAULT_CRASH_AT={step}: an injected crash (as a lost node or NCCL timeout)")
+        self._check_deadline(step)
         reduced = sums.reduce(self.stop_signal).cpu().numpy()  # the step's one host synchronisation
         bad = reduced[2 * k] > 0
         if bad:
@@ -291,7 +309,25 @@ class Trainer:
             raise TrainingStopped(f"step {step}: the model's weights are not finite; not saving them and not exporting. "
                                   f"The last good checkpoint is {last or 'none (no checkpoint was written)'}; lower "
                                   "train.lr or raise train.warmup_steps and resume from it")
+        t0 = time.time()
         checkpoint.save(self.ds_engine, root, step, stateful, self.cfg.save.keep, self.faults.kill_in_save)
+        self._save_seconds = time.time() - t0
+
+    def _check_deadline(self, step: int) -> None:
+        """Stop now (a checkpoint at this step) if the next step, an evaluation due after it and
+        one save would not fit before the job ends. Every rank decides alone and the step's
+        reduction makes any rank's stop everyone's."""
+        if self.deadline.end is None or step >= self.cfg.train.steps:
+            return
+        save = self._save_seconds
+        if save is None:
+            save = max(5.0, count_parameters(self.plan.model_config) * 16 / 1e9)
+        nxt = step + 1
+        evaluation = self._eval_seconds if nxt % self.cfg.eval.interval == 0 else 0.0
+        needed = self._step_seconds + evaluation + save
+        if self.deadline.too_close(needed):
+            self.stop.request(f"the job ends in {self.deadline.left():.0f} s ({self.deadline.source}); the next step, "
+                              f"an evaluation due and a save need about {needed:.0f} s")
 
     # ---- evaluation and the domain schedule -----------------------------------------------
     def _evaluate_and_observe(self, step: int) -> None:
@@ -302,6 +338,7 @@ class Trainer:
             final_masks(self.model.l0)
         ev = self.evaluate(self.ds_engine, step, mode)
         eval_time = time.time() - t0
+        self._eval_seconds = eval_time
         lambdas = zero3.lambdas(self.model, self.plan.zero3) if self.plan.pruning else None
         gathered = [None] * self.world
         dist.all_gather_object(gathered, getattr(self, "last_digest", None))

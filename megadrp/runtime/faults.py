@@ -11,6 +11,9 @@ one. The variables (documented in docs/reliability.md):
     MEGADRP_FAULT_KILL_CONTROLLER_AT=9       SIGKILL the controller process after step 9
     MEGADRP_FAULT_KILL_IN_SAVE=4             SIGKILL every rank in the middle of step 4's save
     MEGADRP_FAULT_CONTROLLER_RAISE_AT=8      the controller's update for step 8 raises
+    MEGADRP_FAULT_CRASH_AT=12                rank 0 raises during step 12 of a run that did not resume
+                                             (a crash: non-zero exit, not a user error; a requeued
+                                             run resumes past it)
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class Faults:
     kill_controller_at: int = 0
     kill_in_save: int = 0
     controller_raise_at: int = -1
+    crash_at: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Faults":
@@ -40,4 +44,5 @@ class Faults:
                    signal_in_startup=env.get("MEGADRP_FAULT_SIGNAL_IN_STARTUP", "") == "1",
                    kill_controller_at=int(env.get("MEGADRP_FAULT_KILL_CONTROLLER_AT", "0") or 0),
                    kill_in_save=int(env.get("MEGADRP_FAULT_KILL_IN_SAVE", "0") or 0),
-                   controller_raise_at=int(env.get("MEGADRP_FAULT_CONTROLLER_RAISE_AT", "-1") or -1))
+                   controller_raise_at=int(env.get("MEGADRP_FAULT_CONTROLLER_RAISE_AT", "-1") or -1),
+                   crash_at=int(env.get("MEGADRP_FAULT_CRASH_AT", "0") or 0))

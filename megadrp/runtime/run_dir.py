@@ -8,6 +8,7 @@
     RUN_DIR/hf/               the exported Hugging Face model
     RUN_DIR/controller.pid    the controller process of the running job
     RUN_DIR/reference_losses.json  reference losses measured from a model (cached: measured once)
+    RUN_DIR/wandb_id          the wandb run every segment of this run logs to
     RUN_DIR/eval.json, report.md, *.png   what the demo and the tools add
 """
 from __future__ import annotations

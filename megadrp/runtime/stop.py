@@ -31,6 +31,14 @@ class StopRequest:
         self.signum = signum
         log.warning("received signal %d: will save a checkpoint and exit after this step", signum)
 
+    def request(self, why: str) -> None:
+        """Stop at the next step boundary with a checkpoint, as a SIGUSR1 would (exit 3:
+        resume with resume=auto; the Slurm scripts requeue), for a reason found by the run itself
+        (the job's end time coming, megadrp/runtime/deadline.py)."""
+        if not self.signum:
+            self.signum = signal.SIGUSR1
+            log.warning("%s: will save a checkpoint and exit after this step", why)
+
     @property
     def exit_code(self) -> int:
         return EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_INTERRUPTED

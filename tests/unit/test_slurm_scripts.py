@@ -27,6 +27,7 @@ case $FAKE_MODE in
   interrupted) status interrupted ;;
   retry) status retry; exit 75 ;;
   fail) exit 1 ;;
+  user_error) exit 2 ;;
   died_of_usr1) exit 138 ;;
   wait)
     trap 'echo USR1 >> "$FAKE_LOG/signals"; status interrupted; kill $s; exit 0' USR1
@@ -124,15 +125,29 @@ def test_retry_requeues(batch):
     assert rc == 0 and read(batch.log / "scontrol").split() == ["requeue", "77"], out
 
 
-def test_failure_is_not_requeued(batch):
+def test_a_crash_is_requeued(batch):
+    """A lost node or an NCCL timeout ends the step with an error that is not the user's: the
+    job requeues and resumes from its last complete checkpoint."""
     rc, out = finish(batch("fail"))
-    assert rc == 1 and "training failed" in out and read(batch.log / "scontrol") == "", out
+    assert rc == 0 and "training crashed (srun exit 1)" in out, out
+    assert read(batch.log / "scontrol").split() == ["requeue", "77"], out
 
 
-def test_stale_interrupted_status_does_not_hide_a_failure(batch):
-    (batch.run / "status.json").write_text('{"state": "interrupted", "time": 1.0}\n')  # an earlier segment's
-    rc, out = finish(batch("fail"))
-    assert rc == 1 and read(batch.log / "scontrol") == "", out
+def test_a_crash_past_max_restarts_exits_with_its_status(batch):
+    rc, out = finish(batch("fail", SLURM_RESTART_COUNT="3", MAX_RESTARTS="3"))
+    assert rc == 1 and "MAX_RESTARTS=3" in out and read(batch.log / "scontrol") == "", out
+
+
+def test_a_user_error_is_never_requeued(batch):
+    rc, out = finish(batch("user_error"))
+    assert rc == 2 and "user error" in out and read(batch.log / "scontrol") == "", out
+
+
+def test_stale_interrupted_status_does_not_hide_a_crash(batch):
+    """An earlier segment's `interrupted` says nothing of this one: a crash is handled as a crash."""
+    (batch.run / "status.json").write_text('{"state": "interrupted", "time": 1.0}\n')
+    rc, out = finish(batch("fail", MEGADRP_NO_REQUEUE="1"))
+    assert rc == 1 and "training crashed" in out and read(batch.log / "scontrol") == "", out
 
 
 def test_rank_killed_by_usr1_during_startup_requeues(batch):
