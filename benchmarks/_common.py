@@ -53,3 +53,31 @@ def best_of(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def paired(values: list[float]) -> dict:
+    """Mean of per-seed differences with a 95% Student-t interval (none for one seed)."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "per_seed": v.tolist()}
+
+
+def interval(p: dict) -> str:
+    """'+1.23% [-0.50, +2.96] (per-seed values)' of a `paired` result."""
+    import math
+
+    seeds = ", ".join(f"{x:+.2f}" for x in p["per_seed"])
+    if not math.isfinite(p["ci95"][0]):
+        return f"{p['mean']:+.2f}%"
+    return f"{p['mean']:+.2f}% [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] ({seeds})"
+
+
+def commit() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip()
+

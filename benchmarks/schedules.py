@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, save
+from _common import ROOT, commit, paired, save
+from _common import interval as _interval
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -69,9 +70,7 @@ def main() -> None:
     args.root = args.root.resolve()
     args.root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit_id = commit()
     work = args.root / "base" if args.corpus else ROOT / "runs" / "demo"
     data = pipeline.prepare_data(work, args.corpus.resolve() if args.corpus else None)
     base = work / "pretrain"
@@ -149,29 +148,13 @@ def main() -> None:
            f"Prune {args.prune_steps} steps + continue {args.continue_steps} steps per schedule, 16 × 128 tokens a "
            f"step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; {time.time() - t0:.0f} s in "
            "all. Perplexities from megadrp.tools.evaluate on 32 eval windows of 128 tokens per domain. "
-           f"Configuration (commit {commit}): each stage's `auto` references are the source model's (the base; "
+           f"Configuration (commit {commit_id}): each stage's `auto` references are the source model's (the base; "
            "the continue stage carries them from its prune run), and `sheared` continues from its prune's final "
            "mix (`initial_proportion: carried`), as the reference scripts do."]
-    save(args.name, {"seeds": args.seeds, "commit": commit, "base_ppl": base_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
+    save(args.name, {"seeds": args.seeds, "commit": commit_id, "base_ppl": base_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
                      "prediction_errors_per_seed": predicted,
                      "seconds": round(time.time() - t0)}, "\n".join(md))
-
-
-def paired(values: list[float]) -> dict:
-    """Mean of per-seed differences with a 95% Student-t interval (none for one seed)."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64)
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return {"mean": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)], "per_seed": v.tolist()}
-
-
-def _interval(p: dict) -> str:
-    seeds = ", ".join(f"{x:+.2f}" for x in p["per_seed"])
-    if not np.isfinite(p["ci95"][0]):
-        return f"{p['mean']:+.2f}%"
-    return f"{p['mean']:+.2f}% [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}] ({seeds})"
 
 
 SHIFT_KEYS = ("uniform", "p0_mix", "worst_chi2", "worst_domain")

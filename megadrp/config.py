@@ -180,7 +180,7 @@ class DROConfig(DROConstants):
     weights of the run that exported model.init (Sheared-LLaMA continues from its pruning's)."""
     reference_loss: list[float] | dict[str, float] | str = "auto"
     """r: a list, a mapping, model:<HF dir> (that model's eval losses on this stage's windows, measured
-    once and cached in RUN_DIR/reference_losses.json), or auto: the source model's own losses (a prune:
+    once and cached in RUN_DIR/reference_losses.json), teacher (the same, of distill.teacher), or auto: the source model's own losses (a prune:
     model.init unmasked before step 1; a continue stage: the model the pruned model came from, carried
     from the prune run; the stage's own first losses only where no source is known)."""
     signal: Literal["eval", "train_ema"] = "eval"
@@ -188,6 +188,24 @@ class DROConfig(DROConstants):
     update_lag: int = 0
     """0: the decision made at the evaluation after step t drives steps t+1 … t+interval (the paper's
     timing; the step waits for it). 1: defer each decision by one interval."""
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (docs/method.md §7): loss = α · T² · KL(teacher ‖ student)
+    + (1 − α) · cross-entropy, on every trained token; the teacher is sharded by ZeRO-3 like the
+    student (no gradients, no optimizer state) and counted in the memory plan."""
+
+    teacher: str | None = None
+    """Hugging Face model directory of the teacher (normally the source model); null: no distillation.
+    Its vocabulary must be the student's and the data's."""
+    alpha: float = 1.0
+    """Weight of the KL term (1.0: distillation only, Minitron's choice)."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions (the KL is scaled by T²)."""
+    chunk_tokens: int = 1024
+    """Tokens whose full-vocabulary logits are computed at once (the loss runs over chunks, so the
+    logits of both models never sit in memory whole)."""
 
 
 @dataclass
@@ -216,6 +234,12 @@ class Config:
     """Seeds the batches, the mask draws, the controller and a from-scratch model."""
     domains: list[str] | None = None
     """The domains used, in this order; null: every domain of the manifest."""
+    domain_groups: dict[str, list[str] | dict[str, float]] | None = None
+    """{group: [domain, ...]}: the controller weighs groups, and each group's batch is split among its
+    members in proportion to their training tokens ({group: {domain: share}}: as given). Regroups a
+    DATA_DIR with no re-preprocessing. dro.initial_proportion and a given dro.reference_loss are then
+    per group; `weights` in metrics.jsonl are keyed by group, and `domain_weights` holds what the
+    sampler draws. null: every domain is its own group."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model."""
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -236,6 +260,8 @@ class Config:
     (optimizer and parameters on the host); a shipped one by name from any directory."""
     dro: DROConfig = field(default_factory=DROConfig)
     """The domain schedule."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation from a teacher (any stage)."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Logging."""
 
@@ -424,6 +450,15 @@ def validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: prune.sets is empty; name at least one of layer, head, intermediate, hidden")
     if len(set(sets)) != len(sets):
         raise ConfigError(f"{where}: prune.sets {sets} names a set twice")
+    d = cfg.distill
+    if d.teacher is not None and not (0.0 <= d.alpha <= 1.0):
+        raise ConfigError(f"{where}: distill.alpha={d.alpha} must lie in [0, 1]")
+    if not (math.isfinite(d.temperature) and d.temperature > 0):
+        raise ConfigError(f"{where}: distill.temperature={d.temperature} must be a positive number")
+    if d.chunk_tokens < 1:
+        raise ConfigError(f"{where}: distill.chunk_tokens={d.chunk_tokens} must be at least 1")
+    if cfg.dro.reference_loss == "teacher" and d.teacher is None:
+        raise ConfigError(f"{where}: dro.reference_loss=teacher needs distill.teacher (the teacher's model directory)")
     if cfg.dro.update_lag not in (0, 1):
         raise ConfigError(f"{where}: dro.update_lag must be 0 or 1")
 

@@ -277,10 +277,19 @@ class MemoryPlan:
         return [head, *rows]
 
 
+def distill_logits(chunk: int, vocab: int, tokens: int) -> int:
+    """The peak of the chunked distillation loss (model/distill.py): one chunk's fp32 logits of
+    student and teacher, their log-softmaxes, the teacher's probabilities, and in backward the
+    recomputed chunk with its gradients: about nine [chunk, vocab] fp32 tensors."""
+    return 36 * min(chunk, tokens) * vocab
+
+
 def plan_memory(dims: Dims, zero: ZeroSettings, world_size: int, micro_batch: int, seq_len: int,
                 checkpointed_layers: int, gates: MaskGates = MaskGates(), eval_micro_batch: int | None = None,
-                ) -> MemoryPlan:
-    """The per-GPU plan of one rank. Without ZeRO-3 (stage < 3) nothing is partitioned."""
+                teacher: Dims | None = None, distill_chunk: int = 1024) -> MemoryPlan:
+    """The per-GPU plan of one rank. Without ZeRO-3 (stage < 3) nothing is partitioned. `teacher`:
+    a frozen teacher on its own ZeRO-3 engine (distillation): its weight shards, its gathered
+    parameters and its final hidden states, and the chunked loss in place of the full logits."""
     tensors = dims.tensors()
     n = sum(tensors) + gates.mask_parameters(dims)
     w = world_size if zero.stage == 3 else 1
@@ -307,9 +316,25 @@ def plan_memory(dims: Dims, zero: ZeroSettings, world_size: int, micro_batch: in
     terms["live_parameters"] = (pb * min(n - persistent, zero.max_live + zero.prefetch_bucket)
                                 if zero.stage == 3 else 0)
     act = activations(dims, micro_batch, seq_len, pb, gates, checkpointed_layers)
+    ev = eval_activations(dims, eval_micro_batch or micro_batch, seq_len, pb)
+    if teacher is not None:
+        t_tensors = teacher.tensors()
+        n_t = sum(t_tensors)
+        t_persistent = sum(x for x in t_tensors if x <= zero.persistence_threshold) if zero.stage == 3 else 0
+        w_t = world_size if zero.stage == 3 else 1
+        terms["teacher_weights"] = 0 if zero.offload_param else pb * (math.ceil((n_t - t_persistent) / w_t)
+                                                                      + t_persistent)
+        terms["teacher_live_parameters"] = (pb * min(n_t - t_persistent, zero.max_live + zero.prefetch_bucket)
+                                            if zero.stage == 3 else 0)
+        tokens = micro_batch * seq_len
+        act["outside"] += pb * tokens * teacher.hidden  # the teacher's final hidden states, kept for the loss
+        act["logits_saved"], act["logits_peak"] = 0, distill_logits(distill_chunk, dims.vocab, tokens)
+        act["retained"] = act["layers"] + act["outside"]
+        # an evaluation runs the teacher, then the student, then the chunked loss: the larger transient
+        ev = (max(eval_activations(teacher, eval_micro_batch or micro_batch, seq_len, pb), ev)
+              + distill_logits(distill_chunk, dims.vocab, (eval_micro_batch or micro_batch) * seq_len))
     train = act["layers"] + act["outside"] + act["logits_saved"] + max(act["logits_peak"],
                                                                        act["recompute"] + act["backward"])
-    ev = eval_activations(dims, eval_micro_batch or micro_batch, seq_len, pb)
     terms["activations"] = act["layers"] + act["outside"]
     terms["logits"] = act["logits_saved"] + act["logits_peak"]
     terms["recompute_and_backward"] = act["recompute"] + act["backward"]
@@ -335,7 +360,7 @@ def plan_memory(dims: Dims, zero: ZeroSettings, world_size: int, micro_batch: in
 
 def choose(dims: Dims, zero: ZeroSettings, world_size: int, per_rank: int, seq_len: int, gates: MaskGates,
            budget: int, micro_batch: int | None, checkpointed: int | None, eval_micro_batch: int | None = None,
-           ) -> MemoryPlan | None:
+           teacher: Dims | None = None, distill_chunk: int = 1024) -> MemoryPlan | None:
     """`train.micro_batch: auto` and `model.activation_checkpointing: auto`: the largest
     micro-batch that fits `budget` bytes (a divisor of the rank's share of the global batch,
     so no sample is dropped), then the fewest checkpointed layers that let it fit.
@@ -350,7 +375,8 @@ def choose(dims: Dims, zero: ZeroSettings, world_size: int, per_rank: int, seq_l
         if micro_batch is None and options[-1] > 0 and mb * seq_len > AUTO_MAX_TOKENS and mb > 1:
             continue
         for k in options:
-            plan = plan_memory(dims, zero, world_size, mb, seq_len, k, gates, eval_micro_batch)
+            plan = plan_memory(dims, zero, world_size, mb, seq_len, k, gates, eval_micro_batch, teacher,
+                               distill_chunk)
             if plan.total <= budget:
                 return plan
     return None

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from megadrp.config import Config
+from megadrp.data.groups import DomainGroups, resolve_groups
 from megadrp.data.manifest import DomainShards, Manifest, load_manifest
 from megadrp.data.mixture import BatchLayout
 from megadrp.errors import ConfigError, UserError
@@ -45,7 +46,7 @@ class RunPlan:
     target: Shape | None  # the prune target (stage prune only)
     ramp_steps: int
     ds_config: dict
-    p0: np.ndarray  # initial domain proportions, normalised
+    p0: np.ndarray  # initial proportions of the controller's groups (the domains without domain_groups), normalised
     reference_loss: list[float] | None  # given (or carried) values; None: measured, or the first evaluation's
     memory: MemoryPlan | None = None  # the per-GPU memory plan at `layout` (None where not planned)
     checkpointed_layers: int = 0  # layers whose forward is recomputed in backward (resolved `auto`)
@@ -57,6 +58,17 @@ class RunPlan:
     reference_model: str | None = None
     reference_from_engine: bool = False
     reference_note: str = ""
+    teacher_config: Any = None  # the distillation teacher's transformers config (None: no teacher)
+    groups: DomainGroups | None = None  # what the controller weighs (data/groups.py); None: the domains
+
+    @property
+    def dro_groups(self) -> DomainGroups:
+        return self.groups or DomainGroups.identity(self.names)
+
+    @property
+    def p_domains(self) -> np.ndarray:
+        """p0 as the sampler draws it: each group's share split among its domains."""
+        return self.dro_groups.expand(self.p0)
 
     @property
     def names(self) -> list[str]:
@@ -85,21 +97,25 @@ def make_plan(cfg: Config, world_size: int, rank: int, gpu_memory: int | None = 
     names = [d.name for d in domains]
     model_config = _model_config(cfg, manifest)
     target = _target(cfg, model_config)
+    teacher = _teacher_config(cfg, manifest, model_config)
     if cfg.train.gpu_memory_gib is not None:
         gpu_memory = int(cfg.train.gpu_memory_gib * GIB)
     ds = _ds_config(cfg, model_config.hidden_size)
     t = cfg.train
     given = None if t.micro_batch == "auto" else fit_layout(t.global_batch, t.micro_batch, world_size, rank).micro_batch
-    memory, micro, ckpt = _memory(cfg, model_config, target, ds, world_size, gpu_memory, given)
+    memory, micro, ckpt = _memory(cfg, model_config, target, ds, world_size, gpu_memory, given, teacher)
     layout = fit_layout(t.global_batch, micro, world_size, rank)
     _set_batch(ds, cfg, layout)
-    ref = resolve_reference(cfg, names)
+    groups = resolve_groups(cfg.domain_groups, names, [d.train_tokens for d in domains])
+    ref = resolve_reference(cfg, names, groups.names)
+    ref_values = ref.values if ref.values is None or not ref.by_domain else groups.loss(ref.values).tolist()
     return RunPlan(cfg=cfg, manifest=manifest, domains=domains, layout=layout, model_config=model_config,
                    target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * cfg.train.steps))),
                    ds_config=ds, p0=initial_proportion(cfg.dro.initial_proportion, domains, names,
-                                                       model_init=cfg.model.init),
-                   reference_loss=ref.values, memory=memory, checkpointed_layers=ckpt,
-                   reference_model=ref.model, reference_from_engine=ref.from_engine, reference_note=ref.note)
+                                                       model_init=cfg.model.init, groups=groups),
+                   reference_loss=ref_values, memory=memory, checkpointed_layers=ckpt,
+                   reference_model=ref.model, reference_from_engine=ref.from_engine, reference_note=ref.note,
+                   teacher_config=teacher, groups=groups)
 
 
 def mask_gates(cfg: Config, model_config, target: Shape | None) -> MaskGates:
@@ -116,8 +132,42 @@ def mask_gates(cfg: Config, model_config, target: Shape | None) -> MaskGates:
                      hidden="hidden" in sets and target.hidden < src.hidden)
 
 
+def _teacher_config(cfg: Config, manifest: Manifest, model_config):
+    """The teacher's config, checked before any compute: its vocabulary must be the student's and
+    the data's (the KL compares distributions over the same tokens), and where both carry a
+    tokenizer, the same tokens."""
+    path = cfg.distill.teacher
+    if path is None:
+        return None
+    from megadrp.model.hf_io import load_hf_config
+
+    if not Path(path, "config.json").is_file():
+        raise ConfigError(f"distill.teacher {path}: not a Hugging Face model directory (no config.json)")
+    tc = load_hf_config(path, seq_len=cfg.train.seq_len)
+    if tc.vocab_size != model_config.vocab_size:
+        raise ConfigError(f"distill.teacher {path}: vocab_size {tc.vocab_size} differs from the student's "
+                          f"{model_config.vocab_size}; a teacher must share the student's tokenizer")
+    manifest.check_vocab(tc.vocab_size, cfg.domains)
+    from megadrp.model.hf_io import tokenizer_files
+
+    theirs = path if tokenizer_files(path) else None
+    ours = cfg.model.init if cfg.model.init and Path(cfg.model.init).is_dir() and tokenizer_files(cfg.model.init) \
+        else manifest.tokenizer
+    if theirs is not None and Path(ours).is_dir():
+        from transformers import AutoTokenizer
+
+        try:
+            same = AutoTokenizer.from_pretrained(theirs).get_vocab() == AutoTokenizer.from_pretrained(str(ours)).get_vocab()
+        except Exception as e:  # noqa: BLE001 — an unreadable tokenizer is the user's to fix, said plainly
+            raise ConfigError(f"distill.teacher {path}: its tokenizer cannot be loaded ({e})") from None
+        if not same:
+            raise ConfigError(f"distill.teacher {path}: its tokenizer's vocabulary differs from {ours}'s; the "
+                              "teacher and the student must tokenize alike")
+    return tc
+
+
 def _memory(cfg: Config, model_config, target: Shape | None, ds: dict, world_size: int, gpu_memory: int | None,
-            micro: int | None) -> tuple[MemoryPlan, int, int]:
+            micro: int | None, teacher_config=None) -> tuple[MemoryPlan, int, int]:
     """(the memory plan, the micro-batch, the checkpointed layers), `auto` resolved; `micro`
     is the configured micro-batch fitted to the rank's share, None for `auto`."""
     t, L = cfg.train, model_config.num_hidden_layers
@@ -125,20 +175,23 @@ def _memory(cfg: Config, model_config, target: Shape | None, ds: dict, world_siz
     ac = cfg.model.activation_checkpointing
     dims, zero = Dims.from_config(model_config), ZeroSettings.from_ds(ds)
     gates = mask_gates(cfg, model_config, target)
+    teacher = None if teacher_config is None else Dims.from_config(teacher_config)
+    chunk = cfg.distill.chunk_tokens
     auto_micro, auto_ckpt = micro is None, ac == "auto"
     if micro is not None and not auto_ckpt:
         layers = min(L if ac is True else int(ac), L)
-        return plan_memory(dims, zero, world_size, micro, t.seq_len, layers, gates, cfg.eval.micro_batch), micro, layers
+        return (plan_memory(dims, zero, world_size, micro, t.seq_len, layers, gates, cfg.eval.micro_batch, teacher,
+                            chunk), micro, layers)
     which = " and ".join(k for k, a in (("train.micro_batch", auto_micro), ("model.activation_checkpointing",
                                                                               auto_ckpt)) if a)
     if gpu_memory is None:
         raise ConfigError(f"{which} is auto, but the GPU memory to plan for is unknown here; set "
                           "train.gpu_memory_gib (or give the dry run --gpu-memory GIB)")
     chosen = choose(dims, zero, world_size, per_rank, t.seq_len, gates, gpu_memory, micro,
-                    None if auto_ckpt else min(L if ac is True else int(ac), L), cfg.eval.micro_batch)
+                    None if auto_ckpt else min(L if ac is True else int(ac), L), cfg.eval.micro_batch, teacher, chunk)
     if chosen is None:
         smallest = plan_memory(dims, zero, world_size, micro or 1, t.seq_len,
-                               L if auto_ckpt or ac is True else int(ac), gates, cfg.eval.micro_batch)
+                               L if auto_ckpt or ac is True else int(ac), gates, cfg.eval.micro_batch, teacher, chunk)
         name, size = smallest.largest()
         raise ConfigError(f"{which} is auto, but nothing fits {gpu_memory / GIB:.1f} GiB per GPU: the smallest "
                           f"layout needs {smallest.total / GIB:.1f} GiB, its largest term {name} "
@@ -223,7 +276,10 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
         f"ranks {world_size}: micro-batch {lay.micro_batch} × accumulation {lay.accumulation} × {world_size} ranks "
         f"= global batch {t.global_batch} ({tokens_step:,} tokens a step)",
         f"steps {t.steps} ({t.steps * tokens_step:,} tokens), warmup {t.warmup_steps}, lr {t.lr}",
-        f"domains {len(plan.names)}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(plan.names, plan.p0)),
+        f"domains {len(plan.names)}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(plan.names, plan.p_domains)),
+        *([f"controller groups {len(plan.dro_groups.names)}: " + "; ".join(
+            f"{g} {p:.3f} = " + " + ".join(n for n, o in zip(plan.names, plan.dro_groups.of) if o == i)
+            for i, (g, p) in enumerate(zip(plan.dro_groups.names, plan.p0)))] if plan.dro_groups.grouped else []),
         f"evaluation every {cfg.eval.interval} steps ({evals} in all): {eval_tokens:,} tokens each, "
         f"{eval_tokens / interval_tokens:.2f}× an interval's {interval_tokens:,} training tokens (forward only: about "
         f"{eval_tokens / interval_tokens / 3:.0%} of their compute); dro.mode {cfg.dro.mode}, update lag "
@@ -240,7 +296,8 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
         "layout": {"micro_batch": lay.micro_batch, "accumulation": lay.accumulation, "global_batch": t.global_batch,
                    "seq_len": t.seq_len, "checkpointed_layers": plan.checkpointed_layers},
         "steps": t.steps, "tokens": t.steps * tokens_step,
-        "domains": dict(zip(plan.names, map(float, plan.p0))),
+        "domains": dict(zip(plan.names, map(float, plan.p_domains))),
+        "groups": dict(zip(plan.dro_groups.names, map(float, plan.p0))) if plan.dro_groups.grouped else None,
         "disk": {"need_bytes": need, "free_bytes": free, "checked": check_disk},
         "memory_per_gpu_bytes": mem.total, "gpu_memory_bytes": gpu_memory, "memory": mem.as_dict(),
         "build_requirements": build, "problem": problem,
@@ -258,6 +315,8 @@ def _advice(term: str) -> str:
         "weights": "use more ranks or offload the parameters (offload_param)",
         "live_parameters": "lower stage3_max_live_parameters / stage3_prefetch_bucket_size in the DeepSpeed JSON",
         "gradient_buckets": "lower reduce_bucket_size in the DeepSpeed JSON (auto: hidden²)",
+        "teacher_weights": "use more ranks (the teacher is sharded over them) or offload its parameters",
+        "teacher_live_parameters": "lower stage3_max_live_parameters in the DeepSpeed JSON",
     }.get(term, "use more ranks or a smaller micro-batch")
 
 
@@ -333,37 +392,41 @@ def _set_batch(ds: dict, cfg: Config, layout: BatchLayout) -> None:
     ds["train_batch_size"] = cfg.train.global_batch
 
 
-def per_domain(value, key: str, names: list[str]) -> list[float] | None:
-    """A per-domain setting given as a list (in `names` order) or a {domain: value} mapping,
-    in the order of `names`; None when it is neither (a keyword)."""
+def per_domain(value, key: str, names: list[str], what: str = "domain") -> list[float] | None:
+    """A per-domain (or per-group: `what`) setting given as a list (in `names` order) or a
+    {name: value} mapping, in the order of `names`; None when it is neither (a keyword)."""
     if isinstance(value, dict):
         missing = [n for n in names if n not in value]
         if missing:
-            raise ConfigError(f"{key} has no entry for domain {missing[0]!r}")
+            raise ConfigError(f"{key} has no entry for {what} {missing[0]!r}")
         return [float(value[n]) for n in names]
     if isinstance(value, list):
         if len(value) != len(names):
-            raise ConfigError(f"{key} has {len(value)} values for {len(names)} domains ({', '.join(names)})")
+            raise ConfigError(f"{key} has {len(value)} values for {len(names)} {what}s ({', '.join(names)})")
         return [float(x) for x in value]
     return None
 
 
 def initial_proportion(ip, domains, names: list[str], key: str = "dro.initial_proportion",
-                       model_init: str | None = None) -> np.ndarray:
-    """p0 from `dro.initial_proportion`'s value (a list, a mapping, 'uniform', 'tokens',
-    'tokens^0.3' or 'carried'), normalised; also what `megadrp eval --shift` weighs losses
+                       model_init: str | None = None, groups: DomainGroups | None = None) -> np.ndarray:
+    """p0 of the controller's groups (the domains without `domain_groups`) from
+    `dro.initial_proportion`'s value (a list, a mapping, 'uniform', 'tokens', 'tokens^0.3' or
+    'carried'), normalised; `groups.expand` of it is what `megadrp eval --shift` weighs losses
     with. 'carried': the last domain weights of the run that exported `model_init` (its
     RUN_DIR/metrics.jsonl), as Sheared-LLaMA's scripts continue from the pruning stage's final
     proportions."""
+    groups = groups or DomainGroups.identity(names)
     if ip == "carried":
         ip = _carried_weights(model_init, key)
-    given = per_domain(ip, key, names)
+        if groups.grouped and isinstance(ip, dict) and set(ip) == set(names):  # the sampler's (domain) weights
+            ip = dict(zip(groups.names, groups.aggregate([ip[n] for n in names]).tolist()))
+    given = per_domain(ip, key, groups.names, "group" if groups.grouped else "domain")
     if given is not None:
         p = np.array(given, dtype=np.float64)
     elif ip in ("uniform", None):  # None: a config.yaml written before the default became tokens^0.3
-        p = np.ones(len(names))
+        p = np.ones(len(groups.names))
     elif ip in ("tokens", "tokens^0.3"):
-        tok = np.array([d.train_tokens for d in domains], dtype=np.float64)
+        tok = groups.tokens([d.train_tokens for d in domains])
         p = tok ** (1.0 if ip == "tokens" else 0.3)
     else:
         raise ConfigError(f"{key}={ip!r}: give a list, a mapping, 'uniform', 'tokens', 'tokens^0.3' or 'carried'")
@@ -387,7 +450,7 @@ def _carried_weights(model_init: str | None, key: str) -> dict[str, float]:
     rows = [r for r in read_jsonl(run.metrics) if r.get("weights")]
     if not rows:
         raise ConfigError(f"{key}=carried: {run.metrics} holds no domain weights")
-    return rows[-1]["weights"]
+    return rows[-1].get("domain_weights") or rows[-1]["weights"]  # a grouped run's own per-domain mix
 
 
 @dataclass(frozen=True)
@@ -395,6 +458,7 @@ class Reference:
     """Where a stage's reference losses come from (see RunPlan.reference_model)."""
 
     values: list[float] | None = None
+    by_domain: bool = False  # values per domain (a measurement), not per controller group (given)
     model: str | None = None
     from_engine: bool = False
     note: str = ""
@@ -407,7 +471,7 @@ def reference_key(cfg: Config, names: list[str]) -> dict:
             "tokens_per_domain": cfg.eval.tokens_per_domain}
 
 
-def resolve_reference(cfg: Config, names: list[str]) -> Reference:
+def resolve_reference(cfg: Config, names: list[str], group_names: list[str] | None = None) -> Reference:
     """`dro.reference_loss` → values, a model to measure, or the stage's first evaluation.
 
     - a list or a {domain: loss} mapping: those values;
@@ -421,9 +485,13 @@ def resolve_reference(cfg: Config, names: list[str]) -> Reference:
       evaluation (with a warning: the references then measure nothing of the source).
     """
     ref = cfg.dro.reference_loss
-    given = per_domain(ref, "dro.reference_loss", names)
+    grouped = group_names is not None and group_names != names
+    given = per_domain(ref, "dro.reference_loss", group_names if grouped else names,  # the controller's: by group
+                       "group" if grouped else "domain")
     if given is not None:
         return Reference(values=given, note="given in dro.reference_loss")
+    if ref == "teacher":
+        return Reference(model=cfg.distill.teacher, note=f"the teacher {cfg.distill.teacher}")
     if isinstance(ref, str) and ref.startswith("model:"):
         model = ref[len("model:"):]
         if not Path(model, "config.json").is_file():
@@ -431,14 +499,15 @@ def resolve_reference(cfg: Config, names: list[str]) -> Reference:
                               "(no config.json)")
         return Reference(model=model, note=f"measured from {model}")
     if ref != "auto":
-        raise ConfigError(f"dro.reference_loss={ref!r}: give a list, a mapping, 'auto' or 'model:<HF directory>'")
+        raise ConfigError(f"dro.reference_loss={ref!r}: give a list, a mapping, 'auto', 'teacher' or "
+                          "'model:<HF directory>'")
     if cfg.stage == "prune":
         return Reference(from_engine=True, note=f"the source model {cfg.model.init}, unmasked, before step 1")
     if cfg.stage == "continue" and cfg.model.init and Path(cfg.model.init).is_dir():
         run = RunDir(Path(cfg.model.init).resolve().parent)
         cached = read_reference_cache(run.reference_losses, reference_key(cfg, names), role="source")
         if cached is not None:
-            return Reference(values=cached["losses"], note=f"the source model {cached['model']}, as "
+            return Reference(values=cached["losses"], by_domain=True, note=f"the source model {cached['model']}, as "
                              f"{run.reference_losses} measured it")
         about = Path(cfg.model.init, "megadrp.json")
         source = read_json(about).get("source") if about.is_file() else None

@@ -10,6 +10,8 @@
 #   RUN_DIR     where the run writes                     [runs/continue_7b_$TARGET]
 #   CONFIG      recipe                                   [configs/continue_$TARGET.yaml]
 #   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]
+#   DISTILL     1: distil from the source (configs/continue_$TARGET_distill.yaml)   []
+#   TEACHER_DIR the teacher with DISTILL=1                   [checkpoints/Llama-2-7b-hf]
 #   PYTHON, EXTRA, MAX_RESTARTS, ... as in prune_7b.sh
 # Site settings: set --partition and --account below (remove one '#' to enable a line); --time is
 # your partition's MaxTime: the run stops at a checkpoint before the job's end by itself and the
@@ -43,14 +45,21 @@ source "${MEGADRP_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/_common.sh"
 TARGET=${TARGET:-1.3b}
 MODEL_DIR=${MODEL_DIR:-${SCRATCH:+$SCRATCH/megadrp/}runs/prune_7b_$TARGET/hf}
 RUN_DIR=${RUN_DIR:-${SCRATCH:+$SCRATCH/megadrp/}runs/continue_7b_$TARGET}
+# DISTILL=1: the distillation variant (configs/continue_$TARGET_distill.yaml), from TEACHER_DIR
 case $TARGET in
-  1.3b|2.7b)  recipe=configs/continue_$TARGET.yaml ;;
+  1.3b|2.7b)  recipe=configs/continue_$TARGET${DISTILL:+_distill}.yaml ;;
   qwen2-1.8b) recipe=configs/continue_qwen2_1.8b.yaml; DATA_DIR=${DATA_DIR:-data/culturax} ;;
   *) recipe=""; [ -n "${CONFIG:-}" ] || { echo "megadrp: TARGET=$TARGET has no continued-pretraining recipe; set CONFIG" >&2; exit 2; } ;;
 esac
 CONFIG=${CONFIG:-$recipe}
 DATA_DIR=${DATA_DIR:-data/redpajama}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_bf16.json}
+teacher=()
+if [ -n "${DISTILL:-}" ]; then
+  RUN_DIR=${RUN_DIR}_distill
+  teacher=(distill.teacher="${TEACHER_DIR:-checkpoints/Llama-2-7b-hf}")
+fi
 mkdir -p logs "$RUN_DIR"
 # shellcheck disable=SC2086
-megadrp_train "$RUN_DIR" --config "$CONFIG" model.init="$MODEL_DIR" data_dir="$DATA_DIR" deepspeed="$DS_CONFIG" ${EXTRA:-}
+megadrp_train "$RUN_DIR" --config "$CONFIG" model.init="$MODEL_DIR" data_dir="$DATA_DIR" deepspeed="$DS_CONFIG" \
+  "${teacher[@]}" ${EXTRA:-}

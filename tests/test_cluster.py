@@ -158,6 +158,19 @@ def _stage_job(slurm, smoke: Path, tmp_path: Path, *sbatch_args: str, **env: str
     return job, root, out.read_text()
 
 
+def _seconds_per_step(log: Path, stage: str, steps: int) -> float:
+    """Seconds per training step (evaluations included) of `stage` in a smoke job's log, from the
+    timestamps of its first and last evaluation lines; at least 0.01 (the stamps have 1 s steps)."""
+    text = log.read_text()
+    segment = text[text.index(f"stage {stage}:"):]
+    end = segment.find("\nstage ", 1)
+    segment = segment if end < 0 else segment[:end]
+    stamps = re.findall(r"(\d\d):(\d\d):(\d\d) megadrp: eval step (\d+):", segment)
+    t = {int(s): int(h) * 3600 + int(m) * 60 + int(x) for h, m, x, s in stamps}
+    assert 0 in t and steps in t, segment[-2000:]
+    return max(0.01, ((t[steps] - t[0]) % 86400 + 0.5) / steps)
+
+
 def _job_info(job: str, env: dict) -> str:
     return subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True).stdout
 
@@ -184,7 +197,9 @@ def test_a_short_time_limit_stops_at_a_checkpoint_by_itself_and_resumes(slurm, s
     """A one-minute job with no signal asked for (no --signal): the run reads the job's end time
     (the batch shell's squeue, or SLURM_JOB_END_TIME), stops at a checkpoint while a step, an
     evaluation and a save still fit, and the requeued job resumes and finishes."""
-    steps = 80  # about 50 s of training here: more than a one-minute job leaves after its start
+    # About a minute of training at this machine's pace (the smoke job's prune stage, same shape):
+    # more than a one-minute job leaves after its start, on a fast machine or a loaded one.
+    steps = max(60, 5 * math.ceil(60 / _seconds_per_step(smoke / "job.out", "prune", 30) / 5))
     job, root, text = _stage_job(slurm, smoke, tmp_path, "--time=1", STEPS=str(steps))
     info = _job_info(job, slurm)
     assert "JobState=COMPLETED" in info and "Restarts=0" not in info, (info, text[-3000:])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from conftest import PY, run
+from conftest import PY, ROOT, run
 
 from megadrp.data.indexed import IndexedDataset
 from megadrp.data.manifest import load_manifest
@@ -134,3 +134,15 @@ def test_inspect(data_dir):
     assert "tokens" in p.stdout and "code" in p.stdout
     p = run([PY, "data_tools/inspect_data.py", str(data_dir / "code_train")])
     assert "documents" in p.stdout and "sample" in p.stdout
+
+
+def test_inspect_shows_a_configs_domain_groups(data_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    base = (ROOT / "configs/tiny/prune.yaml").read_text()  # any valid config: only its groups are read
+    cfg.write_text(base + "domain_groups:\n  text: [prose, lang2]\n  rest: {code: 1, dna: 1, math: 1, records: 1}\n")
+    p = run([PY, "-m", "megadrp", "inspect", str(data_dir), "--sample", "0", "--config", str(cfg)])
+    assert "domain_groups: 2 groups over 6 domains" in p.stdout
+    assert "code 0.250, dna 0.250, math 0.250, records 0.250" in p.stdout
+    cfg.write_text(base + "domain_groups:\n  text: [prose, lang2]\n")
+    p = run([PY, "-m", "megadrp", "inspect", str(data_dir), "--config", str(cfg)], check=False)
+    assert p.returncode == 2 and "in no group" in p.stderr

@@ -117,11 +117,11 @@ def test_the_expected_shape_follows_the_ramped_target(long_prune):
         assert c["ramp_overshoot"] <= 0.25 and c["post_ramp_deviation"] <= 0.10, (dim, c)
 
 
-def _continue(tmp: Path, data_dir: Path, prune_dir: Path, name: str, **dro) -> Path:
+def _continue(tmp: Path, data_dir: Path, prune_dir: Path, name: str, top: dict | None = None, **dro) -> Path:
     cfg = tiny_run_config(tmp, data_dir, "continue", name, model={"init": str(prune_dir / "hf")},
                           train={"steps": 4, "global_batch": 8, "micro_batch": 4, "seq_len": 32, "num_workers": 1},
                           eval={"interval": 2, "tokens_per_domain": 256, "micro_batch": 8},
-                          save={"interval": 0, "keep": 1}, dro={"mode": "drpruning", **dro})
+                          save={"interval": 0, "keep": 1}, dro={"mode": "drpruning", **dro}, **(top or {}))
     _train(cfg, tmp)
     return Path(cfg["run_dir"])
 
@@ -144,6 +144,33 @@ def test_continue_recovers_toward_the_source_and_carries_the_mix(long_prune, dat
     assert np.allclose([rows[0]["weights"][n] for n in names], [last_mix[n] for n in names])
 
 
+def test_domain_groups_regroup_a_data_dir_for_the_controller(long_prune, data_dir, tmp_path):
+    """`domain_groups` over the same DATA_DIR: the controller's references, ratios and mix are per
+    group (the source's per-domain losses and the prune's per-domain mix summed into groups), and
+    the sampler splits each group's share among its members by their training tokens."""
+    from megadrp.data.manifest import load_manifest
+
+    _, cfg = long_prune
+    prune_dir = Path(cfg["run_dir"])
+    groups = {"text": ["prose", "lang2"], "rest": ["code", "dna", "math", "records"]}
+    out = _continue(tmp_path, data_dir, prune_dir, "grouped", top={"domain_groups": groups},
+                    reference_loss="auto", initial_proportion="carried")
+    rows = metrics(out)
+    source = json.loads((prune_dir / "reference_losses.json").read_text())
+    src = dict(zip(source["windows"]["domains"], source["losses"]))
+    tokens = {n: d.train_tokens for n, d in load_manifest(data_dir).domains.items()}
+    last_mix = [r for r in metrics(prune_dir) if r.get("weights")][-1]["weights"]
+    for g, members in groups.items():
+        share = {n: tokens[n] / sum(tokens[m] for m in members) for n in members}
+        assert rows[0]["reference_loss"][g] == pytest.approx(sum(share[n] * src[n] for n in members), rel=1e-9)
+        assert rows[0]["weights"][g] == pytest.approx(sum(last_mix[n] for n in members), rel=1e-9)
+        for r in rows:  # every mix in force: the group's share split by the members' tokens
+            for n in members:
+                assert r["domain_weights"][n] == pytest.approx(r["weights"][g] * share[n], rel=1e-9)
+    assert set(rows[-1]["reference_ratio"]) == set(groups)
+    assert rows[-1]["weights"] != pytest.approx(rows[0]["weights"], rel=1e-3)  # the controller moved it
+
+
 def test_reference_from_a_given_model_is_measured_once(long_prune, data_dir, base_model, tmp_path):
     """`model:<dir>`: that model's losses on this stage's windows, measured on an engine of its own
     (ZeRO-3, no optimizer) before the training engine exists, and cached; the source's own here, so
@@ -157,3 +184,42 @@ def test_reference_from_a_given_model_is_measured_once(long_prune, data_dir, bas
     assert np.allclose(ref["losses"], source["losses"], rtol=1e-5)
     names = ref["windows"]["domains"]
     assert np.allclose([metrics(out)[0]["reference_loss"][n] for n in names], ref["losses"])
+
+
+def test_distillation_recovers_toward_the_teacher_with_its_references(long_prune, data_dir, base_model, tmp_path):
+    """A continue stage distilled from the source (α = 1, KL only; the teacher on a ZeRO-3 engine
+    of its own) with `dro.reference_loss: teacher`: the teacher's losses, measured once through its
+    engine, are the references; every evaluation reports the KL to the teacher per domain, every
+    interval the training KL, and the student moves toward the teacher."""
+    _, cfg = long_prune
+    cfg2 = tiny_run_config(tmp_path, data_dir, "continue", "kd", model={"init": str(Path(cfg["run_dir"]) / "hf")},
+                           train={"steps": 6, "global_batch": 8, "micro_batch": 4, "seq_len": 32, "num_workers": 1,
+                                  "lr": 3e-3},
+                           eval={"interval": 2, "tokens_per_domain": 256, "micro_batch": 8},
+                           save={"interval": 0, "keep": 1},
+                           distill={"teacher": str(base_model), "alpha": 1.0, "chunk_tokens": 48},
+                           dro={"mode": "drpruning", "reference_loss": "teacher"})
+    _train(cfg2, tmp_path)
+    run_dir = Path(cfg2["run_dir"])
+    ref = json.loads((run_dir / "reference_losses.json").read_text())
+    assert ref["model"] == str(base_model) and ref["role"] == "reference"
+    rows = metrics(run_dir)
+    names = ref["windows"]["domains"]
+    assert np.allclose([rows[0]["reference_loss"][n] for n in names], ref["losses"])
+    assert all(set(r["eval_kd"]) == set(names) for r in rows) and all(r.get("kd_loss", 0) > 0 for r in rows[1:])
+    mean_kd = [np.mean(list(r["eval_kd"].values())) for r in rows]
+    assert mean_kd[-1] < mean_kd[0]
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_any_compute(long_prune, data_dir, tmp_path):
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(tiny_llama_config(vocab=512)).save_pretrained(other)
+    _, cfg = long_prune
+    cfg2 = tiny_run_config(tmp_path, data_dir, "continue", "bad", model={"init": str(Path(cfg["run_dir"]) / "hf")},
+                           distill={"teacher": str(other)})
+    path = write_config(tmp_path / "bad.yaml", **cfg2)
+    p = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run"], check=False)
+    assert p.returncode == 2 and "vocab_size 512 differs from the student's 1024" in p.stderr, p.stderr[-2000:]

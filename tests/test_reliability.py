@@ -190,7 +190,7 @@ def test_bad_configs_and_inputs(tmp_path, data_dir, base_model):
     _expect_error(good, tmp_path, "dro.initial_proportion has 2 values for 6 domains",
                   extra=["dro.initial_proportion=[0.5, 0.5]"])
     _expect_error(good, tmp_path, "dro.reference_loss has no entry for domain", extra=["dro.reference_loss={prose: 2.0}"])
-    _expect_error(good, tmp_path, "dro.reference_loss='fitted': give a list, a mapping or 'auto'",
+    _expect_error(good, tmp_path, "dro.reference_loss='fitted': give a list, a mapping, 'auto', 'teacher' or 'model:<HF directory>'",
                   extra=["dro.reference_loss=fitted"])
     empty = tmp_path / "noweights"
     empty.mkdir()

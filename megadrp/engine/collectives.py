@@ -16,18 +16,22 @@ class StepSums:
     the stop flag, in one float64 tensor on the device: accumulated without a host
     synchronisation, reduced once at the end of the step.
 
-    Layout: [loss sums (k) | sample counts (k) | non-finite micro-batches | stop flag]."""
+    Layout: [loss sums (k) | sample counts (k) | non-finite micro-batches | stop flag | KL sum]."""
 
     def __init__(self, k: int, device: torch.device) -> None:
         self.k = k
-        self.t = torch.zeros(2 * k + 2, dtype=torch.float64, device=device)
+        self.t = torch.zeros(2 * k + 3, dtype=torch.float64, device=device)
 
-    def add(self, token_losses: torch.Tensor, domains: torch.Tensor, loss: torch.Tensor) -> None:
-        """A micro-batch: its per-token losses [B, T], each sample's domain [B], its loss."""
+    def add(self, token_losses: torch.Tensor, domains: torch.Tensor, loss: torch.Tensor,
+            kd: torch.Tensor | None = None) -> None:
+        """A micro-batch: its per-token losses [B, T], each sample's domain [B], its loss, and
+        under distillation its per-token KL to the teacher [B, T]."""
         k = self.k
         self.t.index_add_(0, domains, token_losses.detach().mean(1).double())
         self.t.index_add_(0, domains + k, torch.ones_like(domains, dtype=torch.float64))
         self.t[2 * k] += (~torch.isfinite(loss.detach())).double()
+        if kd is not None:
+            self.t[2 * k + 2] += kd.detach().mean(1).double().sum()
 
     def reduce(self, stop_signal: int) -> torch.Tensor:
         """Sum over ranks (the stop flag: any rank's signal number, summed, non-zero if any)."""

@@ -28,20 +28,21 @@ class DomainSchedule:
         cfg = plan.cfg
         self.plan, self.rank, self.faults = plan, rank, faults
         self.interval, self.steps, self.lag = cfg.eval.interval, cfg.train.steps, cfg.dro.update_lag
-        self.table = WeightsTable(plan.p0, max_rows=cfg.train.steps // cfg.eval.interval + 8)
+        self.groups = plan.dro_groups  # the controller weighs groups; the table and the sampler hold domains
+        self.table = WeightsTable(plan.p_domains, max_rows=cfg.train.steps // cfg.eval.interval + 8)
         self.sampler = DomainSampler(cfg.seed, plan.k, cfg.train.global_batch)
         self.pid_file = pid_file
         self.controller: ControllerService | None = None
         self._resumed, self._saved_controller = False, None
         self.settings = ControllerSettings.from_config(
-            cfg.dro, domains=plan.names, p0=plan.p0.tolist(), total_steps=cfg.train.steps,
+            cfg.dro, domains=self.groups.names, p0=plan.p0.tolist(), total_steps=cfg.train.steps,
             reference_loss=plan.reference_loss, pruning=plan.pruning, seed=cfg.seed)
 
     def use_reference(self, losses: list[float]) -> None:
-        """Reference losses measured after the plan was made (engine/references.py); before
-        `start`, and only for a fresh start (a resumed controller has its own)."""
+        """Per-domain reference losses measured after the plan was made (engine/references.py);
+        before `start`, and only for a fresh start (a resumed controller has its own)."""
         assert self.controller is None, "the controller has started"
-        self.settings.reference_loss = list(losses)
+        self.settings.reference_loss = self.groups.loss(losses).tolist()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self, evaluation_at_start: bool = False) -> None:
@@ -74,7 +75,8 @@ class DomainSchedule:
         decision, waited = None, 0.0
         if self.rank == 0:
             assert self.controller is not None
-            self.controller.submit(Observation(step, loss.tolist(), tokens.tolist(), sparsity, target_sparsity))
+            self.controller.submit(Observation(step, self.groups.loss(loss).tolist(),
+                                               self.groups.tokens(tokens).tolist(), sparsity, target_sparsity))
             t0 = time.time()
             lag = 0 if step == self.steps else self.lag
             while len(self.controller.pending) > lag:
@@ -86,7 +88,7 @@ class DomainSchedule:
         decision = box[0]
         # Step 0 makes no decision (SPEC §3 Timing): steps 1 … interval keep p0.
         keep = decision is None or step == 0
-        self.table.publish(step + 1, None if keep else np.asarray(decision.q), min(step + self.interval, self.steps))
+        self.table.publish(step + 1, None if keep else self.groups.expand(decision.q), min(step + self.interval, self.steps))
         return decision, waited
 
     def weights_after(self, step: int) -> np.ndarray:

@@ -24,6 +24,7 @@ class EvalResult:
     loss: np.ndarray  # per domain: mean token loss (same on every rank)
     shape: dict[str, float] | None  # the masks' expected shape and sparsity (pruning)
     lagrangian: float | None
+    kd: np.ndarray | None = None  # per domain: mean token KL to the teacher (distillation)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -51,13 +52,14 @@ class Evaluator:
         return cls(sets, seq_len, micro_batch, rank, world)
 
     @torch.no_grad()
-    def reduced_sums(self, engine, step: int, mask_mode: str | None):
-        """([domains, 2] float64 on the engine's device: token-loss sum and token count, summed
-        over ranks; the last forward's output, whose Lagrangian and expected shape — the same on
-        every forward — the result reports)."""
+    def reduced_sums(self, engine, step: int, mask_mode: str | None, teacher=None):
+        """([domains, 3] float64 on the engine's device: token-loss sum, token count and KL sum to
+        the teacher, summed over ranks; the last forward's output, whose Lagrangian and expected
+        shape — the same on every forward — the result reports). `teacher`: a `TeacherEngine`
+        (engine/distill.py) or None."""
         engine.eval()
         mb = self.micro_batch
-        sums = torch.zeros(len(self.sets), 2, dtype=torch.float64, device=engine.device)
+        sums = torch.zeros(len(self.sets), 3, dtype=torch.float64, device=engine.device)
         out = None
         for d, ew in enumerate(self.sets):
             mine = ew.shard(self.rank, self.world)
@@ -67,17 +69,21 @@ class Evaluator:
                 real = len(sel)
                 sel = sel + [0] * (mb - real)
                 x = to_device(torch.from_numpy(np.stack([ew[i] for i in sel])), engine.device)
-                out = engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mask_mode)
+                extra = {} if teacher is None else {"teacher": teacher.for_batch(x[:, :-1])}
+                out = engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mask_mode, **extra)
                 sums[d, 0] += out.losses[:real].double().sum()
                 sums[d, 1] += real * self.seq_len
+                if out.kd is not None:
+                    sums[d, 2] += out.kd[:real].double().sum()
         dist.all_reduce(sums)
         engine.train()
         assert out is not None
         return sums, out
 
-    def __call__(self, engine, step: int, mask_mode: str | None) -> EvalResult:
-        sums, out = self.reduced_sums(engine, step, mask_mode)
+    def __call__(self, engine, step: int, mask_mode: str | None, teacher=None) -> EvalResult:
+        sums, out = self.reduced_sums(engine, step, mask_mode, teacher)
         lag = None if out.lagrangian is None else float(out.lagrangian.item())
         shape = None if out.expected_shape is None else dict(zip(SHAPE_STATS, out.expected_shape.tolist()))
         sums = sums.cpu()
-        return EvalResult((sums[:, 0] / sums[:, 1]).numpy(), shape, lag)
+        kd = (sums[:, 2] / sums[:, 1]).numpy() if teacher is not None else None
+        return EvalResult((sums[:, 0] / sums[:, 1]).numpy(), shape, lag, kd)

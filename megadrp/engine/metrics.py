@@ -37,23 +37,31 @@ class MetricsLog:
 
 def evaluation_record(step: int, stage: str, world: int, names: list[str], state, ev, weights, digests: list, *,
                       controller_restarts: int, lrs: dict[str, float], eval_seconds: float,
-                      wait_seconds: float, controller_cpu_seconds: float) -> dict[str, Any]:
+                      wait_seconds: float, controller_cpu_seconds: float, kd_loss: float | None = None,
+                      groups=None) -> dict[str, Any]:
     """The metrics.jsonl object of one evaluation (the fields the README lists), from the
-    loop's state (`TrainState`), the evaluation (`EvalResult`) and the weights now in force."""
+    loop's state (`TrainState`), the evaluation (`EvalResult`) and the weights now in force.
+    With `groups` (data/groups.py, grouped), the controller's numbers (`weights`, references,
+    ratios) are keyed by group; `domain_weights` adds what the sampler draws, and `group_eval_loss`
+    the losses the controller saw."""
     from megadrp.data.mixture import weights_digest
 
     d = state.last_decision
     named = lambda xs: None if xs is None else {n: float(x) for n, x in zip(names, xs)}  # noqa: E731
+    grouped = groups is not None and groups.grouped
+    controller_names = groups.names if grouped else names
+    by_group = lambda xs: None if xs is None else {n: float(x) for n, x in zip(controller_names, xs)}  # noqa: E731
     return {
         "step": step, "stage": stage, "world_size": world,
         "tokens": {n: int(x) for n, x in zip(names, state.tokens)},
         "eval_loss": named(ev.loss),
         "train_loss_ema": named(state.ema),
-        "weights": named(weights),
+        "weights": by_group(groups.aggregate(weights)) if grouped else named(weights),
         "weights_digest": weights_digest(weights),
         "weights_digests": digests,
-        "reference_loss": named(d.reference_loss) if d else None,
-        "reference_ratio": named(d.reference_ratio) if d else None,
+        **({"domain_weights": named(weights), "group_eval_loss": by_group(groups.loss(ev.loss))} if grouped else {}),
+        "reference_loss": by_group(d.reference_loss) if d else None,
+        "reference_ratio": by_group(d.reference_ratio) if d else None,
         "controller": None if d is None else {"from_step": d.step, "fits": d.fits,
                                                "predicted_loss": d.predicted_loss, "reasons": d.reasons},
         "controller_restarts": controller_restarts,
@@ -63,6 +71,8 @@ def evaluation_record(step: int, stage: str, world: int, names: list[str], state
         "eval_seconds": round(eval_seconds, 3),
         "controller_wait_seconds": round(wait_seconds, 4),
         "controller_cpu_seconds": round(controller_cpu_seconds, 4),
+        **({"eval_kd": named(ev.kd)} if getattr(ev, "kd", None) is not None else {}),
+        **({"kd_loss": kd_loss} if kd_loss is not None else {}),
     }
 
 

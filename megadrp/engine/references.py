@@ -41,15 +41,18 @@ def save(plan: RunPlan, run_dir: RunDir, model: str, losses: np.ndarray, seconds
 
 
 def measure(plan: RunPlan, evaluator: Evaluator, run_dir: RunDir, rank: int, ds_engine=None) -> list[float]:
-    """The per-domain eval losses of the reference: `ds_engine` unmasked (the prune's source,
-    before any step), else `plan.reference_model` on an engine of its own. Collective."""
+    """The per-domain eval losses of the reference: `ds_engine` unmasked (the prune's source
+    before any step, or the distillation teacher's engine), else `plan.reference_model` on an
+    engine of its own. Collective."""
     hit = cached(plan, run_dir)
     if hit is not None:
         return hit
     t0 = time.time()
     model = _model(plan)
     if ds_engine is not None:
+        training = ds_engine.training
         losses = evaluator(ds_engine, 0, None).loss
+        ds_engine.train(training)
     else:
         engine = zero3.build_inference_engine(model, plan, rank)
         try:

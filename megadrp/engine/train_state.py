@@ -30,6 +30,8 @@ class TrainState:
     bad_total: int = 0  # non-finite steps skipped in all
     bad_run: int = 0  # ... in a row (not saved: a resume starts a new run of them)
     last_decision: Any = None  # the controller's last Decision, for the metrics
+    kd_sum: float = 0.0  # distillation: the steps' mean KL to the teacher, summed since the last evaluation
+    kd_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.tokens is None:
@@ -53,7 +55,20 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"domains": self.domains, "step": self.step, "tokens": self.tokens.tolist(), "ema": self.ema.tolist(),
-                "bad_total": self.bad_total, "last_decision": self.last_decision}
+                "bad_total": self.bad_total, "last_decision": self.last_decision, "kd_sum": self.kd_sum,
+                "kd_steps": self.kd_steps}
+
+    def add_kd(self, mean_kl: float) -> None:
+        self.kd_sum += mean_kl
+        self.kd_steps += 1
+
+    def take_kd(self) -> float | None:
+        """The mean training KL since the last evaluation (None without distillation); resets it."""
+        if not self.kd_steps:
+            return None
+        mean = self.kd_sum / self.kd_steps
+        self.kd_sum, self.kd_steps = 0.0, 0
+        return mean
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         saved = st.get("domains")
@@ -65,3 +80,4 @@ class TrainState:
         self.ema = np.asarray(st["ema"], dtype=np.float64) if st.get("ema") is not None else np.full(self.k, np.nan)
         self.bad_total = int(st["bad_total"])
         self.last_decision = st.get("last_decision")
+        self.kd_sum, self.kd_steps = float(st.get("kd_sum", 0.0)), int(st.get("kd_steps", 0))

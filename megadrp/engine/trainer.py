@@ -32,6 +32,7 @@ from megadrp.config import Config, dump_yaml, to_dict
 from megadrp.data.mixture import MixtureDataset, digest_hex
 from megadrp.engine import checkpoint, references, zero3
 from megadrp.engine.collectives import StepSums, any_rank, min_over_ranks
+from megadrp.engine.distill import TeacherEngine
 from megadrp.engine.domain_schedule import DomainSchedule
 from megadrp.engine.evaluator import EvalResult, Evaluator
 from megadrp.engine.export import export, final_masks
@@ -104,7 +105,10 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGUSR1)
         # Another model's reference losses are measured before the training engine exists, so the
         # two never hold memory together (engine/references.py; cached, so only the first start pays).
-        self.reference = (references.measure(self.plan, self.evaluate, self.run_dir, self.rank)
+        self.teacher = TeacherEngine(self.plan, self.rank) if self.plan.teacher_config is not None else None
+        teacher_is_reference = self.teacher is not None and self.plan.reference_model == cfg.distill.teacher
+        self.reference = (references.measure(self.plan, self.evaluate, self.run_dir, self.rank,
+                                             self.teacher.engine if teacher_is_reference else None)
                           if self.plan.reference_model else None)
         self.ds_engine, self.group_names = zero3.build_engine(self.plan, self.rank)
         self.model = self.ds_engine.module
@@ -257,14 +261,18 @@ class Trainer:
             assert batch["step"] == step and batch["accum"] == accum, "data stream out of step with the trainer"
             x = batch["input_ids"].to(device, non_blocking=True)  # pinned by the loader on an accelerator
             # one hard-concrete draw per micro-batch, keyed by its place in the global batch
+            extra = {} if self.teacher is None else {"teacher": self.teacher.for_batch(x[:, :-1])}
             out = self.ds_engine(x[:, :-1], x[:, 1:], step=step, mask_mode=mode, mask_seed=self.cfg.seed,
-                              mask_draw=self.plan.layout.micro_index(accum))
+                                 mask_draw=self.plan.layout.micro_index(accum), **extra)
             loss = out.losses.mean()
+            if out.kd is not None:  # distillation: α · KL + (1 − α) · cross-entropy
+                alpha = self.cfg.distill.alpha
+                loss = alpha * out.kd.mean() + (1 - alpha) * loss
             if out.lagrangian is not None:
                 loss = loss + out.lagrangian.to(loss.dtype)
             if step in self.faults.nan_steps and self.rank == 0:
                 loss = loss * float("nan")
-            sums.add(out.losses, batch["domain"].to(device, non_blocking=True), loss)
+            sums.add(out.losses, batch["domain"].to(device, non_blocking=True), loss, out.kd)
             # A non-finite loss is backpropagated as it is: the ZeRO-3 optimizer sees a
             # non-finite gradient norm (all-reduced, so on every rank) and skips the step.
             self.ds_engine.backward(loss)
@@ -277,6 +285,8 @@ class Trainer:
         self._check_deadline(step)
         reduced = sums.reduce(self.stop_signal).cpu().numpy()  # the step's one host synchronisation
         bad = reduced[2 * k] > 0
+        if self.teacher is not None and not bad and reduced[k:2 * k].sum() > 0:
+            self.state.add_kd(float(reduced[2 * k + 2] / reduced[k:2 * k].sum()))
         if bad:
             return np.zeros(k), np.zeros(k), True, reduced[2 * k + 1] > 0
         return reduced[:k], reduced[k:2 * k], False, reduced[2 * k + 1] > 0
@@ -336,7 +346,7 @@ class Trainer:
         t0 = time.time()
         if mode == "final" and self.model.l0 is not None:  # score the masks the export keeps (collective)
             final_masks(self.model.l0)
-        ev = self.evaluate(self.ds_engine, step, mode)
+        ev = self.evaluate(self.ds_engine, step, mode, self.teacher)
         eval_time = time.time() - t0
         self._eval_seconds = eval_time
         lambdas = zero3.lambdas(self.model, self.plan.zero3) if self.plan.pruning else None
@@ -351,17 +361,20 @@ class Trainer:
             l0.target_sparsity(step) if self.plan.pruning and l0 is not None else 0.0)
         if decision is not None:
             st.last_decision = decision
+        kd_loss = st.take_kd()  # on every rank: the train state stays the same everywhere
         if self.rank == 0:
-            self._write_metrics(step, ev, self.schedule.weights_after(step), digests, lambdas, eval_time, waited)
+            self._write_metrics(step, ev, self.schedule.weights_after(step), digests, lambdas, eval_time, waited,
+                                kd_loss)
 
     def _write_metrics(self, step: int, ev: EvalResult, weights: np.ndarray, digests: list, lambdas,
-                       eval_time: float, waited: float) -> None:
+                       eval_time: float, waited: float, kd_loss: float | None) -> None:
         st, t = self.state, self.cfg.train
         lrs = self._lrs(max(step, 1))
         rec = evaluation_record(
             step, self.cfg.stage, self.world, self.plan.names, st, ev, weights, digests,
             controller_restarts=self.schedule.controller_restarts, lrs={g: lrs[g] for g in self.group_names},
-            eval_seconds=eval_time, wait_seconds=waited, controller_cpu_seconds=self.schedule.controller_cpu_seconds)
+            eval_seconds=eval_time, wait_seconds=waited, controller_cpu_seconds=self.schedule.controller_cpu_seconds,
+            kd_loss=kd_loss, groups=self.plan.dro_groups)
         if self._interval_steps_done():
             rec["train_seconds"] = round(self._train_seconds, 3)
             rec["train_tokens_per_s"] = round(self._interval_steps * t.global_batch * t.seq_len / self._train_seconds, 1)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megadrp.model.distill import Teacher, chunked_losses
 from megadrp.model.families import (
     attention_biases,
     check_config,
@@ -277,6 +278,10 @@ class MaskedLlama(nn.Module):
 
     def logits(self, input_ids: torch.Tensor, z: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [B, T, V]; `z` the masks of this forward (from `self.l0`), or None."""
+        return self.lm_head(self.hidden_states(input_ids, z))
+
+    def hidden_states(self, input_ids: torch.Tensor, z: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The final normed hidden states [B, T, d] (what the LM head reads)."""
         z = z or {}
         if self.sliding_window is not None and input_ids.shape[1] > self.sliding_window:
             raise ValueError(f"input of {input_ids.shape[1]} tokens is longer than the model's sliding_window "
@@ -300,11 +305,14 @@ class MaskedLlama(nn.Module):
                 h = checkpoint(block, h, cos, sin, m, use_reentrant=False)
             else:
                 h = block(h, cos, sin, m)
-        return self.lm_head(self.model.norm(h, kept))
+        return self.model.norm(h, kept)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, step: int = 0,
-                mask_mode: str | None = None, mask_seed: int = 0, mask_draw: int = 0) -> torch.Tensor | ForwardOutput:
-        """Logits when `labels` is None; else per-token losses and the L0 terms.
+                mask_mode: str | None = None, mask_seed: int = 0, mask_draw: int = 0,
+                teacher: Teacher | None = None, hidden_only: bool = False) -> torch.Tensor | ForwardOutput:
+        """Logits when `labels` is None (the final hidden states with `hidden_only`: a teacher's
+        forward); else per-token losses and the L0 terms, and with a `teacher` the per-token KL
+        to it (model/distill.py: chunked, so the logits of both never sit in memory whole).
 
         The masks are computed inside this forward (not by the caller) so that under ZeRO-3
         the mask parameters are gathered and their gradients reduced like any other.
@@ -319,6 +327,11 @@ class MaskedLlama(nn.Module):
             if mask_mode == "sample":
                 gen = draw_generator(input_ids.device, mask_draw_seed(mask_seed, step, mask_draw))
             z, lag, shape = self.l0(step, mask_mode, gen)
+        if hidden_only:
+            return self.hidden_states(input_ids, z)
+        if teacher is not None and labels is not None:
+            ce, kd = chunked_losses(self.hidden_states(input_ids, z), self.lm_head, labels, teacher)
+            return ForwardOutput(ce, lag, shape, kd)
         logits = self.logits(input_ids, z)
         if labels is None:
             return logits
@@ -346,6 +359,7 @@ class ForwardOutput(NamedTuple):
     losses: torch.Tensor  # [B, T] fp32
     lagrangian: torch.Tensor | None
     expected_shape: torch.Tensor | None  # SHAPE_STATS: layers, hidden, heads, kv_heads, intermediate, sparsity
+    kd: torch.Tensor | None = None  # [B, T] fp32: KL to the teacher (distillation)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     megadrp eval --model HF_DIR --data DATA_DIR [--tokens-per-domain N]
         [--seq-len N] [--out FILE] [--domains a,b,...] [--shift [--p0 SPEC] [--rho R]]
-        [--tasks arc_easy,hellaswag,... [--task-dir DIR] [--limit N] [--num-fewshot K]]
+        [--corrupt RATE [--corrupt-seed N]] [--tasks arc_easy,hellaswag,... [--task-dir DIR] [--limit N] [--num-fewshot K]]
 
 Loads the model with transformers (not megadrp's model class: this is the check that the
 export is a standard model) and scores the same fixed windows the trainer evaluates. The
@@ -36,9 +36,26 @@ from megadrp.runtime.files import atomic_write_text
 from megadrp.runtime.run_dir import RunDir
 
 
+def corrupt(x: torch.Tensor, rate: float, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` [B, seq + 1] with each token replaced, with probability `rate`, by one drawn uniformly
+    from the vocabulary (a seeded generator: the same corruption for every model scored); and
+    the mask [B, seq] of the targets that were left intact. Only those are scored: the loss then
+    measures how well the model predicts real text from a damaged context, not how it guesses
+    noise."""
+    if rate <= 0:
+        return x, torch.ones(x.shape[0], x.shape[1] - 1, dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed)
+    hit = torch.rand(x.shape, generator=g) < rate
+    noise = torch.randint(0, vocab, x.shape, generator=g)
+    return torch.where(hit, noise, x), ~hit[:, 1:]
+
+
 @torch.no_grad()
 def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int,
-             domains: list[str] | None = None, batch: int = 8) -> dict:
+             domains: list[str] | None = None, batch: int = 8, corrupt_rate: float = 0.0, seed: int = 0) -> dict:
+    """Per-domain mean token loss and perplexity of the model at `model_dir` on DATA_DIR's eval
+    windows; with `corrupt_rate`, on windows damaged by `corrupt` (seeded by `seed` and the
+    domain's place), scoring the intact targets only."""
     from transformers import AutoModelForCausalLM
 
     if not Path(model_dir, "config.json").is_file():
@@ -50,15 +67,16 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     manifest.check_vocab(model.config.vocab_size, domains)
     losses = {}
-    for d in manifest.select(domains):
+    for j, d in enumerate(manifest.select(domains)):
         ew = EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, model.config.vocab_size)
         total, count = 0.0, 0
         for s in range(0, ew.n, batch):
             x = torch.from_numpy(np.stack([ew[i] for i in range(s, min(s + batch, ew.n))]))
+            x, keep = corrupt(x, corrupt_rate, model.config.vocab_size, ((seed * 1000003 + j) * 1000003 + s) % 2**31)
             logits = model(input_ids=x[:, :-1]).logits.float()
-            nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
-            total += float(nll)
-            count += x[:, 1:].numel()
+            nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+            total += float(nll[keep.flatten()].sum())
+            count += int(keep.sum())
         losses[d.name] = total / count
     ppl = {k: math.exp(v) for k, v in losses.items()}
     return {"domain_loss": losses, "domain_ppl": ppl, "mean_ppl": float(np.mean(list(ppl.values()))),
@@ -85,9 +103,11 @@ def shift_report(losses: dict[str, float], p0: np.ndarray, rho: float) -> dict:
             "worst_domain": at(loss[j], domain=names[j])}
 
 
-def _p0(spec, manifest, names: list[str], key: str, model_init: str | None = None) -> np.ndarray:
-    """--p0 (uniform | tokens | tokens^0.3 | comma-separated values in the domains' order) or
-    the run config's dro.initial_proportion."""
+def _p0(spec, manifest, names: list[str], key: str, model_init: str | None = None, groups_spec=None) -> np.ndarray:
+    """Domain proportions from --p0 (uniform | tokens | tokens^0.3 | comma-separated values in
+    the domains' order) or the run config's dro.initial_proportion, which is over the run's
+    `domain_groups` where it has them (each group's share then split as its sampler splits it)."""
+    from megadrp.data.groups import resolve_groups
     from megadrp.plan import initial_proportion
 
     if isinstance(spec, str) and "," in spec:
@@ -95,7 +115,9 @@ def _p0(spec, manifest, names: list[str], key: str, model_init: str | None = Non
             spec = [float(x) for x in spec.split(",")]
         except ValueError as e:
             raise ValueError(f"{key}={spec!r}: not a comma-separated list of numbers") from e
-    return initial_proportion(spec, manifest.select(names), names, key, model_init=model_init)
+    domains = manifest.select(names)
+    groups = resolve_groups(groups_spec, names, [d.train_tokens for d in domains])
+    return groups.expand(initial_proportion(spec, domains, names, key, model_init=model_init, groups=groups))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                     "values (default: the run's dro.initial_proportion, else uniform)")
     ap.add_argument("--rho", type=float, default=None, help="with --shift: χ² radius (default: the run's dro.rho, "
                     "else 0.1)")
+    ap.add_argument("--corrupt", type=float, default=0.0, metavar="RATE",
+                    help="replace this share of the eval tokens at random (seeded by --corrupt-seed) and score the "
+                    "intact targets: robustness to damaged text (0: off)")
+    ap.add_argument("--corrupt-seed", type=int, default=0, help="with --corrupt: the seed of the damage")
     ap.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks: downstream accuracy")
     ap.add_argument("--task-dir", default=None, help="with --tasks: a directory of your own lm-eval task YAMLs")
     ap.add_argument("--limit", type=int, default=None, help="with --tasks: at most N examples a task")
@@ -131,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--tasks needs lm-evaluation-harness: pip install -e '.[eval]'")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         ap.error(f"--out {args.out}: its folder does not exist; create it first")
+    if not 0.0 <= args.corrupt < 1.0:
+        ap.error(f"--corrupt={args.corrupt}: a share of tokens in [0, 1)")
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
         ap.error(f"--rho={args.rho}: must be a positive finite number")
     run_cfg = RunDir(Path(args.model).parent).config
@@ -154,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.shift:  # likewise a p0 that does not fit the domains
             manifest = load_manifest(args.data)
             names = domains or list(manifest.domains)
-            spec, where = (args.p0, "--p0") if args.p0 is not None else \
-                (rc.get("dro", {}).get("initial_proportion"), f"{run_cfg}: dro.initial_proportion")
-            p0 = _p0(spec, manifest, names, where, rc.get("model", {}).get("init"))
-        res = evaluate(args.model, args.data, tokens, seq, domains)
+            spec, where, groups = (args.p0, "--p0", None) if args.p0 is not None else \
+                (rc.get("dro", {}).get("initial_proportion"), f"{run_cfg}: dro.initial_proportion",
+                 rc.get("domain_groups"))
+            p0 = _p0(spec, manifest, names, where, rc.get("model", {}).get("init"), groups)
+        res = evaluate(args.model, args.data, tokens, seq, domains, corrupt_rate=args.corrupt, seed=args.corrupt_seed)
+        if args.corrupt:
+            res["corrupt"] = {"rate": args.corrupt, "seed": args.corrupt_seed}
         if p0 is not None:
             res["shift"] = shift_report(res["domain_loss"], p0,
                                         args.rho if args.rho is not None else float(rc.get("dro", {}).get("rho", 0.1)))

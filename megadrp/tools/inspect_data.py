@@ -1,6 +1,9 @@
 """Look inside shards: counts, a document-length histogram and a decoded sample.
 
-    megadrp inspect PREFIX_OR_DATA_DIR [--sample N]
+    megadrp inspect PREFIX_OR_DATA_DIR [--sample N] [--config RUN.yaml]
+
+`--config` shows the run's `domain_groups` over this DATA_DIR: each group's members, their
+training tokens and their share of the group's batch.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 
 from megadrp.data.indexed import IndexedDataset
 from megadrp.data.manifest import MANIFEST, load_manifest
-from megadrp.errors import IndexedDatasetError, ManifestError
+from megadrp.errors import ConfigError, IndexedDatasetError, ManifestError
 
 
 def _histogram(lengths: np.ndarray, bins: int = 8) -> str:
@@ -37,10 +40,29 @@ def describe(prefix: Path, tokenizer=None, sample: int = 1) -> str:
     return "\n".join(lines)
 
 
+def describe_groups(spec, manifest, domains: list[str] | None = None) -> str:
+    """The groups a config's `domain_groups` makes of the run's domains (`domains`, else the
+    manifest's), or a line saying every domain is its own group."""
+    from megadrp.data.groups import resolve_groups
+
+    names = list(domains or manifest.domains)
+    tokens = [manifest.domains[n].train_tokens for n in names]
+    g = resolve_groups(spec, names, tokens)
+    if not g.grouped:
+        return "domain_groups: none (the controller weighs every domain on its own)"
+    lines = [f"domain_groups: {len(g.names)} groups over {len(names)} domains"]
+    total = g.tokens(tokens)
+    for i, name in enumerate(g.names):
+        members = [f"{n} {s:.3f}" for n, o, s in zip(names, g.of, g.share) if o == i]
+        lines.append(f"  {name:>14}: {int(total[i]):,} train tokens; shares {', '.join(members)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", type=Path)
     ap.add_argument("--sample", type=int, default=1)
+    ap.add_argument("--config", type=Path, default=None, help="a run config: also show its domain_groups")
     args = ap.parse_args(argv)
     try:
         if (args.path / MANIFEST).is_file():
@@ -55,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"eval {d.eval_docs:,} docs / {d.eval_tokens:,} tokens")
                 total += d.train_tokens + d.eval_tokens
             print(f"  total {total:,} tokens")
+            if args.config is not None:
+                from megadrp.config import load_config
+
+                cfg = load_config(args.config)
+                print(describe_groups(cfg.domain_groups, m, cfg.domains))
             for d in m.domains.values():
                 print(describe(d.train, tok, args.sample))
         else:
@@ -65,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 tok = load_tokenizer(load_manifest(manifest_dir).tokenizer)
             print(describe(args.path, tok, args.sample))
-    except (IndexedDatasetError, ManifestError) as e:
+    except (IndexedDatasetError, ManifestError, ConfigError) as e:
         print(f"inspect: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -84,11 +84,13 @@ def train_stage(config: str, run_dir: Path, overrides: list[str], ranks: int = 2
     return time.time() - t0
 
 
-def evaluate(model: Path, data: Path, tokens: int, seq_len: int, out: Path) -> dict:
+def evaluate(model: Path, data: Path, tokens: int, seq_len: int, out: Path, corrupt: float = 0.0) -> dict:
+    """`megadrp eval --shift` (and `--corrupt RATE`) of `model`, cached in `out`."""
     if out.is_file():
         cached = read_json(out)
         if "shift" in cached:  # one written before --shift existed is made again
             return cached
     sh(megadrp("eval", "--model", str(model), "--data", str(data), "--tokens-per-domain", str(tokens),
-               "--seq-len", str(seq_len), "--out", str(out), "--shift"), quiet=True)
+               "--seq-len", str(seq_len), "--out", str(out), "--shift",
+               *(["--corrupt", str(corrupt)] if corrupt else [])), quiet=True)
     return read_json(out)

@@ -58,6 +58,7 @@ class Recipe:
     model: str  # key of MODELS: what model.init holds
     corpus: str  # key of CORPORA
     nodes: int  # the documented layout: nodes of 8 GPUs (slurm/prune_7b.sh: 1, slurm/continue_7b.sh: 4)
+    teacher: str | None = None  # key of MODELS: the distillation teacher (distill.teacher)
 
     @property
     def ranks(self) -> int:
@@ -72,6 +73,8 @@ RECIPES = [
     Recipe("continue_1.3b.yaml", "Llama-2 1.3B (pruned)", "RedPajama", 4),
     Recipe("continue_2.7b.yaml", "Llama-2 2.7B (pruned)", "RedPajama", 4),
     Recipe("continue_qwen2_1.8b.yaml", "Qwen2 1.8B (pruned)", "CulturaX", 4),
+    Recipe("continue_1.3b_distill.yaml", "Llama-2 1.3B (pruned)", "RedPajama", 4, teacher="Llama-2-7B"),
+    Recipe("continue_2.7b_distill.yaml", "Llama-2 2.7B (pruned)", "RedPajama", 4, teacher="Llama-2-7B"),
 ]
 
 
@@ -110,7 +113,9 @@ def plan(recipe: Recipe, root: Path, gpu_gib: float = GPU_GIB, overrides: list[s
 
     cfg = load_config(str(shipped(recipe.config)),
                       [f"model.init={model_dir(recipe.model, root)}", f"data_dir={data_dir(recipe.corpus, vocab, root)}",
-                       f"run_dir={root / 'runs' / recipe.config}", *(overrides or [])])
+                       f"run_dir={root / 'runs' / recipe.config}",
+                       *([f"distill.teacher={model_dir(recipe.teacher, root)}"] if recipe.teacher else []),
+                       *(overrides or [])])
     return dry_run(cfg, recipe.ranks, int(gpu_gib * GIB), check_disk=False)
 
 
@@ -118,7 +123,7 @@ def table(root: Path) -> str:
     """The README's memory table: every recipe's plan at its documented layout."""
     from megadrp.plan import GIB
 
-    head = ["| recipe | GPUs | micro-batch × accumulation | checkpointed layers | weights + master + Adam "
+    head = ["| recipe | GPUs | micro-batch × accumulation | checkpointed layers | weights + master + Adam (+ teacher) "
             "| gradients | ZeRO-3 buffers | activations | logits | recompute + backward | runtime | **per GPU** |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
@@ -126,13 +131,17 @@ def table(root: Path) -> str:
         d = plan(r, root).data
         t, lay = d["memory"]["terms"], d["layout"]
 
+        teacher = ["teacher_weights"] if "teacher_weights" in t else []
+        teacher_live = ["teacher_live_parameters"] if "teacher_live_parameters" in t else []
+
         def g(*keys: str) -> str:
             return f"{sum(t[k] for k in keys) / GIB:.1f}"
 
-        rows.append(f"| `{r.config}` ({r.model}) | {r.ranks} × {GPU_GIB} GB | {lay['micro_batch']} × "
+        who = f"{r.model}, teacher {r.teacher}" if r.teacher else r.model
+        rows.append(f"| `{r.config}` ({who}) | {r.ranks} × {GPU_GIB} GB | {lay['micro_batch']} × "
                     f"{lay['accumulation']} | {lay['checkpointed_layers']} of {d['memory']['layers']} "
-                    f"| {g('weights', 'master_and_adam')} | {g('gradient_partitions')} "
-                    f"| {g('gradient_buckets', 'live_parameters')} | {g('activations')} | {g('logits')} "
+                    f"| {g('weights', 'master_and_adam', *teacher)} | {g('gradient_partitions')} "
+                    f"| {g('gradient_buckets', 'live_parameters', *teacher_live)} | {g('activations')} | {g('logits')} "
                     f"| {g('recompute_and_backward')} | {g('runtime_reserve', 'fragmentation', 'masks')} "
                     f"| **{d['memory_per_gpu_bytes'] / GIB:.1f} GiB** |")
     return "\n".join(head + rows)

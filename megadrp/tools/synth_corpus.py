@@ -4,9 +4,14 @@ No download is possible on the machines megadrp is tested on, yet DRPruning only
 effect when domains differ in how hard (and how learnable) they are. Each generator below
 is a small stochastic grammar; docs/corpus.md records the design and the measured losses.
 
-    megadrp synth-corpus --out DIR [--seed N] [--docs-per-domain N]
+    megadrp synth-corpus --out DIR [--seed N] [--docs-per-domain N] [--variants N]
 
 writes DIR/<domain>.jsonl, one {"text": ...} per line. Deterministic for a seed.
+
+`--variants N` (N ≥ 2) writes N fine domains per generator, `<domain>_v1` … `<domain>_vN`: the same
+grammar drawn with another seed, so each has its own lexicon, identifiers and parameters (words of
+`prose_v1` are not those of `prose_v2`) — fine domains that group naturally by generator, for the
+coarse-vs-fine study (`benchmarks/granularity.py`, `domain_groups`).
 """
 from __future__ import annotations
 
@@ -241,17 +246,23 @@ DOMAINS: dict[str, Callable[[random.Random], Callable[[], str]]] = {
 }
 
 
-def write_corpus(out: Path, seed: int = 0, docs_per_domain: int = 2000) -> dict[str, int]:
-    """Writes each domain atomically (tmp file + rename); returns bytes per domain."""
+def variant_names(variants: int = 1) -> dict[str, list[str]]:
+    """{generator: [its domains]}: the generator's own name, or `<name>_v1` … with variants."""
+    return {name: [name] if variants <= 1 else [f"{name}_v{j + 1}" for j in range(variants)] for name in DOMAINS}
+
+
+def write_corpus(out: Path, seed: int = 0, docs_per_domain: int = 2000, variants: int = 1) -> dict[str, int]:
+    """Writes each domain atomically (tmp file + rename); returns bytes per domain. Variant j of
+    a generator draws from its own seed (variant 1 is the single-variant corpus's domain)."""
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for i, (name, make) in enumerate(DOMAINS.items()):
-        rng = random.Random(seed * 1000003 + i)
-        doc = make(rng)
-        with atomic_open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for _ in range(docs_per_domain):
-                f.write(json.dumps({"text": doc()}, ensure_ascii=False) + "\n")
-        sizes[name] = (out / f"{name}.jsonl").stat().st_size
+        for j, fine in enumerate(variant_names(variants)[name]):
+            doc = make(random.Random(seed * 1000003 + i + 7919 * j))
+            with atomic_open(out / f"{fine}.jsonl", "w", encoding="utf-8") as f:
+                for _ in range(docs_per_domain):
+                    f.write(json.dumps({"text": doc()}, ensure_ascii=False) + "\n")
+            sizes[fine] = (out / f"{fine}.jsonl").stat().st_size
     return sizes
 
 
@@ -260,11 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="output directory (created)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--docs-per-domain", type=int, default=2000)
+    ap.add_argument("--variants", type=int, default=1, help="fine domains per generator (<name>_v1 …; default 1)")
     args = ap.parse_args(argv)
+    if args.variants < 1:
+        ap.error("--variants must be at least 1")
     if args.docs_per_domain < 2:
         ap.error("--docs-per-domain must be at least 2 (one train and one eval document)")
     t0 = time.time()
-    sizes = write_corpus(args.out, args.seed, args.docs_per_domain)
+    sizes = write_corpus(args.out, args.seed, args.docs_per_domain, args.variants)
     for name, size in sizes.items():
         print(f"{args.out / (name + '.jsonl')}: {args.docs_per_domain} docs, {size / 1e6:.2f} MB")
     print(f"synth_corpus: {len(sizes)} domains in {time.time() - t0:.1f}s", file=sys.stderr)

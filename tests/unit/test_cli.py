@@ -63,3 +63,18 @@ def test_config_reference_is_generated_from_the_code_and_complete():
     assert undocumented() == [], "every config field needs a docstring under it (megadrp/config.py)"
     assert (ROOT / "docs" / "config.md").read_text() == render(), \
         "docs/config.md is stale: python -m megadrp.tools.config_doc --write"
+
+
+def test_corruption_is_seeded_and_scores_intact_targets_only():
+    import torch
+
+    from megadrp.tools.evaluate import corrupt
+
+    x = torch.arange(4 * 101).view(4, 101) % 1000
+    same, keep = corrupt(x, 0.0, 1000, 1)
+    assert torch.equal(same, x) and keep.all()
+    a, keep_a = corrupt(x, 0.2, 1000, 7)
+    b, keep_b = corrupt(x, 0.2, 1000, 7)
+    assert torch.equal(a, b) and torch.equal(keep_a, keep_b)  # the same damage for every model
+    changed = (a != x)[:, 1:]
+    assert 0.1 < (~keep_a).float().mean() < 0.3 and not (changed & keep_a).any()  # a scored target is intact

@@ -115,9 +115,10 @@ def test_step_reduction_and_stop_flag_stay_on_the_device(meta_only_group):
     from megadrp.engine.collectives import StepSums, any_rank
 
     sums = StepSums(k=3, device=META)
-    sums.add(torch.zeros(2, 5, device=META), torch.tensor([0, 2], device=META), torch.zeros((), device=META))
+    sums.add(torch.zeros(2, 5, device=META), torch.tensor([0, 2], device=META), torch.zeros((), device=META),
+             kd=torch.zeros(2, 5, device=META))  # a distillation step's per-token KL too
     reduced = sums.reduce(stop_signal=10)
-    assert reduced.device == META and reduced.shape == (3 * 2 + 2,)
+    assert reduced.device == META and reduced.shape == (2 * 3 + 3,)
     flag = any_rank(10, META)
     assert flag.device == META
 
@@ -141,5 +142,5 @@ def test_evaluation_sums_stay_on_the_device(meta_only_group):
     model.device = META  # what a DeepSpeed engine exposes
     ev = Evaluator([Windows(), Windows()], seq_len=8, micro_batch=2, rank=0, world=2)
     sums, out = ev.reduced_sums(model, step=2, mask_mode="expected")
-    assert sums.device == META and sums.shape == (2, 2)
+    assert sums.device == META and sums.shape == (2, 3)  # per domain: loss sum, tokens, KL sum
     assert out.expected_shape.device == META

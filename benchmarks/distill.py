@@ -1,0 +1,143 @@
+"""Teacher-guided recovery measured: the continue stage after a prune, four ways, from the same
+pruned model, with the source (the base model the prune started from) as the teacher.
+
+    (a) LM loss, constant mix            (b) LM loss, drpruning (references: the source's losses)
+    (c) KD (α = 1), constant mix         (d) KD, drpruning with the teacher's losses as references
+
+    python benchmarks/distill.py [--root runs/schedules_s5] [--seeds 3] [--name distill]
+    python benchmarks/distill.py --root runs/schedules_debian_s5 --data runs/schedules_debian_s5/base/data \
+        --continue-steps 60 --eval-interval 4 --name distill_debian
+
+Starts from the schedules benchmark's pruned `drpruning` model of each seed (ROOT/seed*/drpruning/prune/hf)
+and its base model (the teacher). At equal tokens every arm runs the same steps. At equal wall-clock
+the KD arms run the steps the LM arm's training time buys them: the ratio of their median step times
+(measured on seed 0, from the runs' metrics), with the learning-rate schedule over their own steps.
+Every model is scored by `megadrp eval` on the held-out windows (perplexity, lower is better); each
+domain's ratio to the source's perplexity is reported (goal: none above 1.3), with the worst χ² mix
+(`--shift`) and paired 95% intervals over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import ROOT, commit, interval, paired, save
+
+from megadrp.runtime.run_dir import RunDir
+
+ARMS = {"a": ("LM, constant", "constant", False), "b": ("LM, drpruning", "drpruning", False),
+        "c": ("KD, constant", "constant", True), "d": ("KD, drpruning, teacher references", "drpruning", True)}
+
+
+def step_seconds(run: Path) -> float:
+    """The median training time of one step over the run's timed intervals."""
+    from megadrp.engine.metrics import read_metrics
+
+    rows = [r for r in read_metrics(RunDir(run).metrics) if r.get("train_seconds")]
+    per_step = []
+    for prev, r in zip(rows, rows[1:]):
+        steps = r["step"] - prev["step"]
+        if steps > 0:
+            per_step.append(r["train_seconds"] / steps)
+    return statistics.median(per_step) if per_step else float("nan")
+
+
+def main() -> None:
+    from megadrp.tools import pipeline
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=ROOT / "runs" / "schedules_s5")
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "demo" / "data")
+    ap.add_argument("--teacher", type=Path, default=None, help="default: the schedules' base model (ROOT/../base or "
+                    "runs/demo/pretrain)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--continue-steps", type=int, default=100)
+    ap.add_argument("--eval-interval", type=int, default=5)
+    ap.add_argument("--name", default="distill")
+    args = ap.parse_args()
+    t0 = time.time()
+    data = args.data.resolve()
+    corpus = data != (ROOT / "runs" / "demo" / "data").resolve()
+    teacher = (args.teacher or (args.root / "base" / "pretrain" if corpus else ROOT / "runs" / "demo" / "pretrain"))
+    teacher = RunDir(teacher.resolve()).hf
+    source_ppl = pipeline.evaluate(teacher, data, 4096, 128, args.root / "base_eval.json")["domain_ppl"]
+    names = list(source_ppl)
+    evals: dict[str, list[dict]] = {}
+    timing: dict[str, float] = {}
+    kd_steps = None
+    for seed in range(args.seeds):
+        base = args.root / f"seed{seed}"
+        common = [f"data_dir={data}", f"seed={1234 + seed}", "train.log_interval=1000",
+                  f"eval.interval={args.eval_interval}", f"model.init={base / 'drpruning' / 'prune' / 'hf'}",
+                  *(["domains=null", "dro.initial_proportion=tokens^0.3"] if corpus else [])]
+        plan = {k: args.continue_steps for k in ARMS}
+        if kd_steps is not None:
+            plan.update({"c_clock": kd_steps, "d_clock": kd_steps})
+        for arm, steps in plan.items():
+            label, mode, kd = ARMS[arm[0]]
+            over = [f"dro.mode={mode}", f"train.steps={steps}"]
+            if kd:
+                over += [f"distill.teacher={teacher}", "distill.alpha=1.0", "distill.chunk_tokens=512"]
+                if mode == "drpruning":
+                    over.append("dro.reference_loss=teacher")
+            run = base / f"distill_{arm}"
+            pipeline.train_stage("configs/tiny/continue.yaml", run / "continue", common + over, quiet=True)
+            ev = pipeline.evaluate(RunDir(run / "continue").hf, data, 4096, 128, RunDir(run).eval_json)
+            evals.setdefault(arm, []).append(ev)
+            if seed == 0:
+                timing[arm] = step_seconds(run / "continue")
+            pipeline.log(f"seed {seed} ({arm}) {label}: mean ppl {ev['mean_ppl']:.3f} worst {ev['worst_ppl']:.3f}")
+        if seed == 0:  # the KD arms at the LM arm's wall-clock: the steps its training time buys them
+            ratio = timing["c"] / timing["a"]
+            kd_steps = max(args.eval_interval, int(round(args.continue_steps / ratio)))
+            plan = {"c_clock": kd_steps, "d_clock": kd_steps}
+            for arm, steps in plan.items():
+                label, mode, kd = ARMS[arm[0]]
+                over = [f"dro.mode={mode}", f"train.steps={steps}", f"distill.teacher={teacher}", "distill.alpha=1.0",
+                        "distill.chunk_tokens=512", *(["dro.reference_loss=teacher"] if mode == "drpruning" else [])]
+                run = base / f"distill_{arm}"
+                pipeline.train_stage("configs/tiny/continue.yaml", run / "continue", common + over, quiet=True)
+                evals.setdefault(arm, []).append(pipeline.evaluate(RunDir(run / "continue").hf, data, 4096, 128,
+                                                                   RunDir(run).eval_json))
+    table = {}
+    for arm, runs in evals.items():
+        ref = evals["b"]
+        worst_ratio = [max(e["domain_ppl"][n] / source_ppl[n] for n in names) for e in runs]
+        table[arm] = {
+            "label": ARMS[arm[0]][0] + (" (equal wall-clock)" if arm.endswith("clock") else ""),
+            "domain_ppl": {n: float(np.mean([e["domain_ppl"][n] for e in runs])) for n in names},
+            "mean_ppl": float(np.mean([e["mean_ppl"] for e in runs])),
+            "worst_ppl": float(np.mean([e["worst_ppl"] for e in runs])),
+            "worst_chi2_ppl": float(np.mean([e["shift"]["worst_chi2"]["ppl"] for e in runs])),
+            "worst_ratio_to_source": float(np.mean(worst_ratio)), "worst_ratio_max": float(np.max(worst_ratio)),
+            "worst_vs_b_pct": paired([100 * (x["worst_ppl"] / y["worst_ppl"] - 1) for x, y in zip(runs, ref)]),
+            "mean_vs_b_pct": paired([100 * (x["mean_ppl"] / y["mean_ppl"] - 1) for x, y in zip(runs, ref)]),
+            "worst_chi2_vs_b_pct": paired([100 * (x["shift"]["worst_chi2"]["ppl"] / y["shift"]["worst_chi2"]["ppl"] - 1)
+                                           for x, y in zip(runs, ref)]),
+        }
+    step_ratio = timing["c"] / timing["a"]
+    md = ["| arm | " + " | ".join(names) + " | mean ppl | worst ppl | worst χ² mix | largest ratio to the source "
+          "| worst vs (b), paired | mean vs (b), paired | worst χ² mix vs (b) |", "|---" * (len(names) + 8) + "|"]
+    for arm, r in table.items():
+        md.append(f"| ({arm}) {r['label']} | " + " | ".join(f"{r['domain_ppl'][n]:.2f}" for n in names)
+                  + f" | {r['mean_ppl']:.2f} | {r['worst_ppl']:.2f} | {r['worst_chi2_ppl']:.2f} | "
+                  f"{r['worst_ratio_to_source']:.3f} (max {r['worst_ratio_max']:.3f}) | {interval(r['worst_vs_b_pct'])} "
+                  f"| {interval(r['mean_vs_b_pct'])} | {interval(r['worst_chi2_vs_b_pct'])} |")
+    md += ["", f"Source (teacher) perplexity: {', '.join(f'{n} {source_ppl[n]:.2f}' for n in names)}.",
+           f"Step time, KD over LM (median over seed 0's intervals; the teacher's forward and the chunked KL): "
+           f"**{step_ratio:.2f}×** (goal ≤ 1.6). Equal wall-clock: the KD arms run {kd_steps} steps for the LM arms' "
+           f"{args.continue_steps}.",
+           f"{args.seeds} seeds; continue {args.continue_steps} steps of 16 × 128 tokens from each seed's pruned drpruning "
+           f"model, evaluation every {args.eval_interval}; perplexities from megadrp eval (32 windows of 128 tokens a "
+           f"domain); paired columns: per seed 100·(arm / (b) − 1), mean [95% interval] (per seed). Commit {commit()}; "
+           f"{time.time() - t0:.0f} s."]
+    save(args.name, {"seeds": args.seeds, "commit": commit(), "source_ppl": source_ppl, "step_time_ratio": step_ratio,
+                     "step_seconds": timing, "kd_steps_at_equal_wall_clock": kd_steps,
+                     "continue_steps": args.continue_steps, "results": table, "per_seed": evals}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
