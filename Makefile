@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/megadrp demo $(if $(DATA),--data "$(DATA)") $(DEMO_ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf runs/demo

@@ -18,6 +18,7 @@ Reuses runs/demo's data and base model when `make demo` has run (else builds the
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,6 +29,20 @@ from _common import interval as _interval
 from megadrp.runtime.run_dir import RunDir
 
 MODES = ("constant", "sheared", "dro", "dro_dyloss", "drpruning")
+
+
+def _first_weights(metrics: Path) -> dict[str, float]:
+    """The domain weights in force at a run's first evaluation: its p0."""
+    with open(metrics) as f:
+        first = json.loads(f.readline())
+    return first.get("domain_weights") or first["weights"]
+
+
+def _stage_seconds(metrics: Path) -> float:
+    """Training and evaluation seconds a run spent (its metrics.jsonl), however many invocations
+    of this script trained it (a rerun reuses finished stages)."""
+    with open(metrics) as f:
+        return sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in map(json.loads, f))
 
 
 def _fitted_updates(metrics: Path) -> int:
@@ -95,7 +110,12 @@ def main() -> None:
             pipeline.train_stage("configs/tiny/continue.yaml", root / "continue",
                                  common + [f"model.init={root / 'prune' / 'hf'}", f"train.steps={args.continue_steps}",
                                            *carried], quiet=True)
-            evals[mode].append(pipeline.evaluate(RunDir(root / "continue").hf, data, 4096, 128, RunDir(root).eval_json))
+            # One χ² ball for every schedule: around the prune stage's p0 (its first weights), which
+            # all schedules share; `sheared`'s continue stage would otherwise be scored around its own
+            # carried mix.
+            p0 = _first_weights(RunDir(root / "prune").metrics)
+            evals[mode].append(pipeline.evaluate(RunDir(root / "continue").hf, data, 4096, 128, RunDir(root).eval_json,
+                                                 p0=p0))
             fitted[mode].append(sum(_fitted_updates(RunDir(root / stage).metrics) for stage in ("prune", "continue")))
             predicted[mode].append(_prediction_errors(root))
             pipeline.log(f"{mode} seed {seed}: mean ppl {evals[mode][-1]['mean_ppl']:.3f} "
@@ -116,7 +136,7 @@ def main() -> None:
         for mode, r in table.items():
             md.append(f"| {mode} | {_interval(r['mean_vs_constant_pct'])} | {_interval(r['worst_vs_constant_pct'])} |")
     md += ["", "Under shifted domain mixes (megadrp eval --shift; perplexity of the mix's mean token loss, "
-           f"mean {pm} sd over seeds; the χ² ball has the run's ρ around its p0):", "",
+           f"mean {pm} sd over seeds; the χ² ball has the run's ρ around the prune stage's p0, the same for every schedule):", "",
            "| schedule | uniform mix | p0 mix | worst χ² mix | worst χ² mix vs sheared (paired) | worst domain |",
            "|---|---|---|---|---|---|"]
     for mode, r in table.items():
@@ -142,19 +162,21 @@ def main() -> None:
             if r["prediction_mape"]:
                 md.append(f"| {mode} | " + " | ".join(f"{r['prediction_mape'][c]:.2f}%" if c in r["prediction_mape"]
                                                        else "" for c in cols) + " |")
+    stage_seconds = sum(_stage_seconds(RunDir(args.root / f"seed{seed}" / mode / stage).metrics)
+                        for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
     md += ["", f"{args.seeds} seed(s); perplexities are means over seeds ± their standard deviation. The paired "
            "columns: per seed, 100·(schedule / sheared − 1) on the same seed's base, data and batches; the mean of "
            "those differences with its 95% interval (Student's t over seeds), then the per-seed values. "
            f"Prune {args.prune_steps} steps + continue {args.continue_steps} steps per schedule, 16 × 128 tokens a "
-           f"step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; {time.time() - t0:.0f} s in "
-           "all. Perplexities from megadrp.tools.evaluate on 32 eval windows of 128 tokens per domain. "
+           f"step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; {stage_seconds:.0f} s of "
+           "training and evaluation in all (summed from the runs' metrics). Perplexities from megadrp.tools.evaluate on 32 eval windows of 128 tokens per domain. "
            f"Configuration (commit {commit_id}): each stage's `auto` references are the source model's (the base; "
            "the continue stage carries them from its prune run), and `sheared` continues from its prune's final "
            "mix (`initial_proportion: carried`), as the reference scripts do."]
     save(args.name, {"seeds": args.seeds, "commit": commit_id, "base_ppl": base_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
                      "prediction_errors_per_seed": predicted,
-                     "seconds": round(time.time() - t0)}, "\n".join(md))
+                     "stage_seconds": round(stage_seconds), "seconds": round(time.time() - t0)}, "\n".join(md))
 
 
 SHIFT_KEYS = ("uniform", "p0_mix", "worst_chi2", "worst_domain")

@@ -105,16 +105,19 @@ def shift_report(losses: dict[str, float], p0: np.ndarray, rho: float) -> dict:
 
 def _p0(spec, manifest, names: list[str], key: str, model_init: str | None = None, groups_spec=None) -> np.ndarray:
     """Domain proportions from --p0 (uniform | tokens | tokens^0.3 | comma-separated values in
-    the domains' order) or the run config's dro.initial_proportion, which is over the run's
+    the domains' order | name=value pairs) or the run config's dro.initial_proportion, which is over the run's
     `domain_groups` where it has them (each group's share then split as its sampler splits it)."""
     from megadrp.data.groups import resolve_groups
     from megadrp.plan import initial_proportion
 
-    if isinstance(spec, str) and "," in spec:
+    if isinstance(spec, str) and ("," in spec or "=" in spec):
         try:
-            spec = [float(x) for x in spec.split(",")]
+            if "=" in spec:  # name=value,...: shares by domain name, in any order
+                spec = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in spec.split(","))}
+            else:
+                spec = [float(x) for x in spec.split(",")]
         except ValueError as e:
-            raise ValueError(f"{key}={spec!r}: not a comma-separated list of numbers") from e
+            raise ValueError(f"{key}={spec!r}: not a comma-separated list of numbers or of name=number") from e
     domains = manifest.select(names)
     groups = resolve_groups(groups_spec, names, [d.train_tokens for d in domains])
     return groups.expand(initial_proportion(spec, domains, names, key, model_init=model_init, groups=groups))
@@ -131,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     "`domains` from RUN_DIR/config.yaml beside the model, else all in the manifest)")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     ap.add_argument("--shift", action="store_true", help="also report losses under shifted domain mixes")
-    ap.add_argument("--p0", default=None, help="with --shift: uniform, tokens, tokens^0.3, carried or comma-separated "
-                    "values (default: the run's dro.initial_proportion, else uniform)")
+    ap.add_argument("--p0", default=None, help="with --shift: uniform, tokens, tokens^0.3, carried, comma-separated "
+                    "values in the domains' order, or name=value,... (default: the run's dro.initial_proportion, else uniform)")
     ap.add_argument("--rho", type=float, default=None, help="with --shift: χ² radius (default: the run's dro.rho, "
                     "else 0.1)")
     ap.add_argument("--corrupt", type=float, default=0.0, metavar="RATE",

@@ -84,13 +84,26 @@ def train_stage(config: str, run_dir: Path, overrides: list[str], ranks: int = 2
     return time.time() - t0
 
 
-def evaluate(model: Path, data: Path, tokens: int, seq_len: int, out: Path, corrupt: float = 0.0) -> dict:
-    """`megadrp eval --shift` (and `--corrupt RATE`) of `model`, cached in `out`."""
+def evaluate(model: Path, data: Path, tokens: int, seq_len: int, out: Path, corrupt: float = 0.0,
+             p0: dict[str, float] | None = None) -> dict:
+    """`megadrp eval --shift` (and `--corrupt RATE`) of `model`, cached in `out`. `p0` (domain →
+    share) centres the shifted mixes; without it, the run's own dro.initial_proportion does. Models
+    of different schedules are compared under one p0: a continue stage with `carried` has its own."""
     if out.is_file():
         cached = read_json(out)
-        if "shift" in cached:  # one written before --shift existed is made again
+        # one written before --shift existed, or around another p0, is made again
+        if "shift" in cached and (p0 is None or _same_mix(cached["shift"]["p0"], p0)):
             return cached
     sh(megadrp("eval", "--model", str(model), "--data", str(data), "--tokens-per-domain", str(tokens),
                "--seq-len", str(seq_len), "--out", str(out), "--shift",
+               *(["--p0", ",".join(f"{k}={v!r}" for k, v in p0.items())] if p0 else []),
                *(["--corrupt", str(corrupt)] if corrupt else [])), quiet=True)
     return read_json(out)
+
+
+def _same_mix(a: dict[str, float], b: dict[str, float]) -> bool:
+    """The same domains with the same normalised shares."""
+    if set(a) != set(b):
+        return False
+    sa, sb = sum(a.values()), sum(b.values())
+    return all(abs(a[k] / sa - b[k] / sb) < 1e-9 for k in a)

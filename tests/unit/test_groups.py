@@ -107,3 +107,19 @@ def test_config_round_trips_both_spellings(tmp_path):
     assert again.domain_groups == {"tech": ["code", "math"], "rest": {"dna": 1.0, "prose": 2.0}}
     (tmp_path / "d.yaml").write_text(dump_yaml(again))
     assert load_config(tmp_path / "d.yaml").domain_groups == again.domain_groups
+
+
+def test_eval_p0_by_name_equals_the_list_in_the_domains_order():
+    """`megadrp eval --shift --p0 name=value,...` (how a benchmark puts every schedule under one
+    χ² ball): the same mix as the list in the run's order, whatever order the names come in."""
+    from megadrp.tools.evaluate import _p0
+
+    manifest = SimpleNamespace(select=lambda names: [SimpleNamespace(train_tokens=t) for t in TOKENS])
+    by_list = _p0("0.1,0.2,0.3,0.4", manifest, DOMAINS, "--p0")
+    by_name = _p0("prose=4,math=3,dna=2,code=1", manifest, DOMAINS, "--p0")
+    np.testing.assert_allclose(by_name, by_list)
+    np.testing.assert_allclose(by_list, [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ConfigError, match="no entry for domain"):
+        _p0("prose=4,math=3", manifest, DOMAINS, "--p0")
+    with pytest.raises(ValueError, match="name=number"):
+        _p0("prose=4,math=x", manifest, DOMAINS, "--p0")
