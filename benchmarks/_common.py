@@ -81,3 +81,11 @@ def commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=ROOT).stdout.strip()
 
+
+
+def first_weights(metrics: Path) -> dict[str, float]:
+    """The domain weights in force at a run's first evaluation (its metrics.jsonl): its p0. The
+    prune stage's p0 is the one χ² ball every schedule of a comparison is scored under."""
+    with open(metrics) as f:
+        first = json.loads(f.readline())
+    return first.get("domain_weights") or first["weights"]

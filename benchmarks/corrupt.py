@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, interval, paired, save
+from _common import ROOT, commit, first_weights, interval, paired, save
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -37,10 +37,11 @@ def main() -> None:
     for seed in range(args.seeds):
         for m in MODES:
             run = args.root / f"seed{seed}" / m
+            p0 = first_weights(RunDir(run / "prune").metrics)  # one χ² ball for every schedule
             for r in RATES:
                 out = RunDir(run).eval_json if r == 0 else run / f"eval_corrupt{r:g}.json"
                 evals[(m, r)].append(pipeline.evaluate(RunDir(run / "continue").hf, args.data.resolve(), 4096, 128,
-                                                       out, corrupt=r))
+                                                       out, corrupt=r, p0=p0))
         pipeline.log(f"seed {seed} scored at {len(RATES)} rates")
     rows = {}
     md = ["| rate | schedule | mean ppl | worst ppl | worst χ² mix | worst vs sheared, paired | mean vs sheared, paired "

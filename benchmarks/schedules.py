@@ -23,19 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, paired, save
+from _common import ROOT, commit, first_weights, paired, save
 from _common import interval as _interval
 
 from megadrp.runtime.run_dir import RunDir
 
 MODES = ("constant", "sheared", "dro", "dro_dyloss", "drpruning")
-
-
-def _first_weights(metrics: Path) -> dict[str, float]:
-    """The domain weights in force at a run's first evaluation: its p0."""
-    with open(metrics) as f:
-        first = json.loads(f.readline())
-    return first.get("domain_weights") or first["weights"]
 
 
 def _stage_seconds(metrics: Path) -> float:
@@ -113,7 +106,7 @@ def main() -> None:
             # One χ² ball for every schedule: around the prune stage's p0 (its first weights), which
             # all schedules share; `sheared`'s continue stage would otherwise be scored around its own
             # carried mix.
-            p0 = _first_weights(RunDir(root / "prune").metrics)
+            p0 = first_weights(RunDir(root / "prune").metrics)
             evals[mode].append(pipeline.evaluate(RunDir(root / "continue").hf, data, 4096, 128, RunDir(root).eval_json,
                                                  p0=p0))
             fitted[mode].append(sum(_fitted_updates(RunDir(root / stage).metrics) for stage in ("prune", "continue")))
