@@ -20,14 +20,13 @@ class DomainGroups:
     names: list[str]  # the groups, in order: what the controller and the weights in the metrics are keyed by
     of: np.ndarray  # [domains]: the group of each domain
     share: np.ndarray  # [domains]: each domain's share of its group's batch (summing to 1 within a group)
-
-    @property
-    def grouped(self) -> bool:
-        return len(self.names) != len(self.of)
+    # Given `domain_groups` (even one group a domain, renamed or reordered): the controller's
+    # numbers are keyed by the groups' names. Without them, by the domains'.
+    grouped: bool = True
 
     @classmethod
     def identity(cls, domains: list[str]) -> "DomainGroups":
-        return cls(list(domains), np.arange(len(domains)), np.ones(len(domains)))
+        return cls(list(domains), np.arange(len(domains)), np.ones(len(domains)), grouped=False)
 
     def expand(self, group_weights) -> np.ndarray:
         """Domain weights from group weights: each group's weight split by the shares."""
@@ -57,6 +56,8 @@ def resolve_groups(spec, domains: list[str], train_tokens: list[int], key: str =
     share = np.zeros(len(domains))
     names = list(spec)
     for g, (name, members) in enumerate(spec.items()):
+        if not isinstance(members, (list, tuple, dict)):
+            raise ConfigError(f"{key}.{name}: give a list of domains or a mapping domain: share, not {members!r}")
         given = members if isinstance(members, dict) else None
         listed = list(members)
         if not listed:
@@ -64,6 +65,8 @@ def resolve_groups(spec, domains: list[str], train_tokens: list[int], key: str =
         for d in listed:
             if d not in index:
                 raise ConfigError(f"{key}.{name}: {d!r} is not one of the run's domains ({', '.join(domains)})")
+            if of[index[d]] == g:
+                raise ConfigError(f"{key}.{name}: {d!r} is listed twice")
             if of[index[d]] >= 0:
                 raise ConfigError(f"{key}: {d!r} is in two groups ({names[of[index[d]]]!r} and {name!r})")
             of[index[d]] = g

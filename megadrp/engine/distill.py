@@ -25,3 +25,8 @@ class TeacherEngine:
     def for_batch(self, input_ids: torch.Tensor) -> Teacher:
         hidden = self.engine(input_ids, hidden_only=True)
         return Teacher(hidden, self.engine.module.lm_head, self.alpha, self.temperature, self.chunk)
+
+    def release(self) -> None:
+        """Free the teacher's partitions (before the export gathers the student)."""
+        zero3.release_engine(self.engine)
+        self.engine = None

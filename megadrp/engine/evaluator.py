@@ -85,5 +85,6 @@ class Evaluator:
         lag = None if out.lagrangian is None else float(out.lagrangian.item())
         shape = None if out.expected_shape is None else dict(zip(SHAPE_STATS, out.expected_shape.tolist()))
         sums = sums.cpu()
-        kd = (sums[:, 2] / sums[:, 1]).numpy() if teacher is not None else None
+        # the KL itself, at the distillation temperature (the training loss carries T² on top)
+        kd = (sums[:, 2] / sums[:, 1]).numpy() / teacher.temperature ** 2 if teacher is not None else None
         return EvalResult((sums[:, 0] / sums[:, 1]).numpy(), shape, lag, kd)

@@ -103,13 +103,15 @@ class Trainer:
                                               self.plan.model_config.vocab_size)
         if self.faults.signal_in_startup:  # as Slurm's USR1 would, in the middle of a long model load
             os.kill(os.getpid(), signal.SIGUSR1)
-        # Another model's reference losses are measured before the training engine exists, so the
-        # two never hold memory together (engine/references.py; cached, so only the first start pays).
+        # Another model's reference losses are measured before the training engine (and a teacher)
+        # exist, so no two of them hold memory together (engine/references.py; cached, so only the
+        # first start pays). With `dro.reference_loss: teacher` the teacher's own engine measures them.
+        teacher_is_reference = self.plan.teacher_config is not None and self.plan.reference_model == cfg.distill.teacher
+        self.reference = (references.measure(self.plan, self.evaluate, self.run_dir, self.rank)
+                          if self.plan.reference_model and not teacher_is_reference else None)
         self.teacher = TeacherEngine(self.plan, self.rank) if self.plan.teacher_config is not None else None
-        teacher_is_reference = self.teacher is not None and self.plan.reference_model == cfg.distill.teacher
-        self.reference = (references.measure(self.plan, self.evaluate, self.run_dir, self.rank,
-                                             self.teacher.engine if teacher_is_reference else None)
-                          if self.plan.reference_model else None)
+        if teacher_is_reference:
+            self.reference = references.measure(self.plan, self.evaluate, self.run_dir, self.rank, self.teacher.engine)
         self.ds_engine, self.group_names = zero3.build_engine(self.plan, self.rank)
         self.model = self.ds_engine.module
         self.state = TrainState(self.plan.k, domains=self.plan.names)
@@ -174,6 +176,9 @@ class Trainer:
             status = self._train(ckpt_root, stateful)
         finally:
             self.schedule.close()
+        if self.teacher is not None:  # the export gathers the whole student: the teacher's shards go first
+            self.teacher.release()
+            self.teacher = None
         if status == "done":
             export(self.plan, self.ds_engine, self.run_dir.hf, self.rank)
         if self.rank == 0:
@@ -286,7 +291,8 @@ class Trainer:
         reduced = sums.reduce(self.stop_signal).cpu().numpy()  # the step's one host synchronisation
         bad = reduced[2 * k] > 0
         if self.teacher is not None and not bad and reduced[k:2 * k].sum() > 0:
-            self.state.add_kd(float(reduced[2 * k + 2] / reduced[k:2 * k].sum()))
+            # reported as the KL itself (the loss carries T², Hinton's gradient scale)
+            self.state.add_kd(float(reduced[2 * k + 2] / reduced[k:2 * k].sum()) / self.teacher.temperature ** 2)
         if bad:
             return np.zeros(k), np.zeros(k), True, reduced[2 * k + 1] > 0
         return reduced[:k], reduced[k:2 * k], False, reduced[2 * k + 1] > 0

@@ -49,10 +49,21 @@ def test_no_groups_is_the_identity():
     ({"a": ["code", "dna", "math", "prose", "web"]}, "domain_groups.a: 'web' is not one of the run's domains"),
     ({"a": [], "b": DOMAINS}, "domain_groups.a: a group needs at least one domain"),
     ({"a": {"code": 0, "dna": 1, "math": 1, "prose": 1}}, "domain_groups.a: the shares"),
+    ({"a": "code", "b": ["dna", "math", "prose"]}, "domain_groups.a: give a list of domains or a mapping"),
+    ({"a": ["code", "code"], "b": ["dna", "math", "prose"]}, "domain_groups.a: 'code' is listed twice"),
 ])
 def test_bad_groups_are_named(spec, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         resolve_groups(spec, DOMAINS, TOKENS)
+
+
+def test_one_domain_a_group_renamed_and_reordered_is_still_grouped():
+    """Groups of one domain each, in another order and under other names: the controller's
+    numbers are keyed (and ordered) by the groups, so the run is grouped."""
+    g = resolve_groups({"p": ["prose"], "m": ["math"], "d": ["dna"], "c": ["code"]}, DOMAINS, TOKENS)
+    assert g.grouped and g.names == ["p", "m", "d", "c"]
+    np.testing.assert_allclose(g.aggregate([0.1, 0.2, 0.3, 0.4]), [0.4, 0.3, 0.2, 0.1])
+    np.testing.assert_allclose(g.expand([0.4, 0.3, 0.2, 0.1]), [0.1, 0.2, 0.3, 0.4])
 
 
 def test_initial_proportion_is_over_groups():
