@@ -107,7 +107,7 @@ def make_plan(cfg: Config, world_size: int, rank: int, gpu_memory: int | None = 
     layout = fit_layout(t.global_batch, micro, world_size, rank)
     _set_batch(ds, cfg, layout)
     groups = resolve_groups(cfg.domain_groups, names, [d.train_tokens for d in domains])
-    ref = resolve_reference(cfg, names, groups.names)
+    ref = resolve_reference(cfg, names, groups)
     ref_values = ref.values if ref.values is None or not ref.by_domain else groups.loss(ref.values).tolist()
     return RunPlan(cfg=cfg, manifest=manifest, domains=domains, layout=layout, model_config=model_config,
                    target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * cfg.train.steps))),
@@ -471,7 +471,7 @@ def reference_key(cfg: Config, names: list[str]) -> dict:
             "tokens_per_domain": cfg.eval.tokens_per_domain}
 
 
-def resolve_reference(cfg: Config, names: list[str], group_names: list[str] | None = None) -> Reference:
+def resolve_reference(cfg: Config, names: list[str], groups: DomainGroups | None = None) -> Reference:
     """`dro.reference_loss` → values, a model to measure, or the stage's first evaluation.
 
     - a list or a {domain: loss} mapping: those values;
@@ -485,9 +485,9 @@ def resolve_reference(cfg: Config, names: list[str], group_names: list[str] | No
       evaluation (with a warning: the references then measure nothing of the source).
     """
     ref = cfg.dro.reference_loss
-    grouped = group_names is not None and group_names != names
-    given = per_domain(ref, "dro.reference_loss", group_names if grouped else names,  # the controller's: by group
-                       "group" if grouped else "domain")
+    groups = groups or DomainGroups.identity(names)
+    given = per_domain(ref, "dro.reference_loss", groups.names,  # the controller's: by group
+                       "group" if groups.grouped else "domain")
     if given is not None:
         return Reference(values=given, note="given in dro.reference_loss")
     if ref == "teacher":
