@@ -14,7 +14,15 @@ trained on all 12, prune then continue with drpruning:
 
 Both are scored on the 12 fine domains: the worst fine domain's perplexity and the mean.
 
+`--corpus debian`: real text instead, `megadrp debian-corpus --fine` (15 domains split from the
+seven kinds by package, man section, licence format or install place; those with fewer than
+100 documents on the machine are left out, 12 must remain) in four groups, FINE_GROUPS: notes
+(changelogs, package descriptions), legal (copyright), docs (man pages), code (Perl, Python,
+shell).
+
     python benchmarks/granularity.py [--seeds 3] [--prune-steps 100] [--continue-steps 100] [--eval-interval 5]
+    python benchmarks/granularity.py --corpus debian --prune-steps 60 --continue-steps 60 --eval-interval 4 \
+        --name granularity_debian
 """
 from __future__ import annotations
 
@@ -30,24 +38,39 @@ from megadrp.runtime.run_dir import RunDir
 
 GROUPS = {"text": ("prose", "lang2"), "structured": ("code", "records"), "math": ("math",), "dna": ("dna",)}
 MODES = ("constant", "fine", "coarse")
+MIN_FINE = 12
 
 
-def coarse_overrides(data: Path) -> tuple[list[str], list[str]]:
-    """(fine p0 override, coarse groups + p0 overrides) that give both the same per-domain mix
-    at step 0: each group's share is the sum of its members' fine p0, split among them as p0 is."""
+def fine_groups(corpus: str, names: list[str]) -> dict[str, list[str]]:
+    """{group: its fine domains present in the data}: the embedded generators' variants, or the
+    Debian FINE_GROUPS less the domains this machine had too few documents for."""
+    if corpus == "embedded":
+        from megadrp.tools.synth_corpus import variant_names
+
+        fams = variant_names(2)
+        return {g: [d for fam in members for d in fams[fam]] for g, members in GROUPS.items()}
+    from megadrp.tools.debian_corpus import FINE_GROUPS
+
+    groups = {g: [d for d in members if d in names] for g, members in FINE_GROUPS.items()}
+    return {g: m for g, m in groups.items() if m}
+
+
+def coarse_overrides(data: Path, corpus: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """(fine p0 override, coarse groups + p0 overrides, the groups) that give both the same
+    per-domain mix at step 0: each group's share is the sum of its members' fine p0, split among
+    them as p0 is."""
     from megadrp.data.manifest import load_manifest
     from megadrp.plan import initial_proportion
-    from megadrp.tools.synth_corpus import variant_names
 
     manifest = load_manifest(data)
     names = list(manifest.domains)
     p0 = dict(zip(names, initial_proportion("tokens^0.3", manifest.select(names), names)))
-    fams = variant_names(2)
-    groups = {g: {d: p0[d] for fam in members for d in fams[fam]} for g, members in GROUPS.items()}
+    members = fine_groups(corpus, names)
+    groups = {g: {d: p0[d] for d in ds} for g, ds in members.items()}
     fine = ["domains=null", "dro.initial_proportion=tokens^0.3"]
     coarse = ["domains=null", f"domain_groups={json.dumps(groups)}",
               f"dro.initial_proportion={json.dumps({g: sum(m.values()) for g, m in groups.items()})}"]
-    return fine, coarse
+    return fine, coarse, members
 
 
 def main() -> None:
@@ -60,21 +83,28 @@ def main() -> None:
     ap.add_argument("--eval-interval", type=int, default=5)
     ap.add_argument("--docs-per-domain", type=int, default=1000)
     ap.add_argument("--modes", default="fine,coarse", help=f"comma-separated, of {', '.join(MODES)}")
-    ap.add_argument("--root", type=Path, default=ROOT / "runs" / "granularity")
+    ap.add_argument("--corpus", choices=("embedded", "debian"), default="embedded")
+    ap.add_argument("--root", type=Path, default=None, help="default runs/granularity, or runs/granularity_debian")
     ap.add_argument("--name", default="granularity")
     args = ap.parse_args()
+    args.root = args.root or ROOT / "runs" / ("granularity" if args.corpus == "embedded" else "granularity_debian")
     modes = [m for m in MODES if m in args.modes.split(",")]
     if "fine" not in modes or "coarse" not in modes:
         ap.error("--modes must hold fine and coarse (the comparison)")
     t0, commit_id = time.time(), commit()
     root = args.root.resolve()
     corpus = root / "corpus"
-    if not (corpus / "dna_v2.jsonl").is_file():
-        pipeline.sh(pipeline.megadrp("synth-corpus", "--out", str(corpus), "--variants", "2",
-                                     "--docs-per-domain", str(args.docs_per_domain)))
+    if not (corpus / "sources.json" if args.corpus == "debian" else corpus / "dna_v2.jsonl").is_file():
+        make = (("synth-corpus", "--variants", "2", "--docs-per-domain", str(args.docs_per_domain))
+                if args.corpus == "embedded" else ("debian-corpus", "--fine", "--max-docs-per-domain", "300"))
+        pipeline.sh(pipeline.megadrp(make[0], "--out", str(corpus), *make[1:]))
     data = pipeline.prepare_data(root / "base", corpus)
     base = root / "base" / "pretrain"
-    fine, coarse = coarse_overrides(data)
+    fine, coarse, members = coarse_overrides(data, args.corpus)
+    n_fine = sum(map(len, members.values()))
+    if n_fine < MIN_FINE or len(members) < 2:
+        raise SystemExit(f"granularity: {corpus} has {n_fine} fine domains in {len(members)} groups; the study needs "
+                         f"at least {MIN_FINE} in 2 or more (see {corpus / 'sources.json'} for what was left out)")
     pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *fine])
     over = {"constant": ["dro.mode=constant", *fine], "fine": ["dro.mode=drpruning", *fine],
             "coarse": ["dro.mode=drpruning", *coarse]}
@@ -113,12 +143,13 @@ def main() -> None:
         md.append(f"| {mode} | " + " | ".join(f"{r['domain_ppl'][n]:.2f}" for n in names)
                   + f" | {r['mean_ppl']:.3f} ± {r['mean_ppl_sd']:.3f} | {r['worst_ppl']:.3f} ± {r['worst_ppl_sd']:.3f}"
                   f" | {r['worst_chi2_ppl']:.3f} | {interval(r['mean_vs_fine_pct'])} | {interval(r['worst_vs_fine_pct'])} |")
+    source = "`synth-corpus --variants 2`" if args.corpus == "embedded" else "`debian-corpus --fine`"
     md += ["", f"{args.seeds} seed(s); the paired columns: per seed, 100·(mode / fine − 1) with a 95% Student-t interval "
-           "over seeds and the per-seed values. 12 fine domains (`synth-corpus --variants 2`); coarse groups: "
-           + "; ".join(f"{g} = {' + '.join(f'{m}_v1/_v2' for m in ms)}" for g, ms in GROUPS.items())
+           f"over seeds and the per-seed values. {n_fine} fine domains ({source}); coarse groups: "
+           + "; ".join(f"{g} = {' + '.join(ms)}" for g, ms in members.items())
            + f". Prune {args.prune_steps} + continue {args.continue_steps} steps, 16 × 128 tokens a step, evaluation "
            f"every {args.eval_interval}, 2 ranks ZeRO-3 on CPU; {time.time() - t0:.0f} s; commit {commit_id}."]
-    save(args.name, {"seeds": args.seeds, "commit": commit_id, "groups": {g: list(m) for g, m in GROUPS.items()},
+    save(args.name, {"seeds": args.seeds, "commit": commit_id, "corpus": args.corpus, "groups": members,
                      "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
                      "seconds": round(time.time() - t0)}, "\n".join(md))

@@ -73,3 +73,65 @@ def test_too_few_domains_or_bad_flags_exit_2(tmp_path, args, needle):
     p = run([PY, "data_tools/debian_corpus.py", "--out", str(tmp_path / "o"), "--root", str(root), *args], check=False)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def _fine_root(root: Path) -> None:
+    """Two of each fine kind, plus one changelog shipped identically by a library and a tool."""
+    for i in range(2):
+        for pkg, text in ((f"libfoo{i}", f"libfoo{i} (1.{i}) lib change"), (f"tool{i}", f"tool{i} (2.{i}) change")):
+            d = root / "usr/share/doc" / pkg
+            d.mkdir(parents=True)
+            (d / "changelog.Debian.gz").write_bytes(gzip.compress(text.encode()))
+        (root / "usr/share/doc" / f"libfoo{i}" / "copyright").write_text(f"Format: https://dep5\nFiles: *\nLicense: {i}\n")
+        (root / "usr/share/doc" / f"tool{i}" / "copyright").write_text(f"This package was debianized by {i}\n")
+        for sec in "1358":
+            man = root / f"usr/share/man/man{sec}"
+            man.mkdir(parents=True, exist_ok=True)
+            (man / f"page{i}.{sec}.gz").write_bytes(gzip.compress(f".TH PAGE{i} {sec}\n".encode()))
+        for place, name in (("usr/share/perl/5.36", "Core"), ("usr/share/perl5", "Vendor"),
+                            ("usr/lib/x86_64-linux-gnu/perl5/5.36", "Arch")):
+            (root / place).mkdir(parents=True, exist_ok=True)
+            (root / place / f"{name}{i}.pm").write_text(f"package {name}{i};\n1;\n")
+        for place in ("usr/lib/python3.11", "usr/lib/python3/dist-packages"):
+            (root / place).mkdir(parents=True, exist_ok=True)
+            (root / place / f"m{i}.py").write_text(f"# {place} {i}\n")
+    twin = root / "usr/share/doc/libtwin"
+    twin.mkdir()
+    (twin / "changelog.Debian.gz").write_bytes(gzip.compress(b"twin (1) shared by two binaries"))
+    (root / "usr/share/doc/twin-utils").mkdir()
+    (root / "usr/share/doc/twin-utils/changelog.Debian.gz").write_bytes(gzip.compress(b"twin (1) shared by two binaries"))
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    (root / "var/lib/dpkg/status").write_text("".join(
+        f"Package: {p}{i}\nSection: {s}\nDescription: {p} {i}\n\n"
+        for i in range(2) for p, s in (("libbar", "libs"), ("libbar-dev", "libdevel"), ("baz", "utils"))))
+
+
+def test_fine_domains_split_each_kind_by_place_section_or_header(tmp_path):
+    from megadrp.tools.debian_corpus import FINE, FINE_GROUPS
+
+    grouped = [d for members in FINE_GROUPS.values() for d in members]
+    assert sorted(grouped) == sorted(FINE)  # every fine domain in exactly one coarse group
+    root = tmp_path / "root"
+    _fine_root(root)
+    out = tmp_path / "fine"
+    run([PY, "data_tools/debian_corpus.py", "--fine", "--out", str(out), "--root", str(root), "--min-docs", "1"])
+    src = json.loads((out / "sources.json").read_text())
+    assert src["fine"] is True and src["left_out"] == {"shell": "0 documents, fewer than --min-docs=1"}
+    docs = {n: [json.loads(x)["text"] for x in (out / f"{n}.jsonl").read_text().splitlines()] for n in src["domains"]}
+    assert docs["changelog_lib"] == ["libfoo0 (1.0) lib change", "libfoo1 (1.1) lib change",
+                                     "twin (1) shared by two binaries"]
+    assert docs["changelog_other"] == ["tool0 (2.0) change", "tool1 (2.1) change"]  # the twin counted once
+    assert all(d.startswith("Format:") for d in docs["copyright_dep5"]) and len(docs["copyright_dep5"]) == 2
+    assert all(d.startswith("This package") for d in docs["copyright_free"]) and len(docs["copyright_free"]) == 2
+    assert [d.split()[-1] for d in docs["manpage_commands"]] == ["1", "1", "8", "8"]  # sorted by path
+    assert {d.split()[-1] for d in docs["manpage_api"]} == {"3"} and {d.split()[-1] for d in docs["manpage_files"]} == {"5"}
+    for fine, name in (("perl_core", "Core"), ("perl_vendor", "Vendor"), ("perl_arch", "Arch")):
+        assert docs[fine] == [f"package {name}{i};\n1;\n" for i in range(2)], fine
+    assert docs["python_stdlib"] == [f"# usr/lib/python3.11 {i}\n" for i in range(2)]
+    assert docs["python_dist"] == [f"# usr/lib/python3/dist-packages {i}\n" for i in range(2)]
+    assert sorted(docs["packages_libs"]) == ["libbar-dev0: libbar-dev 0", "libbar-dev1: libbar-dev 1",
+                                             "libbar0: libbar 0", "libbar1: libbar 1"]
+    assert docs["packages_other"] == ["baz0: baz 0", "baz1: baz 1"]
+    p = run([PY, "data_tools/debian_corpus.py", "--out", str(tmp_path / "x"), "--root", str(root),
+             "--domains", "perl_core"], check=False)
+    assert p.returncode == 2 and "pass --fine" in p.stderr, p.stderr

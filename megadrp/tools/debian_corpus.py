@@ -13,7 +13,15 @@ kinds of human-written text on disk (docs/corpus.md):
     shell       shell scripts in /usr/bin, /usr/sbin, /etc/init.d
 
     megadrp debian-corpus --out DIR [--max-docs-per-domain 2000] [--min-docs 100]
-        [--max-doc-bytes 65536] [--domains changelog,copyright,...] [--root /]
+        [--max-doc-bytes 65536] [--domains changelog,copyright,...] [--root /] [--fine]
+
+`--fine` splits the seven kinds into 15 finer domains, each by something the file's place or
+header says, not by its words: changelog and package description by whether the package is a
+library (`lib*`, dpkg's `libs`/`libdevel`/`oldlibs` sections), copyright by machine-readable
+(DEP-5 `Format:`) or free-form, man pages by section (commands 1/6/8, programming interfaces
+2/3, files and conventions 4/5/7), Perl by where it is installed (perl core, vendor perl5,
+arch-specific), Python by standard library or dist-packages; shell stays one. FINE_GROUPS puts
+them back into four coarse groups (notes, legal, docs, code) for the granularity study.
 
 writes DIR/<domain>.jsonl (one {"text": ...} per line, each file written atomically) and
 DIR/sources.json (documents and bytes per domain, files skipped and why). Deterministic for
@@ -21,7 +29,7 @@ a machine: files are taken in sorted order, the sample spread evenly over that o
 domain with fewer than --min-docs documents is left out and said; fewer than 5 domains left
 (or than --domains names, if fewer) is an error (exit 2), since the comparison needs several
 kinds of text. Identical files (one source package's copyright in many binary packages) count
-once, so no document lands in both the train and the eval split.
+once, in the first domain that has them, so no document lands in two splits or two domains.
 """
 from __future__ import annotations
 
@@ -77,8 +85,12 @@ def _shell_scripts(root: Path) -> list[Path]:
     return out
 
 
-def _package_descriptions(root: Path, max_bytes: int) -> Iterator[str]:
-    """One document per package in dpkg's status file: its name, then its description."""
+LIB_SECTIONS = frozenset({"libs", "libdevel", "oldlibs"})
+
+
+def _package_descriptions(root: Path, max_bytes: int, libs: bool | None = None) -> Iterator[str]:
+    """One document per package in dpkg's status file: its name, then its description; with
+    `libs`, only the packages in (True) or out of (False) a library section."""
     status = root / "var/lib/dpkg/status"
     text = _read(status, 1 << 30) if status.is_file() else None
     for para in (text or "").split("\n\n"):
@@ -90,6 +102,8 @@ def _package_descriptions(root: Path, max_bytes: int) -> Iterator[str]:
             elif ":" in line:
                 key, _, value = line.partition(":")
                 fields[key] = value.strip()
+        if libs is not None and (fields.get("Section", "").rsplit("/", 1)[-1] in LIB_SECTIONS) != libs:
+            continue
         if "Package" in fields and fields.get("Description"):
             body = "\n".join("" if line == "." else line for line in fields["Description"].split("\n"))
             doc = f"{fields['Package']}: {body}"
@@ -97,13 +111,32 @@ def _package_descriptions(root: Path, max_bytes: int) -> Iterator[str]:
                 yield doc
 
 
-def _from_files(paths: Callable[[Path], list[Path]]) -> Callable[[Path, int], Iterator[str]]:
+def _from_files(paths: Callable[[Path], list[Path]],
+                keep: Callable[[str], bool] | None = None) -> Callable[[Path, int], Iterator[str]]:
     def docs(root: Path, max_bytes: int) -> Iterator[str]:
         for p in paths(root):
             text = _read(p, max_bytes)
-            if text is not None:
+            if text is not None and (keep is None or keep(text)):
                 yield text
     return docs
+
+
+def _glob(*patterns: str, lib: bool | None = None) -> Callable[[Path], list[Path]]:
+    """The files matching any pattern; with `lib`, only those whose package folder (the one
+    under usr/share/doc) is (True) or is not (False) a library's, `lib*`."""
+    def paths(root: Path) -> list[Path]:
+        found = _files(root, list(patterns))
+        return found if lib is None else [p for p in found if p.parent.name.startswith("lib") == lib]
+    return paths
+
+
+def _dep5(text: str) -> bool:
+    """A machine-readable copyright file (DEP-5) starts with its Format: field."""
+    return text.lstrip().startswith("Format:")
+
+
+def _man(sections: str) -> list[str]:
+    return [f"usr/share/man/man{s}/*.gz" for s in sections]
 
 
 DOMAINS: dict[str, Callable[[Path, int], Iterator[str]]] = {
@@ -117,11 +150,39 @@ DOMAINS: dict[str, Callable[[Path, int], Iterator[str]]] = {
 }
 
 
-def _unique(docs: Iterator[str]) -> list[str]:
-    """Each text once, in first-seen order: packages built from one source ship identical
-    copyright files and changelogs (half of all copyright files on a typical system), and a
-    duplicate would put the same document in both the train and the eval split."""
-    seen: set[str] = set()
+FINE: dict[str, Callable[[Path, int], Iterator[str]]] = {
+    "changelog_lib": _from_files(_glob("usr/share/doc/*/changelog.Debian.gz", lib=True)),
+    "changelog_other": _from_files(_glob("usr/share/doc/*/changelog.Debian.gz", lib=False)),
+    "copyright_dep5": _from_files(_glob("usr/share/doc/*/copyright"), keep=_dep5),
+    "copyright_free": _from_files(_glob("usr/share/doc/*/copyright"), keep=lambda t: not _dep5(t)),
+    "manpage_commands": _from_files(_glob(*_man("168"))),
+    "manpage_api": _from_files(_glob(*_man("23"))),
+    "manpage_files": _from_files(_glob(*_man("457"))),
+    "perl_core": _from_files(_glob("usr/share/perl/**/*.pm")),
+    "perl_vendor": _from_files(_glob("usr/share/perl5/**/*.pm")),
+    "perl_arch": _from_files(_glob("usr/lib/*/perl*/**/*.pm")),
+    "packages_libs": lambda root, max_bytes: _package_descriptions(root, max_bytes, libs=True),
+    "packages_other": lambda root, max_bytes: _package_descriptions(root, max_bytes, libs=False),
+    "python_stdlib": _from_files(_glob("usr/lib/python3.*/**/*.py")),
+    "python_dist": _from_files(_glob("usr/lib/python3/dist-packages/**/*.py")),
+    "shell": DOMAINS["shell"],
+}
+
+# The coarse groups of the fine domains (benchmarks/granularity.py): short English about
+# packages, legal text, roff documentation, program source.
+FINE_GROUPS: dict[str, tuple[str, ...]] = {
+    "notes": ("changelog_lib", "changelog_other", "packages_libs", "packages_other"),
+    "legal": ("copyright_dep5", "copyright_free"),
+    "docs": ("manpage_commands", "manpage_api", "manpage_files"),
+    "code": ("perl_core", "perl_vendor", "perl_arch", "python_stdlib", "python_dist", "shell"),
+}
+
+
+def _unique(docs: Iterator[str], seen: set[str]) -> list[str]:
+    """Each text once, in first-seen order, and none that an earlier domain has (`seen`, updated):
+    packages built from one source ship identical copyright files and changelogs (half of all
+    copyright files on a typical system), and a duplicate would put the same document in both
+    the train and the eval split, or in two domains."""
     return [d for d in docs if not (d in seen or seen.add(d))]
 
 
@@ -133,15 +194,18 @@ def _spread(docs: list[str], k: int) -> list[str]:
 
 
 def build(out: Path, root: Path = Path("/"), max_docs: int = 2000, min_docs: int = 100,
-          max_doc_bytes: int = 65536, domains: list[str] | None = None) -> dict:
-    names = domains or list(DOMAINS)
-    unknown = [n for n in names if n not in DOMAINS]
+          max_doc_bytes: int = 65536, domains: list[str] | None = None, fine: bool = False) -> dict:
+    table = FINE if fine else DOMAINS
+    names = domains or list(table)
+    unknown = [n for n in names if n not in table]
     if unknown:
-        raise ValueError(f"--domains: unknown {', '.join(unknown)}; choose from {', '.join(DOMAINS)}")
-    collected, report = {}, {"root": str(root), "domains": {}, "left_out": {}}
+        raise ValueError(f"--domains: unknown {', '.join(unknown)}; choose from {', '.join(table)}"
+                         + ("" if fine else " (or pass --fine for the finer domains)"))
+    collected, report = {}, {"root": str(root), "fine": fine, "domains": {}, "left_out": {}}
+    seen: set[str] = set()
     for name in names:
         t0 = time.time()
-        docs = _spread(_unique(DOMAINS[name](root, max_doc_bytes)), max_docs)
+        docs = _spread(_unique(table[name](root, max_doc_bytes), seen), max_docs)
         print(f"debian_corpus: {name}: {len(docs)} documents ({time.time() - t0:.1f}s)", file=sys.stderr)
         if len(docs) < min_docs:
             report["left_out"][name] = f"{len(docs)} documents, fewer than --min-docs={min_docs}"
@@ -155,7 +219,7 @@ def build(out: Path, root: Path = Path("/"), max_docs: int = 2000, min_docs: int
     out.mkdir(parents=True, exist_ok=True)
     # A domain file from an earlier build that this one left out would still be read as a
     # domain by preprocess (every *.jsonl is one): remove it.
-    for name in DOMAINS:
+    for name in {**DOMAINS, **FINE}:
         if name not in collected:
             (out / f"{name}.jsonl").unlink(missing_ok=True)
     for name, docs in collected.items():
@@ -174,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-docs-per-domain", type=int, default=2000)
     ap.add_argument("--min-docs", type=int, default=100, help="leave out a domain with fewer documents")
     ap.add_argument("--max-doc-bytes", type=int, default=65536, help="skip larger files (after gunzip)")
-    ap.add_argument("--domains", default=None, help=f"comma-separated subset of {', '.join(DOMAINS)}")
+    ap.add_argument("--domains", default=None, help=f"comma-separated subset of {', '.join(DOMAINS)} (with --fine: "
+                    f"of {', '.join(FINE)})")
+    ap.add_argument("--fine", action="store_true", help="the 15 finer domains (module docstring) instead of the 7 kinds")
     args = ap.parse_args(argv)
     for flag, v in (("--max-docs-per-domain", args.max_docs_per_domain), ("--min-docs", args.min_docs),
                     ("--max-doc-bytes", args.max_doc_bytes)):
@@ -182,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{flag}={v}: must be at least 1")
     try:
         report = build(args.out, args.root, args.max_docs_per_domain, args.min_docs, args.max_doc_bytes,
-                       args.domains.split(",") if args.domains else None)
+                       args.domains.split(",") if args.domains else None, args.fine)
     except ValueError as e:
         print(f"debian_corpus: error: {e}", file=sys.stderr)
         return 2
