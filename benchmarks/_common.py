@@ -82,6 +82,12 @@ def commit() -> str:
                           cwd=ROOT).stdout.strip()
 
 
+def stage_seconds(metrics: Path) -> float:
+    """Training and evaluation seconds a run spent (its metrics.jsonl), however many invocations
+    of a benchmark trained it (a rerun reuses finished stages)."""
+    with open(metrics) as f:
+        return sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in map(json.loads, f))
+
 
 def first_weights(metrics: Path) -> dict[str, float]:
     """The domain weights in force at a run's first evaluation (its metrics.jsonl): its p0. The

@@ -15,16 +15,23 @@ the KD arms run the steps the LM arm's training time buys them: the ratio of the
 Every model is scored by `megadrp eval` on the held-out windows (perplexity, lower is better); each
 domain's ratio to the source's perplexity is reported (goal: none above 1.3), with the worst χ² mix
 (`--shift`) and paired 95% intervals over seeds.
+
+Along the way: every run evaluates itself on the same held-out windows every `--eval-interval`
+steps (metrics.jsonl), so the arms are also compared at every token count, not only the last, and
+the tokens each arm needs to reach (b)'s final worst-domain perplexity are counted: distillation's
+claim is token efficiency, and at the end of a stage long enough for (b) to come near the
+teacher there is little left to win.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, interval, paired, save
+from _common import ROOT, commit, interval, paired, save, stage_seconds
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -43,6 +50,34 @@ def step_seconds(run: Path) -> float:
         if steps > 0:
             per_step.append(r["train_seconds"] / steps)
     return statistics.median(per_step) if per_step else float("nan")
+
+
+def worst_curve(run: Path) -> dict[int, float]:
+    """step → the worst domain's perplexity at each of the run's own evaluations (the held-out
+    windows `megadrp eval` scores: at the last step the two agree)."""
+    from megadrp.engine.metrics import read_metrics
+
+    return {r["step"]: math.exp(max(r["eval_loss"].values())) for r in read_metrics(RunDir(run).metrics)
+            if r.get("eval_loss")}
+
+
+def trajectory(curves: dict[str, list[dict[int, float]]], final: int, rows: int = 10) -> tuple[dict, dict]:
+    """({step: {"b": mean worst ppl, arm: paired % vs (b)}} at about `rows` evaluation steps, and
+    {arm: per seed, the first evaluated step whose worst-domain ppl is at or below (b)'s at
+    `final`, None where it never is})."""
+    steps = sorted(set.intersection(*(set(c) for runs in curves.values() for c in runs)) - {0})
+    keep = steps[max(1, math.ceil(len(steps) / rows)) - 1::max(1, math.ceil(len(steps) / rows))]
+    if steps and steps[-1] not in keep:
+        keep.append(steps[-1])
+    table = {}
+    for step in keep:
+        table[step] = {"b": float(np.mean([c[step] for c in curves["b"]]))}
+        for arm, runs in curves.items():
+            if arm != "b":
+                table[step][arm] = paired([100 * (x[step] / y[step] - 1) for x, y in zip(runs, curves["b"])])
+    reach = {arm: [next((st for st in sorted(c) if st > 0 and c[st] <= b[final]), None) for c, b in zip(runs, curves["b"])]
+             for arm, runs in curves.items()}
+    return table, reach
 
 
 def main() -> None:
@@ -119,6 +154,11 @@ def main() -> None:
                                            for x, y in zip(runs, ref)]),
         }
     step_ratio = timing["c"] / timing["a"]
+    curves = {arm: [worst_curve(args.root / f"seed{seed}" / f"distill_{arm}" / "continue") for seed in range(args.seeds)]
+              for arm in ARMS}
+    traj, reach = trajectory(curves, args.continue_steps)
+    seconds = sum(stage_seconds(RunDir(args.root / f"seed{seed}" / f"distill_{arm}" / "continue").metrics)
+                  for seed in range(args.seeds) for arm in evals)
     md = ["| arm | " + " | ".join(names) + " | mean ppl | worst ppl | worst χ² mix | largest ratio to the source "
           "| worst vs (b), paired | mean vs (b), paired | worst χ² mix vs (b) |", "|---" * (len(names) + 8) + "|"]
     for arm, r in table.items():
@@ -126,17 +166,30 @@ def main() -> None:
                   + f" | {r['mean_ppl']:.2f} | {r['worst_ppl']:.2f} | {r['worst_chi2_ppl']:.2f} | "
                   f"{r['worst_ratio_to_source']:.3f} (max {r['worst_ratio_max']:.3f}) | {interval(r['worst_vs_b_pct'])} "
                   f"| {interval(r['mean_vs_b_pct'])} | {interval(r['worst_chi2_vs_b_pct'])} |")
-    md += ["", f"Source (teacher) perplexity: {', '.join(f'{n} {source_ppl[n]:.2f}' for n in names)}.",
+    teacher_worst = max(source_ppl.values())
+    md += ["", "Along the stage, at equal tokens: the worst domain's perplexity in each run's own evaluations, "
+           f"(b)'s mean and each arm paired against (b) (the teacher's worst: {teacher_worst:.2f}):", "",
+           "| step | (b) worst ppl | (b) over the teacher | " + " | ".join(f"({a}) vs (b)" for a in ARMS if a != "b") + " |",
+           "|---" * (len(ARMS) + 2) + "|"]
+    for step, row in traj.items():
+        md.append(f"| {step} | {row['b']:.2f} | {100 * (row['b'] / teacher_worst - 1):+.1f}% | "
+                  + " | ".join(interval(row[a]) for a in ARMS if a != "b") + " |")
+    md += ["", f"Steps to reach (b)'s worst-domain perplexity at step {args.continue_steps} (per seed; — never): "
+           + "; ".join(f"({a}) {', '.join('—' if x is None else str(x) for x in r)}" for a, r in reach.items()) + ".",
+           "", f"Source (teacher) perplexity: {', '.join(f'{n} {source_ppl[n]:.2f}' for n in names)}.",
            f"Step time, KD over LM (median over seed 0's intervals; the teacher's forward and the chunked KL): "
            f"**{step_ratio:.2f}×** (goal ≤ 1.6). Equal wall-clock: the KD arms run {kd_steps} steps for the LM arms' "
            f"{args.continue_steps}.",
            f"{args.seeds} seeds; continue {args.continue_steps} steps of 16 × 128 tokens from each seed's pruned drpruning "
            f"model, evaluation every {args.eval_interval}; perplexities from megadrp eval (32 windows of 128 tokens a "
            f"domain); paired columns: per seed 100·(arm / (b) − 1), mean [95% interval] (per seed). Commit {commit()}; "
-           f"{time.time() - t0:.0f} s."]
+           f"{seconds:.0f} s of training and evaluation (summed from the runs' metrics)."]
     save(args.name, {"seeds": args.seeds, "commit": commit(), "source_ppl": source_ppl, "step_time_ratio": step_ratio,
                      "step_seconds": timing, "kd_steps_at_equal_wall_clock": kd_steps,
-                     "continue_steps": args.continue_steps, "results": table, "per_seed": evals}, "\n".join(md))
+                     "continue_steps": args.continue_steps, "results": table, "per_seed": evals,
+                     "trajectory": {str(k): v for k, v in traj.items()}, "steps_to_b_final": reach,
+                     "teacher_worst_ppl": teacher_worst, "stage_seconds": round(seconds),
+                     "seconds": round(time.time() - t0)}, "\n".join(md))
 
 
 if __name__ == "__main__":

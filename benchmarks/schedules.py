@@ -18,24 +18,16 @@ Reuses runs/demo's data and base model when `make demo` has run (else builds the
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, first_weights, paired, save
+from _common import ROOT, commit, first_weights, paired, save, stage_seconds
 from _common import interval as _interval
 
 from megadrp.runtime.run_dir import RunDir
 
 MODES = ("constant", "sheared", "dro", "dro_dyloss", "drpruning")
-
-
-def _stage_seconds(metrics: Path) -> float:
-    """Training and evaluation seconds a run spent (its metrics.jsonl), however many invocations
-    of this script trained it (a rerun reuses finished stages)."""
-    with open(metrics) as f:
-        return sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in map(json.loads, f))
 
 
 def _fitted_updates(metrics: Path) -> int:
@@ -158,7 +150,7 @@ def main() -> None:
             if r["prediction_mape"]:
                 md.append(f"| {mode} | " + " | ".join(f"{r['prediction_mape'][c]:.2f}%" if c in r["prediction_mape"]
                                                        else "" for c in cols) + " |")
-    stage_seconds = sum(_stage_seconds(RunDir(args.root / f"seed{seed}" / mode / stage).metrics)
+    stage_seconds = sum(stage_seconds(RunDir(args.root / f"seed{seed}" / mode / stage).metrics)
                         for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
     md += ["", f"{args.seeds} seed(s); perplexities are means over seeds ± their standard deviation. The paired "
            "columns: per seed, 100·(schedule / sheared − 1) on the same seed's base, data and batches; the mean of "
