@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, interval, paired, save
+from _common import ROOT, commit, interval, paired, save, stage_seconds
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -143,16 +143,19 @@ def main() -> None:
         md.append(f"| {mode} | " + " | ".join(f"{r['domain_ppl'][n]:.2f}" for n in names)
                   + f" | {r['mean_ppl']:.3f} ± {r['mean_ppl_sd']:.3f} | {r['worst_ppl']:.3f} ± {r['worst_ppl_sd']:.3f}"
                   f" | {r['worst_chi2_ppl']:.3f} | {interval(r['mean_vs_fine_pct'])} | {interval(r['worst_vs_fine_pct'])} |")
+    seconds = sum(stage_seconds(RunDir(root / f"seed{seed}" / mode / stage).metrics)
+                  for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
     source = "`synth-corpus --variants 2`" if args.corpus == "embedded" else "`debian-corpus --fine`"
     md += ["", f"{args.seeds} seed(s); the paired columns: per seed, 100·(mode / fine − 1) with a 95% Student-t interval "
            f"over seeds and the per-seed values. {n_fine} fine domains ({source}); coarse groups: "
            + "; ".join(f"{g} = {' + '.join(ms)}" for g, ms in members.items())
            + f". Prune {args.prune_steps} + continue {args.continue_steps} steps, 16 × 128 tokens a step, evaluation "
-           f"every {args.eval_interval}, 2 ranks ZeRO-3 on CPU; {time.time() - t0:.0f} s; commit {commit_id}."]
+           f"every {args.eval_interval}, 2 ranks ZeRO-3 on CPU; {seconds:.0f} s of training and evaluation "
+           f"(summed from the runs' metrics, base model aside); commit {commit_id}."]
     save(args.name, {"seeds": args.seeds, "commit": commit_id, "corpus": args.corpus, "groups": members,
                      "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
-                     "seconds": round(time.time() - t0)}, "\n".join(md))
+                     "stage_seconds": round(seconds), "seconds": round(time.time() - t0)}, "\n".join(md))
 
 
 if __name__ == "__main__":

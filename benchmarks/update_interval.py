@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, interval, paired, save
+from _common import ROOT, commit, interval, paired, save, stage_seconds
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -93,12 +93,15 @@ def main() -> None:
                   + f" | {r['mean_ppl']:.2f} | {r['worst_ppl']:.2f} | {r['worst_chi2_ppl']:.2f} | "
                   f"{interval(r['worst_vs_interval5_pct'])} | {r['eval_share']:.1%} | {r['tv_mean']:.4f} / "
                   f"{r['tv_max']:.4f} | {r['reversals']:.1f} / {r['updates']:.0f} |")
+    seconds = sum(stage_seconds(RunDir(args.root / f"seed{seed}" / f"interval{i}" / "continue").metrics)
+                  for seed in range(args.seeds) for i in INTERVALS)
     md += ["", f"{args.seeds} seeds; drpruning's continue stage, {args.continue_steps} steps of 16 × 128 tokens from each "
            "seed's pruned drpruning model, at each interval (equal tokens); perplexities from megadrp eval. Commit "
-           f"{commit()}; {time.time() - t0:.0f} s."]
+           f"{commit()}; {seconds:.0f} s of training and evaluation (summed from the runs' metrics)."]
     save(args.name, {"seeds": args.seeds, "commit": commit(), "continue_steps": args.continue_steps,
                      "results": {str(k): v for k, v in table.items()}, "per_seed": {str(k): v for k, v in evals.items()},
-                     "stability_per_seed": {str(k): v for k, v in stab.items()}}, "\n".join(md))
+                     "stability_per_seed": {str(k): v for k, v in stab.items()}, "stage_seconds": round(seconds),
+                     "seconds": round(time.time() - t0)}, "\n".join(md))
 
 
 if __name__ == "__main__":
