@@ -55,22 +55,20 @@ def fine_groups(corpus: str, names: list[str]) -> dict[str, list[str]]:
     return {g: m for g, m in groups.items() if m}
 
 
-def coarse_overrides(data: Path, corpus: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
-    """(fine p0 override, coarse groups + p0 overrides, the groups) that give both the same
-    per-domain mix at step 0: each group's share is the sum of its members' fine p0, split among
-    them as p0 is."""
+def coarse_overrides(data: Path, members: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """(fine p0 override, coarse groups + p0 overrides) that give both the same per-domain mix
+    at step 0: each group's share is the sum of its members' fine p0, split among them as p0 is."""
     from megadrp.data.manifest import load_manifest
     from megadrp.plan import initial_proportion
 
     manifest = load_manifest(data)
     names = list(manifest.domains)
     p0 = dict(zip(names, initial_proportion("tokens^0.3", manifest.select(names), names)))
-    members = fine_groups(corpus, names)
     groups = {g: {d: p0[d] for d in ds} for g, ds in members.items()}
     fine = ["domains=null", "dro.initial_proportion=tokens^0.3"]
     coarse = ["domains=null", f"domain_groups={json.dumps(groups)}",
               f"dro.initial_proportion={json.dumps({g: sum(m.values()) for g, m in groups.items()})}"]
-    return fine, coarse, members
+    return fine, coarse
 
 
 def main() -> None:
@@ -98,13 +96,17 @@ def main() -> None:
         make = (("synth-corpus", "--variants", "2", "--docs-per-domain", str(args.docs_per_domain))
                 if args.corpus == "embedded" else ("debian-corpus", "--fine", "--max-docs-per-domain", "300"))
         pipeline.sh(pipeline.megadrp(make[0], "--out", str(corpus), *make[1:]))
-    data = pipeline.prepare_data(root / "base", corpus)
-    base = root / "base" / "pretrain"
-    fine, coarse, members = coarse_overrides(data, args.corpus)
+    if args.corpus == "debian" and not json.loads((corpus / "sources.json").read_text()).get("fine"):
+        raise SystemExit(f"granularity: {corpus / 'sources.json'} is not a --fine build (the seven coarse kinds): "
+                         f"remove {corpus} and run again, or pass another --root")
+    members = fine_groups(args.corpus, sorted(f.name.split(".")[0] for f in corpus.glob("*.jsonl")))
     n_fine = sum(map(len, members.values()))
     if n_fine < MIN_FINE or len(members) < 2:
         raise SystemExit(f"granularity: {corpus} has {n_fine} fine domains in {len(members)} groups; the study needs "
                          f"at least {MIN_FINE} in 2 or more (see {corpus / 'sources.json'} for what was left out)")
+    data = pipeline.prepare_data(root / "base", corpus)
+    base = root / "base" / "pretrain"
+    fine, coarse = coarse_overrides(data, members)
     pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *fine])
     over = {"constant": ["dro.mode=constant", *fine], "fine": ["dro.mode=drpruning", *fine],
             "coarse": ["dro.mode=drpruning", *coarse]}

@@ -76,7 +76,8 @@ def test_too_few_domains_or_bad_flags_exit_2(tmp_path, args, needle):
 
 
 def _fine_root(root: Path) -> None:
-    """Two of each fine kind, plus one changelog shipped identically by a library and a tool."""
+    """Two of each fine kind, plus one changelog shipped identically by a library and a tool, and
+    a `lib*`-named package that dpkg files under `perl` (not a library: the section decides)."""
     for i in range(2):
         for pkg, text in ((f"libfoo{i}", f"libfoo{i} (1.{i}) lib change"), (f"tool{i}", f"tool{i} (2.{i}) change")):
             d = root / "usr/share/doc" / pkg
@@ -88,8 +89,8 @@ def _fine_root(root: Path) -> None:
             man = root / f"usr/share/man/man{sec}"
             man.mkdir(parents=True, exist_ok=True)
             (man / f"page{i}.{sec}.gz").write_bytes(gzip.compress(f".TH PAGE{i} {sec}\n".encode()))
-        for place, name in (("usr/share/perl/5.36", "Core"), ("usr/share/perl5", "Vendor"),
-                            ("usr/lib/x86_64-linux-gnu/perl5/5.36", "Arch")):
+        for place, name in (("usr/share/perl/5.36", "Core"), ("usr/lib/x86_64-linux-gnu/perl-base", "Base"),
+                            ("usr/share/perl5", "Vendor"), ("usr/lib/x86_64-linux-gnu/perl5/5.36", "Arch")):
             (root / place).mkdir(parents=True, exist_ok=True)
             (root / place / f"{name}{i}.pm").write_text(f"package {name}{i};\n1;\n")
         for place in ("usr/lib/python3.11", "usr/lib/python3/dist-packages"):
@@ -100,10 +101,14 @@ def _fine_root(root: Path) -> None:
     (twin / "changelog.Debian.gz").write_bytes(gzip.compress(b"twin (1) shared by two binaries"))
     (root / "usr/share/doc/twin-utils").mkdir()
     (root / "usr/share/doc/twin-utils/changelog.Debian.gz").write_bytes(gzip.compress(b"twin (1) shared by two binaries"))
+    (root / "usr/share/doc/libwww-perl").mkdir()
+    (root / "usr/share/doc/libwww-perl/changelog.Debian.gz").write_bytes(gzip.compress(b"libwww-perl (6) perl module"))
     (root / "var/lib/dpkg").mkdir(parents=True)
     (root / "var/lib/dpkg/status").write_text("".join(
         f"Package: {p}{i}\nSection: {s}\nDescription: {p} {i}\n\n"
-        for i in range(2) for p, s in (("libbar", "libs"), ("libbar-dev", "libdevel"), ("baz", "utils"))))
+        for i in range(2) for p, s in (("libbar", "libs"), ("libbar-dev", "libdevel"), ("baz", "utils")))
+        + "Package: libfoo0\nSection: libs\n\nPackage: libfoo1\nSection: main/libdevel\n\n"
+        "Package: libtwin\nSection: libs\n\nPackage: libwww-perl\nSection: perl\n")
 
 
 def test_fine_domains_split_each_kind_by_place_section_or_header(tmp_path):
@@ -120,13 +125,15 @@ def test_fine_domains_split_each_kind_by_place_section_or_header(tmp_path):
     docs = {n: [json.loads(x)["text"] for x in (out / f"{n}.jsonl").read_text().splitlines()] for n in src["domains"]}
     assert docs["changelog_lib"] == ["libfoo0 (1.0) lib change", "libfoo1 (1.1) lib change",
                                      "twin (1) shared by two binaries"]
-    assert docs["changelog_other"] == ["tool0 (2.0) change", "tool1 (2.1) change"]  # the twin counted once
+    # the twin counted once; a lib*-named package outside the library sections is "other"
+    assert docs["changelog_other"] == ["libwww-perl (6) perl module", "tool0 (2.0) change", "tool1 (2.1) change"]
     assert all(d.startswith("Format:") for d in docs["copyright_dep5"]) and len(docs["copyright_dep5"]) == 2
     assert all(d.startswith("This package") for d in docs["copyright_free"]) and len(docs["copyright_free"]) == 2
     assert [d.split()[-1] for d in docs["manpage_commands"]] == ["1", "1", "8", "8"]  # sorted by path
     assert {d.split()[-1] for d in docs["manpage_api"]} == {"3"} and {d.split()[-1] for d in docs["manpage_files"]} == {"5"}
-    for fine, name in (("perl_core", "Core"), ("perl_vendor", "Vendor"), ("perl_arch", "Arch")):
-        assert docs[fine] == [f"package {name}{i};\n1;\n" for i in range(2)], fine
+    pm = lambda name: [f"package {name}{i};\n1;\n" for i in range(2)]  # noqa: E731
+    assert docs["perl_core"] == pm("Base") + pm("Core")  # perl-base is perl's own core, sorted by path
+    assert docs["perl_vendor"] == pm("Vendor") and docs["perl_arch"] == pm("Arch")
     assert docs["python_stdlib"] == [f"# usr/lib/python3.11 {i}\n" for i in range(2)]
     assert docs["python_dist"] == [f"# usr/lib/python3/dist-packages {i}\n" for i in range(2)]
     assert sorted(docs["packages_libs"]) == ["libbar-dev0: libbar-dev 0", "libbar-dev1: libbar-dev 1",

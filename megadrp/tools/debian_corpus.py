@@ -17,9 +17,9 @@ kinds of human-written text on disk (docs/corpus.md):
 
 `--fine` splits the seven kinds into 15 finer domains, each by something the file's place or
 header says, not by its words: changelog and package description by whether the package is a
-library (`lib*`, dpkg's `libs`/`libdevel`/`oldlibs` sections), copyright by machine-readable
-(DEP-5 `Format:`) or free-form, man pages by section (commands 1/6/8, programming interfaces
-2/3, files and conventions 4/5/7), Perl by where it is installed (perl core, vendor perl5,
+library (dpkg's `libs`/`libdevel`/`oldlibs` sections), copyright by machine-readable (DEP-5
+`Format:`) or free-form, man pages by section (commands 1/6/8, programming interfaces 2/3, files
+and conventions 4/5/7), Perl by where it is installed (perl's own core, vendor perl5,
 arch-specific), Python by standard library or dist-packages; shell stays one. FINE_GROUPS puts
 them back into four coarse groups (notes, legal, docs, code) for the granularity study.
 
@@ -29,7 +29,8 @@ a machine: files are taken in sorted order, the sample spread evenly over that o
 domain with fewer than --min-docs documents is left out and said; fewer than 5 domains left
 (or than --domains names, if fewer) is an error (exit 2), since the comparison needs several
 kinds of text. Identical files (one source package's copyright in many binary packages) count
-once, in the first domain that has them, so no document lands in two splits or two domains.
+once, in the first kept domain (in the table's order) that has them, so no document lands in two
+splits or two domains.
 """
 from __future__ import annotations
 
@@ -88,13 +89,12 @@ def _shell_scripts(root: Path) -> list[Path]:
 LIB_SECTIONS = frozenset({"libs", "libdevel", "oldlibs"})
 
 
-def _package_descriptions(root: Path, max_bytes: int, libs: bool | None = None) -> Iterator[str]:
-    """One document per package in dpkg's status file: its name, then its description; with
-    `libs`, only the packages in (True) or out of (False) a library section."""
+def _status(root: Path) -> Iterator[dict[str, str]]:
+    """The fields of each package paragraph of dpkg's status file (continuation lines joined)."""
     status = root / "var/lib/dpkg/status"
     text = _read(status, 1 << 30) if status.is_file() else None
     for para in (text or "").split("\n\n"):
-        fields = {}
+        fields: dict[str, str] = {}
         key = None
         for line in para.splitlines():
             if line.startswith((" ", "\t")) and key:
@@ -102,7 +102,23 @@ def _package_descriptions(root: Path, max_bytes: int, libs: bool | None = None) 
             elif ":" in line:
                 key, _, value = line.partition(":")
                 fields[key] = value.strip()
-        if libs is not None and (fields.get("Section", "").rsplit("/", 1)[-1] in LIB_SECTIONS) != libs:
+        yield fields
+
+
+def _is_lib(fields: dict[str, str]) -> bool:
+    """A library package, by its dpkg section (`libs`, `libdevel`, `oldlibs`, in any archive area)."""
+    return fields.get("Section", "").rsplit("/", 1)[-1] in LIB_SECTIONS
+
+
+def _lib_packages(root: Path) -> frozenset[str]:
+    return frozenset(f["Package"] for f in _status(root) if "Package" in f and _is_lib(f))
+
+
+def _package_descriptions(root: Path, max_bytes: int, libs: bool | None = None) -> Iterator[str]:
+    """One document per package in dpkg's status file: its name, then its description; with
+    `libs`, only the packages in (True) or out of (False) a library section."""
+    for fields in _status(root):
+        if libs is not None and _is_lib(fields) != libs:
             continue
         if "Package" in fields and fields.get("Description"):
             body = "\n".join("" if line == "." else line for line in fields["Description"].split("\n"))
@@ -122,17 +138,22 @@ def _from_files(paths: Callable[[Path], list[Path]],
 
 
 def _glob(*patterns: str, lib: bool | None = None) -> Callable[[Path], list[Path]]:
-    """The files matching any pattern; with `lib`, only those whose package folder (the one
-    under usr/share/doc) is (True) or is not (False) a library's, `lib*`."""
+    """The files matching any pattern; with `lib`, only those whose package folder (the binary
+    package's, under usr/share/doc) is (True) or is not (False) a library package's by its dpkg
+    section, the package descriptions' criterion (a folder dpkg does not list is not a library's)."""
     def paths(root: Path) -> list[Path]:
         found = _files(root, list(patterns))
-        return found if lib is None else [p for p in found if p.parent.name.startswith("lib") == lib]
+        if lib is None:
+            return found
+        libs = _lib_packages(root)
+        return [p for p in found if (p.parent.name in libs) == lib]
     return paths
 
 
 def _dep5(text: str) -> bool:
-    """A machine-readable copyright file (DEP-5) starts with its Format: field."""
-    return text.lstrip().startswith("Format:")
+    """A machine-readable copyright file (DEP-5) starts with its Format: field (or the
+    Format-Specification: of its drafts)."""
+    return text.lstrip().startswith(("Format:", "Format-Specification:"))
 
 
 def _man(sections: str) -> list[str]:
@@ -158,9 +179,9 @@ FINE: dict[str, Callable[[Path, int], Iterator[str]]] = {
     "manpage_commands": _from_files(_glob(*_man("168"))),
     "manpage_api": _from_files(_glob(*_man("23"))),
     "manpage_files": _from_files(_glob(*_man("457"))),
-    "perl_core": _from_files(_glob("usr/share/perl/**/*.pm")),
+    "perl_core": _from_files(_glob("usr/share/perl/**/*.pm", "usr/lib/*/perl-base/**/*.pm")),
     "perl_vendor": _from_files(_glob("usr/share/perl5/**/*.pm")),
-    "perl_arch": _from_files(_glob("usr/lib/*/perl*/**/*.pm")),
+    "perl_arch": _from_files(_glob("usr/lib/*/perl/**/*.pm", "usr/lib/*/perl5/**/*.pm")),
     "packages_libs": lambda root, max_bytes: _package_descriptions(root, max_bytes, libs=True),
     "packages_other": lambda root, max_bytes: _package_descriptions(root, max_bytes, libs=False),
     "python_stdlib": _from_files(_glob("usr/lib/python3.*/**/*.py")),
@@ -178,12 +199,13 @@ FINE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _unique(docs: Iterator[str], seen: set[str]) -> list[str]:
-    """Each text once, in first-seen order, and none that an earlier domain has (`seen`, updated):
+def _unique(docs: Iterator[str], taken: set[str]) -> list[str]:
+    """Each text once, in first-seen order, and none that an earlier domain took (`taken`):
     packages built from one source ship identical copyright files and changelogs (half of all
     copyright files on a typical system), and a duplicate would put the same document in both
     the train and the eval split, or in two domains."""
-    return [d for d in docs if not (d in seen or seen.add(d))]
+    seen: set[str] = set()
+    return [d for d in docs if not (d in taken or d in seen or seen.add(d))]
 
 
 def _spread(docs: list[str], k: int) -> list[str]:
@@ -196,21 +218,23 @@ def _spread(docs: list[str], k: int) -> list[str]:
 def build(out: Path, root: Path = Path("/"), max_docs: int = 2000, min_docs: int = 100,
           max_doc_bytes: int = 65536, domains: list[str] | None = None, fine: bool = False) -> dict:
     table = FINE if fine else DOMAINS
-    names = domains or list(table)
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in domains or [] if n not in table]
     if unknown:
         raise ValueError(f"--domains: unknown {', '.join(unknown)}; choose from {', '.join(table)}"
                          + ("" if fine else " (or pass --fine for the finer domains)"))
+    names = [n for n in table if not domains or n in domains]  # the table's order, whatever --domains says
     collected, report = {}, {"root": str(root), "fine": fine, "domains": {}, "left_out": {}}
-    seen: set[str] = set()
+    taken: set[str] = set()  # the texts of the domains kept so far: a text lands in one domain only
     for name in names:
         t0 = time.time()
-        docs = _spread(_unique(table[name](root, max_doc_bytes), seen), max_docs)
+        unique = _unique(table[name](root, max_doc_bytes), taken)
+        docs = _spread(unique, max_docs)
         print(f"debian_corpus: {name}: {len(docs)} documents ({time.time() - t0:.1f}s)", file=sys.stderr)
         if len(docs) < min_docs:
             report["left_out"][name] = f"{len(docs)} documents, fewer than --min-docs={min_docs}"
             continue
         collected[name] = docs
+        taken.update(unique)
     need = min(MIN_DOMAINS, len(names))  # --domains with fewer names asks for just those
     if len(collected) < need:
         raise ValueError(f"{root}: only {len(collected)} domains with at least {min_docs} documents "
