@@ -75,6 +75,10 @@ def trajectory(curves: dict[str, list[dict[int, float]]], final: int, rows: int 
         for arm, runs in curves.items():
             if arm != "b":
                 table[step][arm] = paired([100 * (x[step] / y[step] - 1) for x, y in zip(runs, curves["b"])])
+    short = [max(b) for b in curves["b"] if max(b) != final]
+    if short:
+        raise SystemExit(f"distill: an arm (b) run ends at step {short[0]}, not {final}: it was trained with another "
+                         "--continue-steps; remove its distill_* runs or pass another --root")
     reach = {arm: [next((st for st in sorted(c) if st > 0 and c[st] <= b[final]), None) for c, b in zip(runs, curves["b"])]
              for arm, runs in curves.items()}
     return table, reach
@@ -174,7 +178,8 @@ def main() -> None:
     for step, row in traj.items():
         md.append(f"| {step} | {row['b']:.2f} | {100 * (row['b'] / teacher_worst - 1):+.1f}% | "
                   + " | ".join(interval(row[a]) for a in ARMS if a != "b") + " |")
-    md += ["", f"Steps to reach (b)'s worst-domain perplexity at step {args.continue_steps} (per seed; — never): "
+    md += ["", f"Steps to reach (b)'s worst-domain perplexity at step {args.continue_steps} (per seed, to the "
+           f"evaluation interval, {args.eval_interval}; — never): "
            + "; ".join(f"({a}) {', '.join('—' if x is None else str(x) for x in r)}" for a, r in reach.items()) + ".",
            "", f"Source (teacher) perplexity: {', '.join(f'{n} {source_ppl[n]:.2f}' for n in names)}.",
            f"Step time, KD over LM (median over seed 0's intervals; the teacher's forward and the chunked KL): "
