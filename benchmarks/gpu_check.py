@@ -10,7 +10,11 @@ Checks, each recorded in benchmarks/results/gpu_check.{json,md}:
 3. a ~0.94B random Llama pruned through `megadrp/train.py` on ZeRO-3 bf16 (`ds_configs/zero3_bf16.json`,
    torch's fused AdamW, nothing compiled) with a target that keeps every layer, for `--steps` steps:
    training tokens/s, model FLOPs utilisation, and the peak memory against the memory plan's
-   prediction for the same run.
+   prediction for the same run;
+4. distillation's step cost: a frozen teacher of the ~0.94B shape and students at the 7B → 2.7B and
+   7B → 1.3B proportions (width ×0.625, and width ×0.5 with ¾ of the layers), bf16, the LM step
+   against the KD step (teacher forward + chunked KL), interleaved, with 1 + N_t / (3·N_s) beside
+   it (#30's goal: ≤ 1.6; the CPU cannot say, its backward is slow against its forward).
 
 MFU counts model FLOPs only (PaLM's 6N + 12·L·d·T per token, N the source model's parameters,
 since the masked model runs at full size while pruning): activation checkpointing's recomputed
@@ -151,6 +155,65 @@ def sdpa_kernels(device: str) -> dict:
     return {"kernels": attn[:12], "flash": any("flash" in n.lower() for n in attn)}
 
 
+# ---- 4. the distillation step --------------------------------------------------------------
+def kd_step(device: str, shape: str, rounds: int = 12) -> dict:
+    """KD / LM step time (median of same-round ratios) for a teacher of SHAPES[shape] and students
+    at the recipes' proportions, on `device` (bf16 on a GPU, fp32 on the CPU)."""
+    import statistics
+
+    import torch
+    from transformers import LlamaConfig
+
+    from megadrp.model.distill import Teacher
+    from megadrp.model.llama import MaskedLlama, count_parameters
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t_shape = SHAPES[shape]
+    d, ffn, layers, heads = (t_shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                  "num_attention_heads"))
+    students = {"7B→2.7B proportion": (5 * d // 8, 5 * ffn // 8, layers, 5 * heads // 8),
+                "7B→1.3B proportion": (d // 2, ffn // 2, 3 * layers // 4, heads // 2)}
+    seq, batch, chunk = (64, 2, 64) if shape == "smoke" else (2048, 2, 2048)
+    vocab = t_shape["vocab_size"]
+    torch.manual_seed(0)
+    t_cfg = LlamaConfig(**t_shape, max_position_embeddings=seq)
+    teacher = MaskedLlama(t_cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    x = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    fns, info = {}, {}
+    for name, (sd, sffn, sl, sh) in students.items():
+        s_cfg = LlamaConfig(vocab_size=vocab, hidden_size=sd, intermediate_size=sffn, num_hidden_layers=sl,
+                            num_attention_heads=sh, num_key_value_heads=sh, head_dim=sd // sh, max_position_embeddings=seq)
+        student = MaskedLlama(s_cfg).to(device=device, dtype=dtype).train()
+
+        def lm(student=student):
+            student(x[:, :-1], x[:, 1:]).losses.mean().backward()
+
+        def kd(student=student):
+            with torch.no_grad():
+                hidden = teacher(x[:, :-1], hidden_only=True)
+            student(x[:, :-1], x[:, 1:], teacher=Teacher(hidden, teacher.lm_head, 1.0, 1.0, chunk)).kd.mean().backward()
+
+        fns[(name, "lm")], fns[(name, "kd")] = lm, kd
+        n_t, n_s = count_parameters(t_cfg), count_parameters(s_cfg)
+        info[name] = {"teacher_parameters": n_t, "student_parameters": n_s, "arithmetic": round(1 + n_t / (3 * n_s), 3)}
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 1):  # round 0 warms up
+        for k in list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fns[k]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    for name in students:
+        lm_t, kd_t = times[(name, "lm")], times[(name, "kd")]
+        info[name].update(lm_ms=round(statistics.median(lm_t) * 1000, 2), kd_ms=round(statistics.median(kd_t) * 1000, 2),
+                          ratio=round(statistics.median(k / m for k, m in zip(kd_t, lm_t)), 3))
+    return {"tokens": batch * seq, "chunk_tokens": chunk, "dtype": str(dtype), "pairs": info}
+
+
 # ---- 3. the prune run --------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +237,7 @@ def main() -> None:
         raise SystemExit("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); --smoke runs on CPU")
     device = "cpu" if args.smoke else "cuda"
     t0 = time.time()
-    checks = {"numerics": numerics(device), "sdpa": sdpa_kernels(device)}
+    checks = {"numerics": numerics(device), "sdpa": sdpa_kernels(device), "kd_step": kd_step(device, shape)}
     print(json.dumps(checks), flush=True)
     seq, gb, micro = (64, 4, 2) if args.smoke else (2048, 16, 8)
     data = pipeline.prepare_data(args.work, docs_per_domain=200 if args.smoke else 4000, eval_docs=20)
@@ -234,7 +297,10 @@ def main() -> None:
         f"gradients {nm['fp32_grad_max_rel_diff']:.1e}; bf16 + checkpointing vs fp32: loss "
         f"{nm['bf16_loss_rel_diff']:.2%}, gradient cosine {nm['bf16_grad_cosine']:.4f}.  \n"
         f"Attention kernels: {', '.join(checks['sdpa']['kernels']) or 'none seen'} "
-        f"(flash: {checks['sdpa']['flash']}).\n")
+        f"(flash: {checks['sdpa']['flash']}).  \n"
+        "Distillation step, KD / LM (goal ≤ 1.6): " + "; ".join(
+            f"{k} {v['ratio']:.2f}× (by FLOPs {v['arithmetic']:.2f}×)" for k, v in checks["kd_step"]["pairs"].items())
+        + ".\n")
     print(json.dumps(res))
 
 

@@ -2,7 +2,8 @@
 # One command on a machine with an NVIDIA GPU, about 5–8 minutes on one H100/H200 (see
 # benchmarks/gpu_check.py): numerics (GPU vs CPU fp32, bf16 + checkpointing vs fp32), the flash
 # SDPA kernel, a ~0.94B random Llama pruned on ZeRO-3 bf16 for STEPS steps (tokens/s, MFU, peak
-# memory against the memory plan), then the unit tests with the GPUs hidden. Results land in
+# memory against the memory plan), the distillation step's cost (KD / LM at the 7B → 2.7B and 7B → 1.3B
+# proportions), then the unit tests with the GPUs hidden. Results land in
 # benchmarks/results/gpu_check.{json,md} (OUT=dir to write elsewhere).
 #
 #   bash benchmarks/gpu_check.sh       # PYTHON=..., STEPS=30, OUT=benchmarks/results

@@ -305,7 +305,11 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert res["parameters"] > 0 and res["model_flops_per_token"] > 6 * res["parameters"]
     assert res["numerics"]["pass"] and res["sdpa"]["flash"]  # the CPU's flash kernel, in smoke mode
     assert 0 < res["plan_allocated_bytes"] < res["plan_bytes"]
-    assert "| cpu |" in (tmp_path / "out" / "gpu_check.md").read_text()
+    pairs = res["kd_step"]["pairs"]  # the distillation step, both student proportions
+    assert len(pairs) == 2 and all(v["ratio"] > 0 and v["arithmetic"] > 1 for v in pairs.values()), pairs
+    assert [v["student_parameters"] < v["teacher_parameters"] for v in pairs.values()] == [True, True]
+    text = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| cpu |" in text and "Distillation step, KD / LM" in text
 
 
 def test_dry_run_plans_without_building(tmp_path, data_dir, base_model, monkeypatch):
