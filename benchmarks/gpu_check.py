@@ -14,7 +14,7 @@ Checks, each recorded in benchmarks/results/gpu_check.{json,md}:
 4. distillation's step cost: a frozen teacher of the ~0.94B shape and students at the 7B → 2.7B and
    7B → 1.3B proportions (width ×0.625, and width ×0.5 with ¾ of the layers), bf16, the LM step
    against the KD step (teacher forward + chunked KL), interleaved, with 1 + N_t / (3·N_s) beside
-   it (#30's goal: ≤ 1.6; the CPU cannot say, its backward is slow against its forward).
+   it (#30's goal: ≤ 1.6; CPU ratios follow the CPU's kernel speeds, not the FLOPs, and cannot say).
 
 MFU counts model FLOPs only (PaLM's 6N + 12·L·d·T per token, N the source model's parameters,
 since the masked model runs at full size while pruning): activation checkpointing's recomputed
