@@ -581,7 +581,14 @@ def test_signal_while_building(ws: Path, tokenizer: Path, sig: int, code: int, g
         time.sleep(0.02)
     assert p.poll() is None, "preprocess ended before it could be interrupted"
     (os.killpg if group else os.kill)(p.pid, sig)
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say where it hangs: preprocess dumps its stacks on SIGUSR1
+        os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(2)
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+        pytest.fail(f"preprocess did not exit within 60 s of {signal.Signals(sig).name}; its stacks:\n{err[-8000:]}")
     assert p.returncode == code, err
     line = err.strip().splitlines()[-1]
     assert f"interrupted by {signal.Signals(sig).name}; removed the unfinished" in line, err
@@ -601,3 +608,23 @@ def test_corpus_files_are_untouched_by_a_good_run(ws: Path, tokenizer: Path, cap
 
 if sys.platform != "linux":  # pragma: no cover - the suite runs on Linux
     pytestmark = pytest.mark.skip("Linux only (fork, RLIMIT_FSIZE, mounts)")
+
+
+def test_a_pool_that_will_not_stop_is_left_in_bounded_time(tokenizer: Path) -> None:
+    """The interrupted run's cleanup must end. Pool.terminate() can block for ever: a task
+    handler that passed its last state check before the stop writes a large task into the pipe
+    after the workers are gone, and terminate waits for it (CI met this, the workers dead and the
+    main thread in the join). Here terminate stops the workers, then blocks the same way."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    pool = pp._start_pool(2, (str(tokenizer), "text", False, 0, np.int32, False))
+    workers = mp.active_children()
+    assert len(workers) == 2
+    real = pool.terminate
+    pool.terminate = lambda: (real(), time.sleep(3600))
+    t0 = time.time()
+    pp._stop_pool(pool, timeout=0.5)
+    assert time.time() - t0 < 15 and not mp.active_children()
+    assert all(w.exitcode is not None for w in workers)

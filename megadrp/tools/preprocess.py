@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import faulthandler
 import hashlib
 import logging
 import multiprocessing as mp
@@ -466,6 +467,29 @@ def _swap_in(stage: Path, target: Path) -> Path | None:
     return old
 
 
+def _stop_pool(pool, timeout: float = 15.0) -> None:
+    """Stops the workers of an interrupted run, in bounded time. `Pool.terminate()` can block for
+    ever: a task handler that passed its last state check before the stop may write a large task
+    (several documents) into the pipe after the workers are gone, and terminate joins it (seen in
+    CI: workers dead, a thread in a pipe write, the main thread in the join). A cleanup that never
+    ends would leave the hidden folder behind and never exit. So terminate runs in a helper
+    thread; past `timeout` every worker left is killed (they only tokenize: nothing of theirs
+    needs saving) and the pool is abandoned, its exit-time finalizer cancelled, since it would
+    block the same way. The stuck handler is a daemon thread: it does not hold up the exit."""
+    t = threading.Thread(target=lambda: (pool.terminate(), pool.join()), name="pool-stop", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not t.is_alive():
+        return
+    log.warning("the worker pool did not stop in %.0fs; killing its workers", timeout)
+    for child in mp.active_children():
+        child.kill()
+        child.join(5)
+    finalizer = getattr(pool, "_terminate", None)
+    if finalizer is not None and hasattr(finalizer, "cancel"):
+        finalizer.cancel()
+
+
 def _start_pool(workers: int, initargs: tuple):
     """A pool forked with SIGINT and SIGTERM blocked: its workers and its helper threads
     inherit the mask (the workers unblock after setting their own handlers), so no signal
@@ -606,8 +630,7 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
             for w in writers.values():
                 w.abort()
             if pool is not None:
-                pool.terminate()
-                pool.join()
+                _stop_pool(pool)
             failed = _remove_tree(stage)
             for d in made:  # deepest first: folders --out needed and this run created
                 try:
@@ -660,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--eval-docs must be at least 1")
     _SIGNALS.defer, _SIGNALS.pending = False, None
     on_main = threading.current_thread() is threading.main_thread()
+    if on_main and hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack to stderr, to see a hang
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     before = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
     t0 = time.time()
     try:
