@@ -684,7 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     _SIGNALS.defer, _SIGNALS.pending = False, None
     on_main = threading.current_thread() is threading.main_thread()
     if on_main and hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack to stderr, to see a hang
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (OSError, ValueError):  # a stderr without a file descriptor (an in-process caller's capture)
+            pass
     before = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if on_main else {}
     t0 = time.time()
     try:
