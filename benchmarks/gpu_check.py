@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, machine
+from _common import ROOT, machine, paired_median, rotated
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -198,7 +198,7 @@ def kd_step(device: str, shape: str, rounds: int = 12) -> dict:
         info[name] = {"teacher_parameters": n_t, "student_parameters": n_s, "arithmetic": round(1 + n_t / (3 * n_s), 3)}
     times: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
     for r in range(rounds + 1):  # round 0 warms up
-        for k in list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]:
+        for k in rotated(list(fns), r):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -210,7 +210,7 @@ def kd_step(device: str, shape: str, rounds: int = 12) -> dict:
     for name in students:
         lm_t, kd_t = times[(name, "lm")], times[(name, "kd")]
         info[name].update(lm_ms=round(statistics.median(lm_t) * 1000, 2), kd_ms=round(statistics.median(kd_t) * 1000, 2),
-                          ratio=round(statistics.median(k / m for k, m in zip(kd_t, lm_t)), 3))
+                          ratio=round(paired_median(kd_t, lm_t), 3))
     return {"tokens": batch * seq, "chunk_tokens": chunk, "dtype": str(dtype), "pairs": info}
 
 
