@@ -6,6 +6,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +83,16 @@ def commit() -> str:
                           cwd=ROOT).stdout.strip()
 
 
+def rows_seconds(rows: Iterable[dict]) -> float:
+    """Training and evaluation seconds in a run's metrics rows, however many invocations of a
+    benchmark trained it (a rerun reuses finished stages)."""
+    return sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in rows)
+
+
 def stage_seconds(metrics: Path) -> float:
-    """Training and evaluation seconds a run spent (its metrics.jsonl), however many invocations
-    of a benchmark trained it (a rerun reuses finished stages)."""
+    """`rows_seconds` of a run's metrics.jsonl."""
     with open(metrics) as f:
-        return sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in map(json.loads, f))
+        return rows_seconds(map(json.loads, f))
 
 
 def first_weights(metrics: Path) -> dict[str, float]:

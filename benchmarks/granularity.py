@@ -21,7 +21,7 @@ seven kinds by package, man section, licence format or install place; those with
 shell).
 
     python benchmarks/granularity.py [--seeds 3] [--prune-steps 100] [--continue-steps 100] [--eval-interval 5]
-    python benchmarks/granularity.py --corpus debian --prune-steps 60 --continue-steps 60 --eval-interval 4 \
+    python benchmarks/granularity.py --corpus debian --prune-steps 60 --continue-steps 60 --eval-interval 4 \\
         --name granularity_debian
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, interval, paired, save, stage_seconds
+from _common import ROOT, commit, interval, paired, rows_seconds, save
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -57,6 +57,7 @@ def main() -> None:
     evals: dict[int, list[dict]] = {i: [] for i in INTERVALS}
     stab: dict[int, list[dict]] = {i: [] for i in INTERVALS}
     shares: dict[int, list[float]] = {i: [] for i in INTERVALS}
+    seconds = 0.0
     for seed in range(args.seeds):
         base = args.root / f"seed{seed}"
         for i in INTERVALS:
@@ -69,6 +70,7 @@ def main() -> None:
             rows = read_metrics(RunDir(run / "continue").metrics)
             stab[i].append(stability([r for r in rows if r["step"] > 0]))
             shares[i].append(eval_share(rows))
+            seconds += rows_seconds(rows)
             pipeline.log(f"seed {seed} interval {i}: worst ppl {evals[i][-1]['worst_ppl']:.2f}, "
                          f"TV {stab[i][-1]['tv_mean']:.4f}, eval share {shares[i][-1]:.1%}")
     names = list(evals[INTERVALS[0]][0]["domain_ppl"])
@@ -93,8 +95,6 @@ def main() -> None:
                   + f" | {r['mean_ppl']:.2f} | {r['worst_ppl']:.2f} | {r['worst_chi2_ppl']:.2f} | "
                   f"{interval(r['worst_vs_interval5_pct'])} | {r['eval_share']:.1%} | {r['tv_mean']:.4f} / "
                   f"{r['tv_max']:.4f} | {r['reversals']:.1f} / {r['updates']:.0f} |")
-    seconds = sum(stage_seconds(RunDir(args.root / f"seed{seed}" / f"interval{i}" / "continue").metrics)
-                  for seed in range(args.seeds) for i in INTERVALS)
     md += ["", f"{args.seeds} seeds; drpruning's continue stage, {args.continue_steps} steps of 16 × 128 tokens from each "
            "seed's pruned drpruning model, at each interval (equal tokens); perplexities from megadrp eval. Commit "
            f"{commit()}; {seconds:.0f} s of training and evaluation (summed from the runs' metrics)."]

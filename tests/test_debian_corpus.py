@@ -142,3 +142,21 @@ def test_fine_domains_split_each_kind_by_place_section_or_header(tmp_path):
     p = run([PY, "data_tools/debian_corpus.py", "--out", str(tmp_path / "x"), "--root", str(root),
              "--domains", "perl_core"], check=False)
     assert p.returncode == 2 and "pass --fine" in p.stderr, p.stderr
+
+
+def test_library_packages_are_parsed_once_per_version_of_the_status_file(tmp_path, monkeypatch):
+    """Four fine domains ask which packages are libraries; the status file is parsed once, and
+    again only when it changes (a cache keyed by the path alone would keep a stale answer)."""
+    from megadrp.tools import debian_corpus as dc
+
+    root = tmp_path / "root"
+    _fine_root(root)
+    parses = []
+    real = dc._status
+    monkeypatch.setattr(dc, "_status", lambda r: parses.append(r) or real(r))
+    first = dc._lib_packages(root)
+    assert dc._lib_packages(root) is first and len(parses) == 1
+    assert {"libbar0", "libbar-dev1", "libfoo1", "libtwin"} <= first and "libwww-perl" not in first
+    status = root / "var/lib/dpkg/status"
+    status.write_text(status.read_text() + "\nPackage: libnew\nSection: libs\n")
+    assert "libnew" in dc._lib_packages(root) and len(parses) == 2

@@ -35,6 +35,7 @@ splits or two domains.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import sys
@@ -111,6 +112,15 @@ def _is_lib(fields: dict[str, str]) -> bool:
 
 
 def _lib_packages(root: Path) -> frozenset[str]:
+    """The library packages by dpkg section. Four fine domains ask for them; the status file is
+    parsed once per version of it (keyed by its path, size and mtime, so an edited file is read again)."""
+    status = root / "var/lib/dpkg/status"
+    st = status.stat() if status.is_file() else None
+    return _lib_packages_of(root, (st.st_size, st.st_mtime_ns) if st else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _lib_packages_of(root: Path, version: tuple[int, int] | None) -> frozenset[str]:
     return frozenset(f["Package"] for f in _status(root) if "Package" in f and _is_lib(f))
 
 
