@@ -55,20 +55,47 @@ def fine_groups(corpus: str, names: list[str]) -> dict[str, list[str]]:
     return {g: m for g, m in groups.items() if m}
 
 
-def coarse_overrides(data: Path, members: dict[str, list[str]]) -> tuple[list[str], list[str]]:
-    """(fine p0 override, coarse groups + p0 overrides) that give both the same per-domain mix
-    at step 0: each group's share is the sum of its members' fine p0, split among them as p0 is."""
+def _p0(data: Path) -> tuple[list[str], list[float]]:
+    """The fine domains of `data` and their p0, tokens^0.3 (the study's fine and coarse start)."""
     from megadrp.data.manifest import load_manifest
     from megadrp.plan import initial_proportion
 
     manifest = load_manifest(data)
     names = list(manifest.domains)
-    p0 = dict(zip(names, initial_proportion("tokens^0.3", manifest.select(names), names)))
+    return names, list(initial_proportion("tokens^0.3", manifest.select(names), names))
+
+
+def coarse_overrides(data: Path, members: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """(fine p0 override, coarse groups + p0 overrides) that give both the same per-domain mix
+    at step 0: each group's share is the sum of its members' fine p0, split among them as p0 is."""
+    p0 = dict(zip(*_p0(data)))
     groups = {g: {d: p0[d] for d in ds} for g, ds in members.items()}
     fine = ["domains=null", "dro.initial_proportion=tokens^0.3"]
     coarse = ["domains=null", f"domain_groups={json.dumps(groups)}",
               f"dro.initial_proportion={json.dumps({g: sum(m.values()) for g, m in groups.items()})}"]
     return fine, coarse
+
+
+def allocation(run: Path, members: dict[str, list[str]]) -> dict:
+    """Where one run's controller put the tokens, from its metrics: each group's share of the
+    tokens trained (prune + continue), and the mean excess (eval loss − reference loss) over the
+    evaluations of each stage, per coordinate the controller weighed (fine domain or group) — the
+    signal the χ² ball moves weight by, which is not perplexity."""
+    from megadrp.engine.metrics import read_metrics
+
+    tokens = {g: 0.0 for g in members}
+    excess: dict[str, dict[str, float]] = {}
+    for stage in ("prune", "continue"):
+        rows = read_metrics(RunDir(run / stage).metrics)
+        last = rows[-1]["tokens"]
+        for g, ms in members.items():
+            tokens[g] += sum(last[m] for m in ms)
+        scored = [r for r in rows if r["step"] > 0 and r.get("reference_loss")]
+        loss = "group_eval_loss" if "group_eval_loss" in rows[0] else "eval_loss"
+        excess[stage] = {k: float(np.mean([r[loss][k] - r["reference_loss"][k] for r in scored]))
+                         for k in (scored[0]["reference_loss"] if scored else {})}
+    total = sum(tokens.values())
+    return {"token_share": {g: t / total for g, t in tokens.items()}, "excess": excess}
 
 
 def main() -> None:
@@ -125,6 +152,9 @@ def main() -> None:
             pipeline.log(f"{mode} seed {seed}: mean ppl {evals[mode][-1]['mean_ppl']:.3f} "
                          f"worst {evals[mode][-1]['worst_ppl']:.3f} ({evals[mode][-1]['shift']['worst_domain']['domain']})")
     names = list(evals["fine"][0]["domain_ppl"])
+    alloc = {m: [allocation(root / f"seed{seed}" / m, members) for seed in range(args.seeds)] for m in modes}
+    p0_fine = dict(zip(*_p0(data)))
+    p0_share = {g: sum(p0_fine[d] for d in ms) for g, ms in members.items()}
     pct = lambda a, b: 100.0 * (a / b - 1.0)  # noqa: E731
     table = {}
     for mode in modes:
@@ -138,6 +168,9 @@ def main() -> None:
             "worst_chi2_ppl": float(np.mean([x["shift"]["worst_chi2"]["ppl"] for x in e])),
             "mean_vs_fine_pct": paired([pct(a["mean_ppl"], b["mean_ppl"]) for a, b in zip(e, evals["fine"])]),
             "worst_vs_fine_pct": paired([pct(a["worst_ppl"], b["worst_ppl"]) for a, b in zip(e, evals["fine"])]),
+            "token_share": {g: float(np.mean([a["token_share"][g] for a in alloc[mode]])) for g in members},
+            "excess": {st: {k: float(np.mean([a["excess"][st][k] for a in alloc[mode]])) for k in alloc[mode][0]["excess"][st]}
+                       for st in ("prune", "continue")},
         }
     md = ["| schedule | " + " | ".join(names) + " | mean ppl | worst fine-domain ppl | worst χ² mix | mean vs fine | "
           "worst vs fine |", "|---" * (len(names) + 6) + "|"]
@@ -145,6 +178,14 @@ def main() -> None:
         md.append(f"| {mode} | " + " | ".join(f"{r['domain_ppl'][n]:.2f}" for n in names)
                   + f" | {r['mean_ppl']:.3f} ± {r['mean_ppl_sd']:.3f} | {r['worst_ppl']:.3f} ± {r['worst_ppl_sd']:.3f}"
                   f" | {r['worst_chi2_ppl']:.3f} | {interval(r['mean_vs_fine_pct'])} | {interval(r['worst_vs_fine_pct'])} |")
+    md += ["", "Where the tokens went (share of the tokens trained, prune + continue, mean over seeds), and the "
+           "excess loss over the reference that moved them (mean over the prune stage's evaluations, per coordinate "
+           "the controller weighs):", "",
+           "| schedule | " + " | ".join(members) + " | prune-stage excess, loss − reference |", "|---" * (len(members) + 2) + "|",
+           "| p0 | " + " | ".join(f"{p0_share[g]:.1%}" for g in members) + " | |"]
+    for mode, r in table.items():
+        md.append(f"| {mode} | " + " | ".join(f"{r['token_share'][g]:.1%}" for g in members) + " | "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["excess"]["prune"].items()) + " |")
     seconds = sum(stage_seconds(RunDir(root / f"seed{seed}" / mode / stage).metrics)
                   for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
     source = "`synth-corpus --variants 2`" if args.corpus == "embedded" else "`debian-corpus --fine`"
@@ -154,7 +195,7 @@ def main() -> None:
            + f". Prune {args.prune_steps} + continue {args.continue_steps} steps, 16 × 128 tokens a step, evaluation "
            f"every {args.eval_interval}, 2 ranks ZeRO-3 on CPU; {seconds:.0f} s of training and evaluation "
            f"(summed from the runs' metrics, base model aside); commit {commit_id}."]
-    save(args.name, {"seeds": args.seeds, "commit": commit_id, "corpus": args.corpus, "groups": members,
+    save(args.name, {"seeds": args.seeds, "commit": commit_id, "corpus": args.corpus, "groups": members, "p0_group_share": p0_share,
                      "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
                      "stage_seconds": round(seconds), "seconds": round(time.time() - t0)}, "\n".join(md))
