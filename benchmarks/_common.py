@@ -83,6 +83,12 @@ def commit() -> str:
                           cwd=ROOT).stdout.strip()
 
 
+def worst_ratio(e: dict, source_ppl: dict[str, float]) -> tuple[float, str]:
+    """The largest ratio of a domain's perplexity (an eval JSON's `domain_ppl`) to the source
+    model's, and its domain: what drpruning's references, the source's losses, aim to keep small."""
+    return max((e["domain_ppl"][n] / source_ppl[n], n) for n in source_ppl)
+
+
 def rows_seconds(rows: Iterable[dict]) -> float:
     """Training and evaluation seconds in a run's metrics rows, however many invocations of a
     benchmark trained it (a rerun reuses finished stages)."""

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, interval, paired, save, stage_seconds
+from _common import ROOT, commit, interval, paired, save, stage_seconds, worst_ratio
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -144,14 +144,14 @@ def main() -> None:
     table = {}
     for arm, runs in evals.items():
         ref = evals["b"]
-        worst_ratio = [max(e["domain_ppl"][n] / source_ppl[n] for n in names) for e in runs]
+        ratios = [worst_ratio(e, source_ppl)[0] for e in runs]
         table[arm] = {
             "label": ARMS[arm[0]][0] + (" (equal wall-clock)" if arm.endswith("clock") else ""),
             "domain_ppl": {n: float(np.mean([e["domain_ppl"][n] for e in runs])) for n in names},
             "mean_ppl": float(np.mean([e["mean_ppl"] for e in runs])),
             "worst_ppl": float(np.mean([e["worst_ppl"] for e in runs])),
             "worst_chi2_ppl": float(np.mean([e["shift"]["worst_chi2"]["ppl"] for e in runs])),
-            "worst_ratio_to_source": float(np.mean(worst_ratio)), "worst_ratio_max": float(np.max(worst_ratio)),
+            "worst_ratio_to_source": float(np.mean(ratios)), "worst_ratio_max": float(np.max(ratios)),
             "worst_vs_b_pct": paired([100 * (x["worst_ppl"] / y["worst_ppl"] - 1) for x, y in zip(runs, ref)]),
             "mean_vs_b_pct": paired([100 * (x["mean_ppl"] / y["mean_ppl"] - 1) for x, y in zip(runs, ref)]),
             "worst_chi2_vs_b_pct": paired([100 * (x["shift"]["worst_chi2"]["ppl"] / y["shift"]["worst_chi2"]["ppl"] - 1)

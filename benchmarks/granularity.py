@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, interval, paired, save, stage_seconds
+from _common import ROOT, commit, interval, paired, save, stage_seconds, worst_ratio
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -152,6 +152,8 @@ def main() -> None:
             pipeline.log(f"{mode} seed {seed}: mean ppl {evals[mode][-1]['mean_ppl']:.3f} "
                          f"worst {evals[mode][-1]['worst_ppl']:.3f} ({evals[mode][-1]['shift']['worst_domain']['domain']})")
     names = list(evals["fine"][0]["domain_ppl"])
+    source_ppl = pipeline.evaluate(base / "hf", data, 4096, 128, root / "base_eval.json")["domain_ppl"]
+    ratio = lambda x: worst_ratio(x, source_ppl)[0]  # noqa: E731
     alloc = {m: [allocation(root / f"seed{seed}" / m, members) for seed in range(args.seeds)] for m in modes}
     p0_fine = dict(zip(*_p0(data)))
     p0_share = {g: sum(p0_fine[d] for d in ms) for g, ms in members.items()}
@@ -168,37 +170,44 @@ def main() -> None:
             "worst_chi2_ppl": float(np.mean([x["shift"]["worst_chi2"]["ppl"] for x in e])),
             "mean_vs_fine_pct": paired([pct(a["mean_ppl"], b["mean_ppl"]) for a, b in zip(e, evals["fine"])]),
             "worst_vs_fine_pct": paired([pct(a["worst_ppl"], b["worst_ppl"]) for a, b in zip(e, evals["fine"])]),
+            "worst_ratio_to_source": float(np.mean([ratio(x) for x in e])),
+            "worst_ratio_domains": [worst_ratio(x, source_ppl)[1] for x in e],
+            "worst_ratio_vs_fine_pct": paired([pct(ratio(a), ratio(b)) for a, b in zip(e, evals["fine"])]),
             "token_share": {g: float(np.mean([a["token_share"][g] for a in alloc[mode]])) for g in members},
             "excess": {st: {k: float(np.mean([a["excess"][st][k] for a in alloc[mode]])) for k in alloc[mode][0]["excess"][st]}
                        for st in ("prune", "continue")},
         }
     md = ["| schedule | " + " | ".join(names) + " | mean ppl | worst fine-domain ppl | worst χ² mix | mean vs fine | "
-          "worst vs fine |", "|---" * (len(names) + 6) + "|"]
+          "worst vs fine | largest ratio to the source | ratio vs fine |", "|---" * (len(names) + 8) + "|"]
     for mode, r in table.items():
         md.append(f"| {mode} | " + " | ".join(f"{r['domain_ppl'][n]:.2f}" for n in names)
                   + f" | {r['mean_ppl']:.3f} ± {r['mean_ppl_sd']:.3f} | {r['worst_ppl']:.3f} ± {r['worst_ppl_sd']:.3f}"
-                  f" | {r['worst_chi2_ppl']:.3f} | {interval(r['mean_vs_fine_pct'])} | {interval(r['worst_vs_fine_pct'])} |")
-    md += ["", "Where the tokens went (share of the tokens trained, prune + continue, mean over seeds), and the "
+                  f" | {r['worst_chi2_ppl']:.3f} | {interval(r['mean_vs_fine_pct'])} | {interval(r['worst_vs_fine_pct'])}"
+                  f" | {r['worst_ratio_to_source']:.3f} ({', '.join(sorted(set(r['worst_ratio_domains'])))})"
+                  f" | {interval(r['worst_ratio_vs_fine_pct'])} |")
+    where = ["", "Where the tokens went (share of the tokens trained, prune + continue, mean over seeds), and the "
            "excess loss over the reference that moved them (mean over the prune stage's evaluations, per coordinate "
            "the controller weighs):", "",
            "| schedule | " + " | ".join(members) + " | prune-stage excess, loss − reference |", "|---" * (len(members) + 2) + "|",
            "| p0 | " + " | ".join(f"{p0_share[g]:.1%}" for g in members) + " | |"]
     for mode, r in table.items():
-        md.append(f"| {mode} | " + " | ".join(f"{r['token_share'][g]:.1%}" for g in members) + " | "
+        where.append(f"| {mode} | " + " | ".join(f"{r['token_share'][g]:.1%}" for g in members) + " | "
                   + ", ".join(f"{k} {v:.2f}" for k, v in r["excess"]["prune"].items()) + " |")
     seconds = sum(stage_seconds(RunDir(root / f"seed{seed}" / mode / stage).metrics)
                   for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
     source = "`synth-corpus --variants 2`" if args.corpus == "embedded" else "`debian-corpus --fine`"
     md += ["", f"{args.seeds} seed(s); the paired columns: per seed, 100·(mode / fine − 1) with a 95% Student-t interval "
-           f"over seeds and the per-seed values. {n_fine} fine domains ({source}); coarse groups: "
+           f"over seeds and the per-seed values. The largest ratio to the source: the fine domain whose perplexity "
+           f"is furthest above the base model's (the source both prune from; its `auto` references are what "
+           f"drpruning aims to stay near). {n_fine} fine domains ({source}); coarse groups: "
            + "; ".join(f"{g} = {' + '.join(ms)}" for g, ms in members.items())
            + f". Prune {args.prune_steps} + continue {args.continue_steps} steps, 16 × 128 tokens a step, evaluation "
            f"every {args.eval_interval}, 2 ranks ZeRO-3 on CPU; {seconds:.0f} s of training and evaluation "
            f"(summed from the runs' metrics, base model aside); commit {commit_id}."]
-    save(args.name, {"seeds": args.seeds, "commit": commit_id, "corpus": args.corpus, "groups": members, "p0_group_share": p0_share,
-                     "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
+    save(args.name, {"seeds": args.seeds, "commit": commit_id, "corpus": args.corpus, "groups": members,
+                     "p0_group_share": p0_share, "source_ppl": source_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
-                     "stage_seconds": round(seconds), "seconds": round(time.time() - t0)}, "\n".join(md))
+                     "stage_seconds": round(seconds), "seconds": round(time.time() - t0)}, "\n".join(md + where))
 
 
 if __name__ == "__main__":

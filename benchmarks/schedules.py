@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, commit, first_weights, paired, save, stage_seconds
+from _common import ROOT, commit, first_weights, paired, save, stage_seconds, worst_ratio
 from _common import interval as _interval
 
 from megadrp.runtime.run_dir import RunDir
@@ -150,13 +150,13 @@ def main() -> None:
             if r["prediction_mape"]:
                 md.append(f"| {mode} | " + " | ".join(f"{r['prediction_mape'][c]:.2f}%" if c in r["prediction_mape"]
                                                        else "" for c in cols) + " |")
-    stage_seconds = sum(stage_seconds(RunDir(args.root / f"seed{seed}" / mode / stage).metrics)
+    spent = sum(stage_seconds(RunDir(args.root / f"seed{seed}" / mode / stage).metrics)
                         for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
     md += ["", f"{args.seeds} seed(s); perplexities are means over seeds ± their standard deviation. The paired "
            "columns: per seed, 100·(schedule / sheared − 1) on the same seed's base, data and batches; the mean of "
            "those differences with its 95% interval (Student's t over seeds), then the per-seed values. "
            f"Prune {args.prune_steps} steps + continue {args.continue_steps} steps per schedule, 16 × 128 tokens a "
-           f"step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; {stage_seconds:.0f} s of "
+           f"step, evaluation every {args.eval_interval} steps, 2 ranks ZeRO-3 on CPU; {spent:.0f} s of "
            "training and evaluation in all (summed from the runs' metrics). Perplexities from megadrp.tools.evaluate on 32 eval windows of 128 tokens per domain. "
            f"Configuration (commit {commit_id}): each stage's `auto` references are the source model's (the base; "
            "the continue stage carries them from its prune run), and `sheared` continues from its prune's final "
@@ -164,15 +164,10 @@ def main() -> None:
     save(args.name, {"seeds": args.seeds, "commit": commit_id, "base_ppl": base_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
                      "prediction_errors_per_seed": predicted,
-                     "stage_seconds": round(stage_seconds), "seconds": round(time.time() - t0)}, "\n".join(md))
+                     "stage_seconds": round(spent), "seconds": round(time.time() - t0)}, "\n".join(md))
 
 
 SHIFT_KEYS = ("uniform", "p0_mix", "worst_chi2", "worst_domain")
-
-
-def _worst_ratio(e: dict, base_ppl: dict[str, float]) -> tuple[float, str]:
-    """The largest perplexity ratio to the base model over domains, and its domain."""
-    return max((e["domain_ppl"][n] / base_ppl[n], n) for n in base_ppl)
 
 
 def summarise(evals: dict[str, list[dict]], fitted: dict[str, list[int]],
@@ -206,16 +201,16 @@ def summarise(evals: dict[str, list[dict]], fitted: dict[str, list[int]],
                                 for k in sorted({k for p in (predicted or {}).get(mode, []) for k in p})},
         }
         if base_ppl:
-            ratio = np.array([_worst_ratio(e, base_ppl)[0] for e in runs])
+            ratio = np.array([worst_ratio(e, base_ppl)[0] for e in runs])
             table[mode].update(
                 worst_ratio_to_base=float(ratio.mean()), worst_ratio_to_base_sd=sd(ratio),
-                worst_ratio_domains=sorted({_worst_ratio(e, base_ppl)[1] for e in runs}),
-                worst_ratio_vs_sheared_pct=paired([100 * (_worst_ratio(a, base_ppl)[0] / _worst_ratio(b, base_ppl)[0] - 1)
+                worst_ratio_domains=sorted({worst_ratio(e, base_ppl)[1] for e in runs}),
+                worst_ratio_vs_sheared_pct=paired([100 * (worst_ratio(a, base_ppl)[0] / worst_ratio(b, base_ppl)[0] - 1)
                                                    for a, b in zip(runs, ref)]),
                 max_ratio_to_base=float(ratio.max()))
             if "constant" in evals:
                 table[mode]["worst_ratio_vs_constant_pct"] = paired(
-                    [100 * (_worst_ratio(a, base_ppl)[0] / _worst_ratio(b, base_ppl)[0] - 1)
+                    [100 * (worst_ratio(a, base_ppl)[0] / worst_ratio(b, base_ppl)[0] - 1)
                      for a, b in zip(runs, evals["constant"])])
     return table
 
