@@ -186,13 +186,14 @@ def main() -> None:
                   f" | {r['worst_ratio_to_source']:.3f} ({', '.join(sorted(set(r['worst_ratio_domains'])))})"
                   f" | {interval(r['worst_ratio_vs_fine_pct'])} |")
     where = ["", "Where the tokens went (share of the tokens trained, prune + continue, mean over seeds), and the "
-           "excess loss over the reference that moved them (mean over the prune stage's evaluations, per coordinate "
-           "the controller weighs):", "",
-           "| schedule | " + " | ".join(members) + " | prune-stage excess, loss − reference |", "|---" * (len(members) + 2) + "|",
-           "| p0 | " + " | ".join(f"{p0_share[g]:.1%}" for g in members) + " | |"]
+             "excess loss over the reference that moved them (mean over the prune stage's evaluations, per "
+             "coordinate the controller weighs):", "",
+             "| schedule | " + " | ".join(members) + " | prune-stage excess, loss − reference |",
+             "|---" * (len(members) + 2) + "|",
+             "| p0 | " + " | ".join(f"{p0_share[g]:.1%}" for g in members) + " | |"]
     for mode, r in table.items():
         where.append(f"| {mode} | " + " | ".join(f"{r['token_share'][g]:.1%}" for g in members) + " | "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in r["excess"]["prune"].items()) + " |")
+                     + ", ".join(f"{k} {v:.2f}" for k, v in r["excess"]["prune"].items()) + " |")
     seconds = sum(stage_seconds(RunDir(root / f"seed{seed}" / mode / stage).metrics)
                   for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
     source = "`synth-corpus --variants 2`" if args.corpus == "embedded" else "`debian-corpus --fine`"
@@ -205,7 +206,8 @@ def main() -> None:
            f"every {args.eval_interval}, 2 ranks ZeRO-3 on CPU; {seconds:.0f} s of training and evaluation "
            f"(summed from the runs' metrics, base model aside); commit {commit_id}."]
     save(args.name, {"seeds": args.seeds, "commit": commit_id, "corpus": args.corpus, "groups": members,
-                     "p0_group_share": p0_share, "source_ppl": source_ppl, "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
+                     "p0_group_share": p0_share, "source_ppl": source_ppl,
+                     "prune_steps": args.prune_steps, "continue_steps": args.continue_steps,
                      "eval_interval": args.eval_interval, "results": table, "per_seed": evals,
                      "stage_seconds": round(seconds), "seconds": round(time.time() - t0)}, "\n".join(md + where))
 

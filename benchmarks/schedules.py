@@ -151,7 +151,7 @@ def main() -> None:
                 md.append(f"| {mode} | " + " | ".join(f"{r['prediction_mape'][c]:.2f}%" if c in r["prediction_mape"]
                                                        else "" for c in cols) + " |")
     spent = sum(stage_seconds(RunDir(args.root / f"seed{seed}" / mode / stage).metrics)
-                        for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
+                for seed in range(args.seeds) for mode in modes for stage in ("prune", "continue"))
     md += ["", f"{args.seeds} seed(s); perplexities are means over seeds ± their standard deviation. The paired "
            "columns: per seed, 100·(schedule / sheared − 1) on the same seed's base, data and batches; the mean of "
            "those differences with its 95% interval (Student's t over seeds), then the per-seed values. "
