@@ -1,4 +1,9 @@
-"""DATA_DIR/manifest.json: what preprocessing produced, read by every later stage."""
+"""DATA_DIR/manifest.json: what preprocessing produced, read by every later stage.
+
+Each domain has a train split (what batches draw), an eval split (what a run evaluates and its
+domain schedule steers by) and, where `megadrp preprocess --test-docs` made one, a test split:
+what results are reported on. No training run opens the test split; only `megadrp eval`
+(tools/) does, so a reported number was never feedback to the schedule that produced it."""
 from __future__ import annotations
 
 import json
@@ -11,6 +16,7 @@ from megadrp.errors import ManifestError
 from megadrp.runtime.files import atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
+SPLITS = ("train", "eval", "test")
 
 
 @dataclass(frozen=True)
@@ -22,7 +28,20 @@ class DomainShards:
     eval_tokens: int
     train_docs: int
     eval_docs: int
-    max_token_id: int | None = None  # largest id in either split (None: a manifest from before it was recorded)
+    max_token_id: int | None = None  # largest id in any split (None: a manifest from before it was recorded)
+    test: Path | None = None  # None: a DATA_DIR made without --test-docs
+    test_tokens: int = 0
+    test_docs: int = 0
+
+    def split(self, name: str) -> Path:
+        """The prefix of split `name`; the test split only where the DATA_DIR has one."""
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r}: choose from {', '.join(SPLITS)}")
+        prefix = getattr(self, name)
+        if prefix is None:
+            raise ManifestError(f"domain {self.name!r} has no {name} split; make the DATA_DIR with "
+                                f"`megadrp preprocess --{name}-docs N`")
+        return prefix
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,11 @@ class Manifest:
             raise ManifestError(f"{self.data_dir / MANIFEST}: no domain {', '.join(map(repr, missing))}; "
                                 f"it has {', '.join(self.domains)}")
         return [self.domains[n] for n in names]
+
+    @property
+    def has_test(self) -> bool:
+        """Every domain has a test split (`megadrp preprocess --test-docs`)."""
+        return all(d.test is not None for d in self.domains.values())
 
     def check_vocab(self, model_vocab: int, names: list[str] | None = None) -> None:
         """Refuse, before any compute, data whose recorded token ids reach past the model's
@@ -79,6 +103,8 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
                 train_tokens=int(v["train_tokens"]), eval_tokens=int(v["eval_tokens"]),
                 train_docs=int(v["train_docs"]), eval_docs=int(v["eval_docs"]),
                 max_token_id=None if v.get("max_token_id") is None else int(v["max_token_id"]),
+                test=d / v["test"] if v.get("test") else None,
+                test_tokens=int(v.get("test_tokens", 0)), test_docs=int(v.get("test_docs", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{path}: domain {name!r} entry is incomplete ({e!r})") from e

@@ -243,17 +243,19 @@ class MixtureDataset(IterableDataset):
 
 
 class EvalWindows:
-    """The fixed eval windows of one domain: the first `tokens // seq_len` non-overlapping
-    windows of its eval split (the same ones `megadrp eval` scores)."""
+    """The fixed windows of one domain's held-out split: the first `tokens // seq_len`
+    non-overlapping windows (of the eval split for the trainer; `megadrp eval` scores the same
+    ones, or the test split's)."""
 
-    def __init__(self, prefix, seq_len: int, tokens: int, name: str = "", vocab_size: int | None = None) -> None:
+    def __init__(self, prefix, seq_len: int, tokens: int, name: str = "", vocab_size: int | None = None,
+                 split: str = "eval") -> None:
         self.ds = IndexedDataset(prefix, vocab_size)
         self.seq_len = seq_len
         available = (self.ds.num_tokens - 1) // seq_len
         self.n = min(available, max(1, tokens // seq_len))
         if available < 1:
-            raise ValueError(f"domain {name or prefix!r}: eval split has {self.ds.num_tokens} tokens, "
-                             f"fewer than one window of {seq_len + 1}; hold out more eval documents")
+            raise ValueError(f"domain {name or prefix!r}: {split} split has {self.ds.num_tokens} tokens, "
+                             f"fewer than one window of {seq_len + 1}; hold out more {split} documents")
 
     def __len__(self) -> int:
         return self.n

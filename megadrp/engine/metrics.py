@@ -92,7 +92,8 @@ def prediction_accuracy(rows: list[dict], fractions: tuple[float, ...] = (0.25, 
     """How well the fitted scaling laws foresaw a stage's end: for each fraction f, the
     controller's predicted end-of-stage loss at the last evaluation no later than f·steps,
     against the eval loss the stage reached at its end (absolute % error per domain, and
-    their mean). Fractions at which no law had been fitted yet are left out.
+    their mean), beside the naive predictor's: the eval loss observed at that evaluation, as if
+    nothing would change. Fractions at which no law had been fitted yet are left out.
 
     In a prune stage the controller predicts for the step's ramped target sparsity, not the
     final one, and clips a prediction to the lowest loss seen (SPEC §3.1): a prediction made
@@ -111,8 +112,10 @@ def prediction_accuracy(rows: list[dict], fractions: tuple[float, ...] = (0.25, 
         row = at[-1]
         err = {n: 100 * abs(p - final[n]) / final[n] for n, p in row["controller"]["predicted_loss"].items()
                if p is not None and n in final}
+        naive = {n: 100 * abs(row["eval_loss"][n] - final[n]) / final[n] for n in err}
         out[f"{round(100 * f)}%"] = {"step": row["step"], "mape": float(sum(err.values()) / len(err)),
-                                     "per_domain": err}
+                                     "naive_mape": float(sum(naive.values()) / len(naive)),
+                                     "per_domain": err, "naive_per_domain": naive}
     return out
 
 

@@ -1,13 +1,17 @@
 """Independent per-domain evaluation of any Hugging Face causal LM on megadrp's eval windows.
 
-    megadrp eval --model HF_DIR --data DATA_DIR [--tokens-per-domain N]
+    megadrp eval --model HF_DIR --data DATA_DIR [--split test|eval] [--tokens-per-domain N]
         [--seq-len N] [--out FILE] [--domains a,b,...] [--shift [--p0 SPEC] [--rho R]]
         [--corrupt RATE [--corrupt-seed N]] [--tasks arc_easy,hellaswag,... [--task-dir DIR] [--limit N] [--num-fewshot K]]
 
 Loads the model with transformers (not megadrp's model class: this is the check that the
-export is a standard model) and scores the same fixed windows the trainer evaluates. The
-last line printed is a JSON object:
-{"domain_loss": {...}, "domain_ppl": {...}, "mean_ppl": x, "worst_ppl": x}.
+export is a standard model) and scores the first `tokens // seq_len` windows of each domain's
+test split, where the DATA_DIR has one (`megadrp preprocess --test-docs`): documents no
+training run opened. `--split eval` scores the windows the trainer evaluated and its domain
+schedule steered by instead; a DATA_DIR without a test split is scored on them, and a line says
+so. The last line printed is a JSON object:
+{"split": "test", "domain_loss": {...}, "domain_ppl": {...}, "mean_ppl": x, "worst_ppl": x,
+ "windows": {...}}.
 
 `--shift` adds a "shift" object: the loss (and perplexity) the model would have under the
 uniform mix, under p0, under the worst mix inside the χ² ball of radius ρ around p0 (the
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megadrp.data.manifest import load_manifest
+from megadrp.data.manifest import Manifest, load_manifest
 from megadrp.data.mixture import EvalWindows
 from megadrp.errors import ManifestError
 from megadrp.runtime.files import atomic_write_text
@@ -50,12 +54,27 @@ def corrupt(x: torch.Tensor, rate: float, vocab: int, seed: int) -> tuple[torch.
     return torch.where(hit, noise, x), ~hit[:, 1:]
 
 
+def default_split(manifest: Manifest, split: str | None) -> tuple[str, str | None]:
+    """The split to score and, when it is not the one asked for or expected, a line saying why:
+    `None` means the test split where every domain has one, else the eval split."""
+    if split is not None:
+        if split == "test" and not manifest.has_test:
+            raise ManifestError(f"{manifest.data_dir}: no test split; make the DATA_DIR with "
+                                "`megadrp preprocess --test-docs N`, or score the eval split with --split eval")
+        return split, None
+    if manifest.has_test:
+        return "test", None
+    return "eval", (f"{manifest.data_dir} has no test split (made without --test-docs): scoring the eval split, "
+                    "the windows a run evaluates and steers its domain schedule by")
+
+
 @torch.no_grad()
 def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int,
-             domains: list[str] | None = None, batch: int = 8, corrupt_rate: float = 0.0, seed: int = 0) -> dict:
-    """Per-domain mean token loss and perplexity of the model at `model_dir` on DATA_DIR's eval
-    windows; with `corrupt_rate`, on windows damaged by `corrupt` (seeded by `seed` and the
-    domain's place), scoring the intact targets only."""
+             domains: list[str] | None = None, batch: int = 8, corrupt_rate: float = 0.0, seed: int = 0,
+             split: str | None = None) -> dict:
+    """Per-domain mean token loss and perplexity of the model at `model_dir` on the first
+    windows of DATA_DIR's `split` (`default_split`); with `corrupt_rate`, on windows damaged by
+    `corrupt` (seeded by `seed` and the domain's place), scoring the intact targets only."""
     from transformers import AutoModelForCausalLM
 
     if not Path(model_dir, "config.json").is_file():
@@ -64,11 +83,15 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
         raise FileNotFoundError(f"{model_dir}: config.json but no weights (*.safetensors or pytorch_model*.bin); "
                                 "point --model at a complete export (RUN_DIR/hf)")
     manifest = load_manifest(data_dir)
+    split, note = default_split(manifest, split)
+    if note:
+        print(f"evaluate: {note}", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     manifest.check_vocab(model.config.vocab_size, domains)
-    losses = {}
+    losses, windows = {}, {}
     for j, d in enumerate(manifest.select(domains)):
-        ew = EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, model.config.vocab_size)
+        ew = EvalWindows(d.split(split), seq_len, tokens_per_domain, d.name, model.config.vocab_size, split)
+        windows[d.name] = ew.n
         total, count = 0.0, 0
         for s in range(0, ew.n, batch):
             x = torch.from_numpy(np.stack([ew[i] for i in range(s, min(s + batch, ew.n))]))
@@ -79,8 +102,9 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
             count += int(keep.sum())
         losses[d.name] = total / count
     ppl = {k: math.exp(v) for k, v in losses.items()}
-    return {"domain_loss": losses, "domain_ppl": ppl, "mean_ppl": float(np.mean(list(ppl.values()))),
-            "worst_ppl": max(ppl.values())}
+    return {"split": split, "domain_loss": losses, "domain_ppl": ppl, "mean_ppl": float(np.mean(list(ppl.values()))),
+            "worst_ppl": max(ppl.values()), "windows": windows, "seq_len": seq_len,
+            "tokens_per_domain": tokens_per_domain}
 
 
 def shift_report(losses: dict[str, float], p0: np.ndarray, rho: float) -> dict:
@@ -127,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face model directory")
     ap.add_argument("--data", required=True, help="DATA_DIR written by `megadrp preprocess`")
+    ap.add_argument("--split", choices=("test", "eval"), default=None,
+                    help="the held-out split to score (default: test where the DATA_DIR has one, else eval, said in "
+                    "one line)")
     ap.add_argument("--tokens-per-domain", type=int, default=None,
                     help="eval tokens per domain (default: the trainer's, from RUN_DIR/config.yaml beside the model, else 16384)")
     ap.add_argument("--seq-len", type=int, default=None, help="window length (default: the trainer's, else 128)")
@@ -189,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 (rc.get("dro", {}).get("initial_proportion"), f"{run_cfg}: dro.initial_proportion",
                  rc.get("domain_groups"))
             p0 = _p0(spec, manifest, names, where, rc.get("model", {}).get("init"), groups)
-        res = evaluate(args.model, args.data, tokens, seq, domains, corrupt_rate=args.corrupt, seed=args.corrupt_seed)
+        res = evaluate(args.model, args.data, tokens, seq, domains, corrupt_rate=args.corrupt, seed=args.corrupt_seed,
+                       split=args.split)
         if args.corrupt:
             res["corrupt"] = {"rate": args.corrupt, "seed": args.corrupt_seed}
         if p0 is not None:

@@ -73,9 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.path}: {len(m.domains)} domains, vocab {m.vocab_size}, eod {m.eod_id}, {m.dtype}")
             total = 0
             for d in m.domains.values():
-                print(f"  {d.name:>14}: train {d.train_docs:,} docs / {d.train_tokens:,} tokens, "
-                      f"eval {d.eval_docs:,} docs / {d.eval_tokens:,} tokens")
-                total += d.train_tokens + d.eval_tokens
+                splits = [("train", d.train_docs, d.train_tokens), ("eval", d.eval_docs, d.eval_tokens)]
+                if d.test is not None:
+                    splits.append(("test", d.test_docs, d.test_tokens))
+                print(f"  {d.name:>14}: " + ", ".join(f"{s} {n:,} docs / {t:,} tokens" for s, n, t in splits))
+                total += sum(t for _, _, t in splits)
+            print("  splits: train, eval (what runs evaluate and steer by)"
+                  + (", test (what results are reported on; no run opens it)" if m.has_test else
+                     "; no test split (`megadrp preprocess --test-docs N` makes one)"))
             print(f"  total {total:,} tokens")
             if args.config is not None:
                 from megadrp.config import load_config

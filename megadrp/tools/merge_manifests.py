@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from megadrp.data.manifest import MANIFEST, write_manifest
+from megadrp.data.manifest import MANIFEST, SPLITS, write_manifest
 from megadrp.errors import ManifestError
 from megadrp.runtime.files import read_json
 
@@ -38,7 +38,7 @@ def merge(out: Path, parts: list[Path]) -> dict:
         for name, d in m["domains"].items():
             if name in merged["domains"]:
                 raise ManifestError(f"{path}: domain {name!r} appears in more than one part")
-            merged["domains"][name] = {**d, "train": str(rel / d["train"]), "eval": str(rel / d["eval"])}
+            merged["domains"][name] = {**d, **{s: str(rel / d[s]) for s in SPLITS if d.get(s)}}
     write_manifest(out, merged)
     return merged
 

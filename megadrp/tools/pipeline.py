@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from megadrp.data.manifest import load_manifest
 from megadrp.runtime.files import read_json
 from megadrp.runtime.launch import free_port
 from megadrp.runtime.run_dir import RunDir
@@ -37,11 +38,15 @@ def megadrp(command: str, *args: str) -> list[str]:
 
 
 def prepare_data(out: Path, corpus: Path | None = None, vocab: int = 4096, docs_per_domain: int = 2000,
-                 eval_docs: int = 50, seed: int = 0) -> Path:
+                 eval_docs: int = 50, seed: int = 0, test_docs: int = 50) -> Path:
     """Corpus (the embedded one unless `corpus` is a directory of NAME.jsonl files) →
-    tokenizer → shards. Returns DATA_DIR."""
+    tokenizer → shards with train, eval and test splits. `seed` draws the embedded corpus and
+    the held-out documents. Returns DATA_DIR."""
     data = out / "data"
     if (data / "manifest.json").is_file():
+        if test_docs and not load_manifest(data).has_test:
+            raise SystemExit(f"megadrp: {data} was made without a test split (an older megadrp); results are "
+                             "scored on the test split: delete the folder (or pick another --out) and rerun")
         log(f"data: reusing {data}")
         return data
     if corpus is None:
@@ -56,7 +61,8 @@ def prepare_data(out: Path, corpus: Path | None = None, vocab: int = 4096, docs_
     inputs = [a for f in files for a in ("--input", f"{f.name.split('.')[0]}={f}")]
     log("data: tokenizing into shards")
     sh(megadrp("preprocess", *inputs, "--tokenizer", str(out / "tokenizer"), "--out", str(data),
-               "--workers", str(min(2, os.cpu_count() or 1)), "--eval-docs", str(eval_docs), "--overwrite"))
+               "--workers", str(min(2, os.cpu_count() or 1)), "--eval-docs", str(eval_docs),
+               "--test-docs", str(test_docs), "--seed", str(seed), "--overwrite"))
     return data
 
 
@@ -85,17 +91,20 @@ def train_stage(config: str, run_dir: Path, overrides: list[str], ranks: int = 2
 
 
 def evaluate(model: Path, data: Path, tokens: int, seq_len: int, out: Path, corrupt: float = 0.0,
-             p0: dict[str, float] | None = None) -> dict:
-    """`megadrp eval --shift` (and `--corrupt RATE`) of `model`, cached in `out`. `p0` (domain →
-    share) centres the shifted mixes; without it, the run's own dro.initial_proportion does. Models
-    of different schedules are compared under one p0: a continue stage with `carried` has its own."""
+             p0: dict[str, float] | None = None, split: str = "test") -> dict:
+    """`megadrp eval --shift` (and `--corrupt RATE`) of `model` on `split` (results: the test
+    split, which no run opened), cached in `out`. `p0` (domain → share) centres the shifted mixes;
+    without it, the run's own dro.initial_proportion does. Models of different schedules are
+    compared under one p0: a continue stage with `carried` has its own."""
     if out.is_file():
         cached = read_json(out)
-        # one written before --shift existed, or around another p0, is made again
-        if "shift" in cached and (p0 is None or _same_mix(cached["shift"]["p0"], p0)):
+        # one written before --shift or the test split existed, on another split or windows, or
+        # around another p0, is made again
+        if ("shift" in cached and cached.get("split") == split and cached.get("seq_len") == seq_len
+                and cached.get("tokens_per_domain") == tokens and (p0 is None or _same_mix(cached["shift"]["p0"], p0))):
             return cached
-    sh(megadrp("eval", "--model", str(model), "--data", str(data), "--tokens-per-domain", str(tokens),
-               "--seq-len", str(seq_len), "--out", str(out), "--shift",
+    sh(megadrp("eval", "--model", str(model), "--data", str(data), "--split", split,
+               "--tokens-per-domain", str(tokens), "--seq-len", str(seq_len), "--out", str(out), "--shift",
                *(["--p0", ",".join(f"{k}={v!r}" for k, v in p0.items())] if p0 else []),
                *(["--corrupt", str(corrupt)] if corrupt else [])), quiet=True)
     return read_json(out)

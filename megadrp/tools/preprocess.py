@@ -1,7 +1,7 @@
 """Domain corpora → Megatron indexed shards (train + eval per domain) + manifest.json.
 
     megadrp preprocess --input NAME=PATH [--input NAME=PATH ...] \\
-        --tokenizer DIR --out DATA_DIR [--workers N] [--eval-docs N] [--json-key text] \\
+        --tokenizer DIR --out DATA_DIR [--workers N] [--eval-docs N] [--test-docs N] [--json-key text] \\
         [--overwrite] [--skip-bad] [--seed N] [--max-doc-bytes 16MiB]
 
 PATH is a file or a glob of .jsonl / .jsonl.gz / .jsonl.zst / .txt / .parquet files
@@ -11,10 +11,14 @@ Streaming: the main process reads raw lines (parquet: rows, one row group at a t
 writes shards; N worker processes parse and tokenize chunks in order, so the output is
 identical for any N and memory does not grow with the corpus.
 
-Eval hold-out: --eval-docs documents per domain, chosen by a seeded draw over the
+Hold-outs: --eval-docs documents per domain, chosen by a seeded draw over the
 domain's non-blank lines and parquet rows (a cheap first pass counts them; parquet
 files from their metadata), so the split is deterministic
-and not biased toward the start of the corpus.
+and not biased toward the start of the corpus. --test-docs draws a third, disjoint set
+from the documents left (a draw of its own, so the eval split is the same with or
+without it): the test split, which results are reported on and no training run opens.
+The eval split is what a run evaluates and its domain schedule steers by; a result
+scored there is scored on its own feedback.
 
 Validate, then build beside, then swap: every usage error (names, tokenizer, inputs,
 corrupt compressed files, --eval-docs against the corpus, DATA_DIR) is found before
@@ -63,7 +67,7 @@ from megadrp.data.corpus_io import (
     where,
 )
 from megadrp.data.indexed import IndexedDatasetWriter, dtype_for_vocab
-from megadrp.data.manifest import MANIFEST, write_manifest
+from megadrp.data.manifest import MANIFEST, SPLITS, write_manifest
 from megadrp.data.tokenizer import Tokenizer, load_tokenizer
 from megadrp.errors import CorpusError, PreprocessError, TokenizerError
 from megadrp.runtime.files import fsync_dir
@@ -293,10 +297,23 @@ def _chunks(files: list[Path], json_key: str, max_doc_bytes: int) -> Iterator[Ch
             yield Chunk(str(path), kind, buf)
 
 
+def _rng(*key: object) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(":".join(map(str, key)).encode()).digest()[:8], "little"))
+
+
 def _eval_ordinals(name: str, n_docs: int, eval_docs: int, seed: int) -> np.ndarray:
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
-    rng = np.random.default_rng(h)
-    return np.sort(rng.choice(n_docs, size=eval_docs, replace=False))
+    return np.sort(_rng(seed, name).choice(n_docs, size=eval_docs, replace=False))
+
+
+def holdout_splits(name: str, n_docs: int, eval_docs: int, test_docs: int, seed: int) -> dict[int, str]:
+    """Ordinal → 'eval' or 'test' for a domain's held-out documents (the rest train). The test
+    draw comes from its own stream over what the eval draw left, so adding a test split leaves
+    the eval split as it was, and no document is in two splits."""
+    held = {int(i): "eval" for i in _eval_ordinals(name, n_docs, eval_docs, seed)}
+    if test_docs:
+        rest = np.setdiff1d(np.arange(n_docs), np.fromiter(held, dtype=np.int64), assume_unique=True)
+        held.update((int(i), "test") for i in _rng(seed, name, "test").choice(rest, size=test_docs, replace=False))
+    return held
 
 
 def check_domain_name(name: str, spec: str | None = None) -> str:
@@ -524,7 +541,8 @@ class _Progress:
 
 def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, workers: int = 1,
                eval_docs: int = 100, json_key: str = "text", overwrite: bool = False,
-               skip_bad: bool = False, seed: int = 0, max_doc_bytes: int = MAX_DOC_BYTES) -> dict:
+               skip_bad: bool = False, seed: int = 0, max_doc_bytes: int = MAX_DOC_BYTES,
+               test_docs: int = 0) -> dict:
     """Validate everything, build the new DATA_DIR in a hidden sibling, swap it in.
 
     Nothing at `out` is touched before the swap; any failure or signal before it removes
@@ -546,15 +564,18 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
         if n == 0:
             raise CorpusError(f"domain {name!r} ({', '.join(map(str, domains[name]))}): no documents; "
                               "check the files or leave the domain out")
-        if n <= eval_docs:
-            raise CorpusError(f"domain {name!r}: {n} documents, need more than --eval-docs={eval_docs} "
-                              "(lower --eval-docs or add data)")
+        if n <= eval_docs + test_docs:
+            held = f"--eval-docs={eval_docs}" + (f" + --test-docs={test_docs}" if test_docs else "")
+            raise CorpusError(f"domain {name!r}: {n} documents, need more than {held} "
+                              f"(lower {'them' if test_docs else '--eval-docs'} or add data)")
     for p in _leftovers(target):
         log.warning("%s: left by an earlier preprocess that was killed; delete it when no preprocess runs", p)
 
     # -- 2. build beside ---------------------------------------------------------------------
+    splits = ("train", "eval", "test") if test_docs else ("train", "eval")
     manifest: dict = {"tokenizer": "tokenizer", "vocab_size": vocab, "eod_id": eod,
-                      "dtype": np.dtype(dtype).name, "domains": {}}
+                      "dtype": np.dtype(dtype).name, "domains": {},
+                      "holdout": {"seed": seed, "eval_docs": eval_docs, "test_docs": test_docs}}
     stage: Path | None = None
     pool = progress = None
     writers: dict[str, IndexedDatasetWriter] = {}
@@ -571,15 +592,15 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
         _raise_pending()
         skipped_total = 0
         for name, files in domains.items():
-            held_out = set(_eval_ordinals(name, counts[name], eval_docs, seed).tolist())
+            held_out = holdout_splits(name, counts[name], eval_docs, test_docs, seed)
             writers = {s: IndexedDatasetWriter(_inside(stage, stage / f"{name}_{s}"), dtype, vocab)
-                       for s in ("train", "eval")}
-            stats = {"train_tokens": 0, "eval_tokens": 0, "train_docs": 0, "eval_docs": 0}
+                       for s in splits}
+            stats = {f"{s}_{what}": 0 for s in splits for what in ("tokens", "docs")}
             ordinal = skipped = 0
             for enc in pool.imap(_encode_chunk, _chunks(files, json_key, max_doc_bytes), chunksize=1):
                 offset = 0
                 for n in enc.lengths.tolist():
-                    split = "eval" if ordinal in held_out else "train"
+                    split = held_out.get(ordinal, "train")
                     ordinal += 1
                     if n < 0:
                         continue
@@ -593,16 +614,16 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
                     log.warning("%s", msg)
                 skipped += len(enc.bad)
                 progress.update(len(enc.lengths), int(enc.flat.size))
-            if stats["train_docs"] == 0 or stats["eval_docs"] == 0:
-                raise CorpusError(f"domain {name!r}: no usable documents left in the "
-                                  f"{'train' if stats['train_docs'] == 0 else 'eval'} split after skipping "
-                                  "bad lines; fix the lines or lower --eval-docs")
+            empty = [s for s in splits if stats[f"{s}_docs"] == 0]
+            if empty:
+                raise CorpusError(f"domain {name!r}: no usable documents left in the {empty[0]} split after "
+                                  "skipping bad lines; fix the lines or lower --eval-docs/--test-docs")
             stats["max_token_id"] = max(w.max_token_id for w in writers.values())
             for w in writers.values():
                 w.finalize()
             writers = {}
             skipped_total += skipped
-            manifest["domains"][name] = {"train": f"{name}_train", "eval": f"{name}_eval", **stats,
+            manifest["domains"][name] = {**{s: f"{name}_{s}" for s in splits}, **stats,
                                          "skipped_docs": skipped, "sources": [str(f) for f in files]}
         pool.close()
         pool.join()
@@ -665,7 +686,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (Hugging Face format)")
     ap.add_argument("--out", required=True, type=Path, help="DATA_DIR to create")
     ap.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default 1)")
-    ap.add_argument("--eval-docs", type=int, default=100, help="documents held out per domain (default 100)")
+    ap.add_argument("--eval-docs", type=int, default=100,
+                    help="documents held out per domain for the runs' evaluations (default 100)")
+    ap.add_argument("--test-docs", type=int, default=0,
+                    help="documents held out per domain for reported results, never opened by a run (default 0: "
+                    "no test split; `megadrp eval` then scores the eval split and says so)")
     ap.add_argument("--json-key", default="text",
                     help="JSON key (or parquet column) that holds the text (default 'text')")
     ap.add_argument("--overwrite", action="store_true",
@@ -681,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--workers must be at least 1")
     if args.eval_docs < 1:
         ap.error("--eval-docs must be at least 1")
+    if args.test_docs < 0:
+        ap.error("--test-docs must be 0 (no test split) or more")
     _SIGNALS.defer, _SIGNALS.pending = False, None
     on_main = threading.current_thread() is threading.main_thread()
     if on_main and hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack to stderr, to see a hang
@@ -693,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         domains = parse_inputs(args.input)
         manifest = preprocess(domains, args.tokenizer, args.out, args.workers, args.eval_docs,
-                              args.json_key, args.overwrite, args.skip_bad, args.seed, args.max_doc_bytes)
+                              args.json_key, args.overwrite, args.skip_bad, args.seed, args.max_doc_bytes,
+                              args.test_docs)
     except Interrupted as e:
         print(f"preprocess: interrupted by {signal.Signals(e.signum).name}; {e.note}", file=sys.stderr)
         return 128 + e.signum
@@ -704,10 +732,10 @@ def main(argv: list[str] | None = None) -> int:
         for s, handler in before.items():
             signal.signal(s, handler)
     dt = time.time() - t0
-    total = sum(d["train_tokens"] + d["eval_tokens"] for d in manifest["domains"].values())
+    total = sum(d.get(f"{s}_tokens", 0) for d in manifest["domains"].values() for s in SPLITS)
     for name, d in manifest["domains"].items():
-        print(f"{name:>14}: train {d['train_docs']:,} docs / {d['train_tokens']:,} tokens, "
-              f"eval {d['eval_docs']:,} docs / {d['eval_tokens']:,} tokens"
+        print(f"{name:>14}: " + ", ".join(f"{s} {d[s + '_docs']:,} docs / {d[s + '_tokens']:,} tokens"
+                                          for s in SPLITS if s in d)
               + (f", skipped {d['skipped_docs']}" if d["skipped_docs"] else ""))
     print(f"preprocess: wrote {args.out / MANIFEST} ({total:,} tokens, {manifest['dtype']}) in {dt:.1f}s "
           f"({total / max(dt, 1e-9):,.0f} tokens/s)")

@@ -168,8 +168,13 @@ def prediction_table(runs: dict[str, list[dict]]) -> str:
 
 def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], extra: str = "") -> Path:
     runs = {k: read_metrics(RunDir(v).metrics) for k, v in stages.items() if RunDir(v).metrics.is_file()}
+    splits = {ev.get("split", "eval") for ev in evals.values()}
+    where = ("the test split: documents no training run opened" if splits == {"test"} else
+             "the eval split, which the runs evaluated and steered their domain schedule by (this DATA_DIR has no "
+             "test split: `megadrp preprocess --test-docs N` makes one)" if splits == {"eval"} else
+             f"mixed splits ({', '.join(sorted(splits))})")
     parts = ["# megadrp report", "", extra, "", "## Per-domain perplexity (megadrp eval, transformers)", "",
-             ppl_table(evals), "", "![perplexity](perplexity.png)", ""]
+             f"Scored on {where}.", "", ppl_table(evals), "", "![perplexity](perplexity.png)", ""]
     plot_ppl(evals, out)
     if runs:
         plot_losses({k: v for k, v in runs.items() if k != "pretrain"} or runs, out)
