@@ -117,12 +117,13 @@ def run_seed(root: Path, corpus: str, seed: int, args, arms: list[str]) -> dict:
 
     work = root / f"seed{seed}"
     held = HELD_OUT[corpus]
-    data = pipeline.prepare_data(work, corpus_dir(root, corpus, seed), seed=seed, eval_docs=held[0], test_docs=held[1])
+    data = pipeline.prepare_data(work, corpus_dir(root, corpus, seed), seed=seed, eval_docs=held[0], test_docs=held[1],
+                                 reuse="adopt")
     mix = ["domains=null", "dro.initial_proportion=tokens^0.3"] if corpus != "embedded" else []
     common = [f"data_dir={data}", f"seed={1234 + seed}", "train.log_interval=1000", *mix]
     base, target = work / "base", work / "target_scratch"
-    pipeline.train_stage("configs/tiny/pretrain.yaml", base, common, quiet=True)
-    pipeline.train_stage("configs/tiny/pretrain.yaml", target, common + target_shape(), quiet=True)
+    pipeline.train_stage("configs/tiny/pretrain.yaml", base, common, quiet=True, reuse="adopt")
+    pipeline.train_stage("configs/tiny/pretrain.yaml", target, common + target_shape(), quiet=True, reuse="adopt")
     out: dict = {"evals": {}, "fitted_from": {}, "prediction": {}, "seconds": 0.0}
     p0 = None
     for arm in arms:
@@ -131,10 +132,12 @@ def run_seed(root: Path, corpus: str, seed: int, args, arms: list[str]) -> dict:
         ref = [f"dro.reference_loss=model:{RunDir(target).hf}"] if refs == "target" else []
         over = common + [f"dro.mode={mode}", f"eval.interval={args.eval_interval}", *ref]
         pipeline.train_stage("configs/tiny/prune.yaml", run / "prune",
-                             over + [f"model.init={RunDir(base).hf}", f"train.steps={args.prune_steps}"], quiet=True)
+                             over + [f"model.init={RunDir(base).hf}", f"train.steps={args.prune_steps}"], quiet=True,
+                             reuse="adopt")
         pipeline.train_stage("configs/tiny/continue.yaml", run / "continue",
                              over + [f"model.init={RunDir(run / 'prune').hf}", f"train.steps={args.continue_steps}",
-                                     *(["dro.initial_proportion=carried"] if carried else [])], quiet=True)
+                                     *(["dro.initial_proportion=carried"] if carried else [])], quiet=True,
+                             reuse="adopt")
         # one χ² ball for every arm: around the prune stage's p0, which every arm starts from
         p0 = p0 or first_weights(RunDir(run / "prune").metrics)
         out["evals"][arm] = pipeline.evaluate(RunDir(run / "continue").hf, data, TEST_TOKENS, 128,

@@ -123,7 +123,8 @@ def main() -> None:
                 if mode == "drpruning":
                     over.append("dro.reference_loss=teacher")
             run = base / f"distill_{arm}"
-            pipeline.train_stage("configs/tiny/continue.yaml", run / "continue", common + over, quiet=True)
+            pipeline.train_stage("configs/tiny/continue.yaml", run / "continue", common + over, quiet=True,
+                                 reuse="adopt")
             ev = pipeline.evaluate(RunDir(run / "continue").hf, data, 4096, 128, RunDir(run).eval_json)
             evals.setdefault(arm, []).append(ev)
             if seed == 0:
@@ -138,7 +139,8 @@ def main() -> None:
                 over = [f"dro.mode={mode}", f"train.steps={steps}", f"distill.teacher={teacher}", "distill.alpha=1.0",
                         "distill.chunk_tokens=512", *(["dro.reference_loss=teacher"] if mode == "drpruning" else [])]
                 run = base / f"distill_{arm}"
-                pipeline.train_stage("configs/tiny/continue.yaml", run / "continue", common + over, quiet=True)
+                pipeline.train_stage("configs/tiny/continue.yaml", run / "continue", common + over, quiet=True,
+                                 reuse="adopt")
                 evals.setdefault(arm, []).append(pipeline.evaluate(RunDir(run / "continue").hf, data, 4096, 128,
                                                                    RunDir(run).eval_json))
     table = {}

@@ -131,10 +131,10 @@ def main() -> None:
     if n_fine < MIN_FINE or len(members) < 2:
         raise SystemExit(f"granularity: {corpus} has {n_fine} fine domains in {len(members)} groups; the study needs "
                          f"at least {MIN_FINE} in 2 or more (see {corpus / 'sources.json'} for what was left out)")
-    data = pipeline.prepare_data(root / "base", corpus)
+    data = pipeline.prepare_data(root / "base", corpus, reuse="adopt")
     base = root / "base" / "pretrain"
     fine, coarse = coarse_overrides(data, members)
-    pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *fine])
+    pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *fine], reuse="adopt")
     over = {"constant": ["dro.mode=constant", *fine], "fine": ["dro.mode=drpruning", *fine],
             "coarse": ["dro.mode=drpruning", *coarse]}
     evals: dict[str, list[dict]] = {m: [] for m in modes}
@@ -144,10 +144,11 @@ def main() -> None:
             common = [f"data_dir={data}", f"seed={1234 + seed}", "train.log_interval=1000",
                       f"eval.interval={args.eval_interval}", *over[mode]]
             pipeline.train_stage("configs/tiny/prune.yaml", run / "prune",
-                                 common + [f"model.init={base / 'hf'}", f"train.steps={args.prune_steps}"], quiet=True)
+                                 common + [f"model.init={base / 'hf'}", f"train.steps={args.prune_steps}"], quiet=True,
+                                 reuse="adopt")
             pipeline.train_stage("configs/tiny/continue.yaml", run / "continue",
                                  common + [f"model.init={run / 'prune' / 'hf'}", f"train.steps={args.continue_steps}"],
-                                 quiet=True)
+                                 quiet=True, reuse="adopt")
             evals[mode].append(pipeline.evaluate(RunDir(run / "continue").hf, data, 4096, 128, RunDir(run).eval_json))
             pipeline.log(f"{mode} seed {seed}: mean ppl {evals[mode][-1]['mean_ppl']:.3f} "
                          f"worst {evals[mode][-1]['worst_ppl']:.3f} ({evals[mode][-1]['shift']['worst_domain']['domain']})")

@@ -40,9 +40,9 @@ def main() -> None:
         variants[name] = [o for o in over.split(",") if o]
     t0 = time.time()
     demo = ROOT / "runs" / "demo"
-    data = pipeline.prepare_data(demo)
+    data = pipeline.prepare_data(demo, reuse="refuse")  # `make demo`'s: reused only where made alike, never rebuilt
     base = demo / "pretrain"
-    pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}"])
+    pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}"], reuse="refuse")
     results: dict = {}
     for name, over in variants.items():
         for length in (int(x) for x in args.lengths.split(",")):
@@ -50,7 +50,7 @@ def main() -> None:
                 run = ROOT / "runs" / "pruning_control" / name / f"steps{length}" / f"seed{seed}"
                 pipeline.train_stage("configs/tiny/prune.yaml", run, [
                     f"data_dir={data}", f"model.init={base / 'hf'}", f"seed={1234 + seed}", f"train.steps={length}",
-                    "train.log_interval=1000", "save.interval=0", *over], ranks=args.ranks, quiet=True)
+                    "train.log_interval=1000", "save.interval=0", *over], ranks=args.ranks, quiet=True, reuse="adopt")
                 rows = read_metrics(RunDir(run).metrics)
                 results.setdefault(name, {}).setdefault(str(length), []).append({
                     "seed": seed, "control": control(rows), "final_loss": float(np.mean(list(rows[-1]["eval_loss"].values()))),

@@ -72,10 +72,13 @@ def main() -> None:
     t0 = time.time()
     commit_id = commit()
     work = args.root / "base" if args.corpus else ROOT / "runs" / "demo"
-    data = pipeline.prepare_data(work, args.corpus.resolve() if args.corpus else None)
+    # runs/demo is `make demo`'s: reused only where made as this script would make it, never rebuilt here
+    data = pipeline.prepare_data(work, args.corpus.resolve() if args.corpus else None,
+                                 reuse="adopt" if args.corpus else "refuse")
     base = work / "pretrain"
     mix = ["domains=null", "dro.initial_proportion=tokens^0.3"] if args.corpus else []
-    pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *mix])
+    pipeline.train_stage("configs/tiny/pretrain.yaml", base, [f"data_dir={data}", *mix],
+                         reuse="adopt" if args.corpus else "refuse")
     # The base model scored the same way: `auto` references are its own losses, so the χ² schedules
     # move weight toward the domains furthest above the base, not toward the worst in absolute terms.
     base_ppl = pipeline.evaluate(RunDir(base).hf, data, 4096, 128, args.root / "base_eval.json")["domain_ppl"]
@@ -88,13 +91,14 @@ def main() -> None:
             common = [f"data_dir={data}", f"seed={1234 + seed}", f"dro.mode={mode}", "train.log_interval=1000",
                       f"eval.interval={args.eval_interval}", *mix]
             pipeline.train_stage("configs/tiny/prune.yaml", root / "prune",
-                                 common + [f"model.init={base / 'hf'}", f"train.steps={args.prune_steps}"], quiet=True)
+                                 common + [f"model.init={base / 'hf'}", f"train.steps={args.prune_steps}"], quiet=True,
+                                 reuse="adopt")
             # Sheared-LLaMA's scripts continue from the pruning stage's final proportions; the χ²
             # schedules start from p0. Every continue stage's `auto` references are the source's.
             carried = ["dro.initial_proportion=carried"] if mode == "sheared" else []
             pipeline.train_stage("configs/tiny/continue.yaml", root / "continue",
                                  common + [f"model.init={root / 'prune' / 'hf'}", f"train.steps={args.continue_steps}",
-                                           *carried], quiet=True)
+                                           *carried], quiet=True, reuse="adopt")
             # One χ² ball for every schedule: around the prune stage's p0 (its first weights), which
             # all schedules share; `sheared`'s continue stage would otherwise be scored around its own
             # carried mix.

@@ -65,7 +65,7 @@ def main() -> None:
             over = [f"data_dir={data}", f"seed={1234 + seed}", "train.log_interval=1000", f"eval.interval={i}",
                     f"model.init={base / 'drpruning' / 'prune' / 'hf'}", f"train.steps={args.continue_steps}",
                     "dro.mode=drpruning", *(["domains=null", "dro.initial_proportion=tokens^0.3"] if corpus else [])]
-            pipeline.train_stage("configs/tiny/continue.yaml", run / "continue", over, quiet=True)
+            pipeline.train_stage("configs/tiny/continue.yaml", run / "continue", over, quiet=True, reuse="adopt")
             evals[i].append(pipeline.evaluate(RunDir(run / "continue").hf, data, 4096, 128, RunDir(run).eval_json))
             rows = read_metrics(RunDir(run / "continue").metrics)
             stab[i].append(stability([r for r in rows if r["step"] > 0]))

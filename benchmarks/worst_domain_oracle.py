@@ -80,7 +80,8 @@ def main() -> None:
             row.update({f"{m}_ppl": evals[m]["domain_ppl"][worst], f"{m}_mean_ppl": evals[m]["mean_ppl"]})
         for arm, over in arms.items():
             name = {"oracle": "oracle", "rho": f"drpruning_rho{args.rho:g}", "absolute": "dro_absolute"}[arm]
-            pipeline.train_stage("configs/tiny/continue.yaml", base / name / "continue", common + over, quiet=True)
+            pipeline.train_stage("configs/tiny/continue.yaml", base / name / "continue", common + over, quiet=True,
+                                 reuse="adopt")
             ev = pipeline.evaluate(RunDir(base / name / "continue").hf, data, 4096, 128, RunDir(base / name).eval_json)
             row.update({f"{arm}_ppl": ev["domain_ppl"][worst], f"{arm}_mean_ppl": ev["mean_ppl"],
                         f"{arm}_worst_ppl": ev["worst_ppl"]})

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ PY = sys.executable
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Every training process the suite starts fails if it opens a test shard (tests/guard): no run
+# reads the split results are reported on. What it opened is also recorded, and `run` checks.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests" / "guard"), os.environ.get("PYTHONPATH"))
+                                           if p)
+os.environ["MEGADRP_GUARD_TEST_SPLIT"] = "1"
+GUARD_LOG = Path(tempfile.mkdtemp(prefix="megadrp-guard-")) / "test_split_opened.log"
+os.environ["MEGADRP_GUARD_LOG"] = str(GUARD_LOG)
 
 
 def pytest_sessionstart(session) -> None:
@@ -32,6 +40,8 @@ def run(cmd: list[str], check: bool = True, env: dict | None = None, timeout: in
         ) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     p = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    opened = GUARD_LOG.read_text() if GUARD_LOG.is_file() else ""
+    assert not opened, f"a training process opened the test split:\n{opened}"
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
@@ -57,7 +67,7 @@ def data_dir(corpus, tokenizer, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "data"
     inputs = [a for f in sorted(corpus.glob("*.jsonl")) for a in ("--input", f"{f.stem}={f}")]
     run([PY, "data_tools/preprocess.py", *inputs, "--tokenizer", str(tokenizer), "--out", str(out),
-         "--workers", "2", "--eval-docs", "20"])
+         "--workers", "2", "--eval-docs", "20", "--test-docs", "20"])
     return out
 
 

@@ -88,7 +88,8 @@ def _check_export(run_dir: Path, data: Path, m: list, cls_name: str, target: dic
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
             c.intermediate_size) == tuple(target.values())
     assert (run_dir / "hf" / "tokenizer_config.json").is_file()  # the tokenizer the data was made with
-    p = run([PY, "-m", "megadrp.evaluate", "--model", str(run_dir / "hf"), "--data", str(data), "--shift"])
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(run_dir / "hf"), "--data", str(data), "--shift",
+             "--split", "eval"])
     ev = json.loads(p.stdout.strip().splitlines()[-1])  # window, size, p0 and ρ from RUN_DIR/config.yaml
     for d, v in m[-1]["eval_loss"].items():
         assert abs(ev["domain_loss"][d] - v) / v < 0.01, (d, ev["domain_loss"][d], v)

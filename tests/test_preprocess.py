@@ -37,10 +37,12 @@ def test_manifest_and_shards(data_dir, corpus):
     m = load_manifest(data_dir)
     assert m.vocab_size == 1024 and m.dtype == "uint16" and m.eod_id == 2
     assert set(m.domains) == {p.stem for p in corpus.glob("*.jsonl")}
+    assert m.has_test
     for d in m.domains.values():
-        tr, ev = IndexedDataset(d.train), IndexedDataset(d.eval)
-        assert len(tr) == d.train_docs and len(ev) == d.eval_docs == 20
-        assert tr.num_tokens == d.train_tokens and d.train_docs + d.eval_docs == 300
+        tr, ev, te = IndexedDataset(d.train), IndexedDataset(d.eval), IndexedDataset(d.test)
+        assert len(tr) == d.train_docs and len(ev) == d.eval_docs == 20 and len(te) == d.test_docs == 20
+        assert tr.num_tokens == d.train_tokens and te.num_tokens == d.test_tokens
+        assert d.train_docs + d.eval_docs + d.test_docs == 300
         assert all(tr[i][-1] == m.eod_id for i in range(0, len(tr), 37))
 
 
@@ -146,3 +148,45 @@ def test_inspect_shows_a_configs_domain_groups(data_dir, tmp_path):
     cfg.write_text(base + "domain_groups:\n  text: [prose, lang2]\n")
     p = run([PY, "-m", "megadrp", "inspect", str(data_dir), "--config", str(cfg)], check=False)
     assert p.returncode == 2 and "in no group" in p.stderr
+
+
+def test_test_split_is_disjoint_and_leaves_the_eval_split_as_it_was(tmp_path, tokenizer):
+    """--test-docs: a third split, no document in two, every document in one; the eval split is
+    the one made without it (a draw of its own), and both draws follow --seed."""
+    f = _jsonl(tmp_path / "a.jsonl", [f"document number {i}" for i in range(200)])
+    _prep(tmp_path, [("x", f)], tokenizer, "--eval-docs", "20", out="plain", check=True)
+    _prep(tmp_path, [("x", f)], tokenizer, "--eval-docs", "20", "--test-docs", "30", out="three", check=True)
+    _prep(tmp_path, [("x", f)], tokenizer, "--eval-docs", "20", "--test-docs", "30", "--seed", "1", out="s1",
+          check=True)
+    tok = load_tokenizer(tokenizer)
+
+    def numbers(out: str, split: str) -> list[int]:
+        ds = IndexedDataset(tmp_path / out / f"x_{split}")
+        return [int(tok.decode(ds[i][:-1].tolist()).split()[-1]) for i in range(len(ds))]
+
+    splits = {s: numbers("three", s) for s in ("train", "eval", "test")}
+    assert [len(v) for v in splits.values()] == [150, 20, 30]
+    assert sorted(n for v in splits.values() for n in v) == list(range(200))  # disjoint and complete
+    assert (tmp_path / "three" / "x_eval.bin").read_bytes() == (tmp_path / "plain" / "x_eval.bin").read_bytes()
+    assert max(splits["test"]) - min(splits["test"]) > 100  # spread, not the documents after eval's
+    assert set(numbers("s1", "test")) != set(splits["test"])
+    m = load_manifest(tmp_path / "three")
+    assert m.has_test and m.domains["x"].test_docs == 30 and not load_manifest(tmp_path / "plain").has_test
+    assert json.loads((tmp_path / "three" / "manifest.json").read_text())["holdout"] == {
+        "seed": 0, "eval_docs": 20, "test_docs": 30}
+    p = run([PY, "-m", "megadrp", "inspect", str(tmp_path / "three"), "--sample", "0"])
+    assert "test 30 docs" in p.stdout and "no run opens it" in p.stdout
+    p = _prep(tmp_path, [("x", f)], tokenizer, "--eval-docs", "100", "--test-docs", "100", out="few")
+    assert p.returncode == 2 and "need more than --eval-docs=100 + --test-docs=100" in p.stderr
+    assert not (tmp_path / "few").exists()
+
+
+def test_the_guard_stops_a_training_process_that_opens_the_test_split(tmp_path, data_dir):
+    """tests/guard (on every subprocess's path): the proof that no training run the suite starts
+    reads a test shard depends on it firing."""
+    script = tmp_path / "train.py"
+    script.write_text("import sys, numpy as np\nnp.memmap(sys.argv[1], dtype=np.uint8, mode='r')\n")
+    log = tmp_path / "opened.log"
+    p = run([PY, str(script), str(data_dir / "code_test.bin")], check=False, env={"MEGADRP_GUARD_LOG": str(log)})
+    assert p.returncode == 1 and "opened the test split" in p.stderr and "code_test.bin" in log.read_text()
+    run([PY, str(script), str(data_dir / "code_eval.bin")], env={"MEGADRP_GUARD_LOG": str(log)})

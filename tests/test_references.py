@@ -52,7 +52,7 @@ def test_the_source_model_is_the_prunes_reference(long_prune, data_dir, base_mod
     run_dir = Path(cfg["run_dir"])
     ref = json.loads((run_dir / "reference_losses.json").read_text())
     assert ref["role"] == "source" and ref["model"] == str(base_model)
-    p = run([PY, "-m", "megadrp", "eval", "--model", str(base_model), "--data", str(data_dir),
+    p = run([PY, "-m", "megadrp", "eval", "--model", str(base_model), "--data", str(data_dir), "--split", "eval",
              "--tokens-per-domain", "256", "--seq-len", "32"])
     hf = json.loads(p.stdout.strip().splitlines()[-1])["domain_loss"]
     names = ref["windows"]["domains"]

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -269,3 +270,32 @@ def test_evaluate_a_model_without_weights(tmp_path, data_dir, base_model):
     (tmp_path / "config.json").write_text((base_model / "config.json").read_text())
     p = run([PY, "-m", "megadrp.evaluate", "--model", str(tmp_path), "--data", str(data_dir)], check=False)
     assert p.returncode == 2 and "no weights" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_evaluate_scores_the_test_split_and_says_when_there_is_none(tmp_path, data_dir, base_model, capsys):
+    """The default is the test split where the DATA_DIR has one; an older DATA_DIR is scored on
+    its eval split with one line saying so; asking for a test split it lacks is exit 2."""
+    from megadrp.tools.evaluate import main
+
+    def score(data, *args) -> tuple[int, dict | None, str]:
+        rc = main(["--model", str(base_model), "--data", str(data), "--tokens-per-domain", "64", "--seq-len", "16",
+                   *args])
+        out, err = capsys.readouterr()
+        return rc, json.loads(out.strip().splitlines()[-1]) if rc == 0 else None, err
+
+    rc, test, err = score(data_dir)
+    assert rc == 0 and test["split"] == "test" and set(test["windows"].values()) == {4} and "no test split" not in err
+    rc, ev, _ = score(data_dir, "--split", "eval")
+    assert ev["split"] == "eval" and ev["domain_loss"] != test["domain_loss"]  # other windows
+    old = tmp_path / "old"
+    shutil.copytree(data_dir, old)
+    man = json.loads((old / "manifest.json").read_text())
+    for d in man["domains"].values():
+        for k in ("test", "test_tokens", "test_docs"):
+            del d[k]
+    (old / "manifest.json").write_text(json.dumps(man))
+    rc, fallback, err = score(old)
+    assert rc == 0 and fallback["split"] == "eval" and fallback["domain_loss"] == ev["domain_loss"]
+    assert "has no test split" in err and len([ln for ln in err.splitlines() if "no test split" in ln]) == 1
+    rc, _, err = score(old, "--split", "test")
+    assert rc == 2 and "no test split" in err and "--test-docs" in err

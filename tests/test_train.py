@@ -30,7 +30,7 @@ def train(cfg: dict, tmp: Path, ranks: int = 1, env: dict | None = None, check: 
 
 
 def evaluate(model: Path, data: Path, cfg: dict) -> dict:
-    p = run([PY, "-m", "megadrp.evaluate", "--model", str(model), "--data", str(data),
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(model), "--data", str(data), "--split", "eval",
              "--tokens-per-domain", str(cfg["eval"]["tokens_per_domain"]), "--seq-len", str(cfg["train"]["seq_len"])])
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -381,6 +381,6 @@ def test_token_ids_past_the_model_vocabulary_are_refused(tmp_path, data_dir):
     for d in man["domains"].values():
         del d["max_token_id"]
     (data / "manifest.json").write_text(json.dumps(man))
-    p = run([PY, "-m", "megadrp.evaluate", "--model", str(small), "--data", str(data)], check=False)
+    p = run([PY, "-m", "megadrp.evaluate", "--model", str(small), "--data", str(data), "--split", "eval"], check=False)
     assert p.returncode == 2 and "outside the model's vocabulary" in p.stderr and "_eval.bin" in p.stderr
     assert "Traceback" not in p.stderr, p.stderr[-2000:]

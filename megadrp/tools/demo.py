@@ -5,12 +5,15 @@ DRPruning to about half its size → continue pretraining → per-domain evaluat
 pruned and continued models → runs/demo/report.md with tables and plots.
 
 Every training stage runs as 2 ranks of DeepSpeed ZeRO-3 on CPU. Finished stages are
-reused on a rerun. `--data DIR` runs the same pipeline on your own domains
+reused on a rerun when they were made from the same corpus, scale, mode, ranks and config (a
+stamp beside each: tools/stamps.py); a stage made from anything else is rebuilt, with every
+stage after it, and a line says so. `--data DIR` runs the same pipeline on your own domains
 (DIR/<domain>.jsonl, one {"text": ...} per line).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -27,9 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes (default runs/demo)")
     ap.add_argument("--data", type=Path, default=None, help="directory of <domain>.jsonl files (default: embedded corpus)")
     ap.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks per training stage (default 2)")
-    ap.add_argument("--mode", default="drpruning", help="dro.mode for prune and continue (default drpruning)")
+    ap.add_argument("--mode", default="drpruning", choices=("constant", "sheared", "dro", "dro_dyloss", "drpruning"),
+                    help="dro.mode for prune and continue (default drpruning)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.2 for a quick look)")
     args = ap.parse_args(argv)
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        ap.error(f"--scale={args.scale}: a positive number (0.2 for a quick look, 1 the full demo)")
+    if args.ranks < 1:
+        ap.error(f"--ranks={args.ranks}: at least 1")
+    if args.data is not None and not args.data.is_dir():
+        ap.error(f"--data {args.data}: not a directory of <domain>.jsonl files")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     t0 = time.time()
     out = args.out.resolve()

@@ -1,7 +1,10 @@
 """Running the stages as a user would, from Python: data preparation and training stages as
 subprocesses (training under the DeepSpeed launcher). Shared by `megadrp demo` and the
-benchmarks. A stage whose run directory is done (status `done`, an exported model) is
-reused, so reruns only do what is missing.
+benchmarks. A stage whose run directory is done (status `done`, an exported model) and whose
+stamp (tools/stamps.py) says it was made from the same config, overrides, ranks and inputs is
+reused, so reruns only do what is missing; one made from anything else is rebuilt, with
+everything after it (`reuse="rebuild"`), or refused (`reuse="refuse"`: a benchmark must not
+rebuild another command's runs, nor compare models made another way).
 
 Every command is found through the installed package (`python -m megadrp <command>`, the
 trainer's own file), never through paths of a checkout, so this runs from any directory.
@@ -9,15 +12,18 @@ trainer's own file), never through paths of a checkout, so this runs from any di
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 from megadrp.data.manifest import load_manifest
 from megadrp.runtime.files import read_json
 from megadrp.runtime.launch import free_port
 from megadrp.runtime.run_dir import RunDir
+from megadrp.tools import stamps
 
 
 def log(msg: str) -> None:
@@ -37,23 +43,47 @@ def megadrp(command: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "megadrp", command, *args]
 
 
+Reuse = Literal["rebuild", "refuse", "adopt"]
+
+
+def _stale(what: str, path: Path, why: str, reuse: Reuse) -> None:
+    """A finished `path` was made from other inputs: say so in one line and remove it
+    (`rebuild`), or stop (`refuse`)."""
+    if reuse == "refuse":
+        raise SystemExit(f"megadrp: {path} was made from other inputs ({why}); this command will not rebuild or "
+                         "reuse it: remove it, or rerun what made it with the same settings")
+    log(f"{what}: {path} was made from other inputs ({why}); rebuilding it and what follows")
+    shutil.rmtree(path)
+
+
+def _corpus_files(corpus: Path) -> list[Path]:
+    return sorted(list(corpus.glob("*.jsonl")) + list(corpus.glob("*.jsonl.gz")))
+
+
 def prepare_data(out: Path, corpus: Path | None = None, vocab: int = 4096, docs_per_domain: int = 2000,
-                 eval_docs: int = 50, seed: int = 0, test_docs: int = 50) -> Path:
+                 eval_docs: int = 50, seed: int = 0, test_docs: int = 50, reuse: Reuse = "rebuild") -> Path:
     """Corpus (the embedded one unless `corpus` is a directory of NAME.jsonl files) →
     tokenizer → shards with train, eval and test splits. `seed` draws the embedded corpus and
-    the held-out documents. Returns DATA_DIR."""
+    the held-out documents. Reused where its stamp matches (a user corpus: its files' names,
+    sizes and times); `reuse` says what to do where it does not. Returns DATA_DIR."""
     data = out / "data"
+    params = {"vocab": vocab, "eval_docs": eval_docs, "test_docs": test_docs, "seed": seed}
+    stamp = ({"corpus": "embedded", "docs_per_domain": docs_per_domain, **params} if corpus is None
+             else {"corpus": stamps.files_identity(_corpus_files(corpus)), **params})
     if (data / "manifest.json").is_file():
-        if test_docs and not load_manifest(data).has_test:
-            raise SystemExit(f"megadrp: {data} was made without a test split (an older megadrp); results are "
-                             "scored on the test split: delete the folder (or pick another --out) and rerun")
-        log(f"data: reusing {data}")
-        return data
+        why = stamps.difference(stamps.read(data), stamp)
+        if why is None or (reuse == "adopt" and stamps.read(data) is None and load_manifest(data).has_test == bool(
+                test_docs)):
+            if why is not None:
+                stamps.write(data, stamp)
+            log(f"data: reusing {data}")
+            return data
+        _stale("data", data, why, reuse)
     if corpus is None:
         corpus = out / "corpus"
         log("data: writing the embedded corpus")
         sh(megadrp("synth-corpus", "--out", str(corpus), "--seed", str(seed), "--docs-per-domain", str(docs_per_domain)))
-    files = sorted(list(corpus.glob("*.jsonl")) + list(corpus.glob("*.jsonl.gz")))
+    files = _corpus_files(corpus)
     if not files:
         raise SystemExit(f"megadrp: {corpus} has no NAME.jsonl files (one file a domain)")
     log("data: training the tokenizer")
@@ -63,16 +93,32 @@ def prepare_data(out: Path, corpus: Path | None = None, vocab: int = 4096, docs_
     sh(megadrp("preprocess", *inputs, "--tokenizer", str(out / "tokenizer"), "--out", str(data),
                "--workers", str(min(2, os.cpu_count() or 1)), "--eval-docs", str(eval_docs),
                "--test-docs", str(test_docs), "--seed", str(seed), "--overwrite"))
+    stamps.write(data, stamp)
     return data
 
 
-def train_stage(config: str, run_dir: Path, overrides: list[str], ranks: int = 2, quiet: bool = False) -> float:
-    """Runs one stage to completion (resuming a partial run); returns seconds taken. `config`:
-    a YAML path, or a shipped recipe's (`configs/tiny/prune.yaml`) from any directory."""
+def train_stage(config: str, run_dir: Path, overrides: list[str], ranks: int = 2, quiet: bool = False,
+                reuse: Reuse = "rebuild") -> float:
+    """Runs one stage to completion (resuming a partial run made from the same inputs); returns
+    seconds taken. `config`: a YAML path, or a shipped recipe's (`configs/tiny/prune.yaml`) from
+    any directory. A stage made from other inputs (tools/stamps.py): `reuse` = rebuild it, refuse,
+    or (`adopt`, a benchmark over its own folder) refuse a mismatch but take a stage made before
+    stamps existed as it is."""
     rd = RunDir(run_dir)
+    stamp = stamps.stage_stamp(config, overrides, ranks)
+    if run_dir.exists():
+        old = stamps.read(run_dir)
+        why = stamps.difference(old, stamp)
+        if why is not None and old is None and reuse == "adopt":
+            stamps.write(run_dir, stamp)
+            why = None
+        if why is not None:
+            _stale(run_dir.name, run_dir, why, "refuse" if reuse == "adopt" else reuse)
     if rd.done():
         log(f"{run_dir.name}: reusing {rd.hf}")
         return 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamps.write(run_dir, stamp)
     t0 = time.time()
     import megadrp.train
 
