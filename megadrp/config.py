@@ -154,6 +154,10 @@ class EvalConfig:
     """Sequences a rank evaluates in one forward."""
     at_start: bool = True
     """Evaluate at step 0: sets `auto` reference losses and is logged; it makes no decision."""
+    held_out_every: int = 1
+    """Run the held-out evaluation at every Nth domain-weight update (and always at the last step).
+    1 with `dro.signal: eval`, whose updates are that evaluation; a training-loss signal needs none
+    in between, so N cuts evaluation's share of the compute N-fold (docs/method.md §9)."""
 
 
 @dataclass
@@ -183,8 +187,11 @@ class DROConfig(DROConstants):
     once and cached in RUN_DIR/reference_losses.json), teacher (the same, of distill.teacher), or auto: the source model's own losses (a prune:
     model.init unmasked before step 1; a continue stage: the model the pruned model came from, carried
     from the prune run; the stage's own first losses only where no source is known)."""
-    signal: Literal["eval", "train_ema"] = "eval"
-    """The loss the controller sees: eval, or train_ema (a moving average of the training loss, 0.9)."""
+    signal: Literal["eval", "train_ema", "train"] = "eval"
+    """The loss the controller sees: eval (the held-out evaluation), train_ema (a moving average of the
+    training loss, 0.9), or train (the mean training loss of the steps since the last update, which
+    every step already reduces). With a training-loss signal, `auto` and `model:` references are
+    measured on training windows, the same basis (docs/method.md §9)."""
     update_lag: int = 0
     """0: the decision made at the evaluation after step t drives steps t+1 … t+interval (the paper's
     timing; the step waits for it). 1: defer each decision by one interval."""
@@ -402,7 +409,11 @@ def validate(cfg: Config, where: str) -> None:
                    ("eval.interval", cfg.eval.interval), ("eval.tokens_per_domain", cfg.eval.tokens_per_domain)):
         if v < 1:
             raise ConfigError(f"{where}: {key}={v} must be at least 1")
+    if cfg.eval.held_out_every != 1 and cfg.dro.signal == "eval":
+        raise ConfigError(f"{where}: eval.held_out_every={cfg.eval.held_out_every} with dro.signal=eval: the updates "
+                          "are the held-out evaluation; use 1, or a training-loss signal (dro.signal=train)")
     for key, v in (("train.log_interval", t.log_interval), ("eval.micro_batch", cfg.eval.micro_batch),
+                   ("eval.held_out_every", cfg.eval.held_out_every),
                    ("train.prefetch_factor", t.prefetch_factor), ("train.max_bad_steps", t.max_bad_steps),
                    ("dro.max_points", cfg.dro.max_points)):
         if v < 1:

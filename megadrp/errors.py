@@ -63,3 +63,8 @@ class FamilyError(ModelError):
 
 class TargetShapeError(ModelError):
     """A prune target that cannot be reached from the source model."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many non-finite steps in a row, non-finite weights); the last
+    good checkpoint is kept and named. Not a user error of the config: exit 2 all the same."""

@@ -71,6 +71,13 @@ class RunPlan:
         return self.dro_groups.expand(self.p0)
 
     @property
+    def reference_split(self) -> str:
+        """The windows reference losses are measured on: the signal's own basis (train windows
+        for a training-loss signal, else eval windows), so the excess over the reference is not
+        a constant offset between held-out and training loss (docs/method.md §9)."""
+        return "eval" if self.cfg.dro.signal == "eval" else "train"
+
+    @property
     def names(self) -> list[str]:
         return [d.name for d in self.domains]
 
@@ -236,16 +243,19 @@ class DryRun:
     problem: str | None = None  # a reason to refuse the job (exit 2), in one line
 
 
-def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_disk: bool = True) -> DryRun:
-    """Everything that needs no weights, checked; the plan as text and data. Raises on the
-    first problem of the config or data; a job that does not fit `gpu_memory` (or the disk)
-    comes back with `problem` set, so the caller can still print the plan."""
+def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_disk: bool = True,
+            mfu: float | None = None, gpu: str = "h100") -> DryRun:
+    """Everything that needs no weights, checked; the plan as text and data, with its cost
+    (cost_ledger.py: FLOPs by part, GPU-hours at `mfu` on `gpu`). Raises on the first problem
+    of the config or data; a job that does not fit `gpu_memory` (or the disk) comes back with
+    `problem` set, so the caller can still print the plan."""
     import shutil
+
+    from megadrp import cost_ledger
 
     plan = make_plan(cfg, world_size, 0, gpu_memory)
     t, lay = cfg.train, plan.layout
     tokens_step = t.global_batch * t.seq_len
-    evals = t.steps // cfg.eval.interval + (1 if cfg.eval.at_start else 0)
     params = count_parameters(plan.model_config)
     ckpt = params * 16  # 16-bit weights and their fp32 master, Adam's m and v (fp32 ones: about the same)
     saves = (t.steps // cfg.save.interval if cfg.save.interval else 0) + 1  # the last step always saves
@@ -261,6 +271,7 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
         raise ConfigError(f"run_dir {run_dir}: {free / 2**30:.1f} GiB free, the run needs about {need / 2**30:.1f} "
                           f"GiB ({at_once} checkpoint(s) of {ckpt / 2**30:.1f} GiB at once with save.keep="
                           f"{cfg.save.keep}, and the export); free space, lower save.keep or choose another run_dir")
+    cost = cost_ledger.ledger(plan, world_size, cost_ledger.DEFAULT_MFU if mfu is None else mfu, gpu)
     eval_tokens = cfg.eval.tokens_per_domain * plan.k
     interval_tokens = min(cfg.eval.interval, t.steps) * tokens_step
     mem = plan.memory
@@ -280,14 +291,15 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
         *([f"controller groups {len(plan.dro_groups.names)}: " + "; ".join(
             f"{g} {p:.3f} = " + " + ".join(n for n, o in zip(plan.names, plan.dro_groups.of) if o == i)
             for i, (g, p) in enumerate(zip(plan.dro_groups.names, plan.p0)))] if plan.dro_groups.grouped else []),
-        f"evaluation every {cfg.eval.interval} steps ({evals} in all): {eval_tokens:,} tokens each, "
-        f"{eval_tokens / interval_tokens:.2f}× an interval's {interval_tokens:,} training tokens (forward only: about "
-        f"{eval_tokens / interval_tokens / 3:.0%} of their compute); dro.mode {cfg.dro.mode}, update lag "
-        f"{cfg.dro.update_lag}",
+        f"evaluation every {cfg.eval.interval} steps (held out at {cost['held_out_evaluations']} of them, step 0 "
+        f"included where eval.at_start): {eval_tokens:,} tokens each, {eval_tokens / interval_tokens:.2f}× an "
+        f"interval's {interval_tokens:,} training tokens; dro.mode {cfg.dro.mode}, signal {cfg.dro.signal}, "
+        f"update lag {cfg.dro.update_lag}",
         f"disk: {at_once} checkpoint(s) of ≈ {ckpt / 2**30:.1f} GiB at once (save.keep={cfg.save.keep}) + export "
         f"≤ {export_bytes / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free under {probe}"
         + ("" if check_disk or need <= free else " (NOT ENOUGH, not checked: --no-disk-check)"),
         *mem.lines(),
+        *cost_ledger.lines(cost, world_size),
         f"optimizer: {build}" if build else "optimizer: torch's AdamW (no compiler needed on the node)",
         f"dry run: {problem}" if problem else "dry run: no problem found",
     ]
@@ -300,7 +312,7 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
         "groups": dict(zip(plan.dro_groups.names, map(float, plan.p0))) if plan.dro_groups.grouped else None,
         "disk": {"need_bytes": need, "free_bytes": free, "checked": check_disk},
         "memory_per_gpu_bytes": mem.total, "gpu_memory_bytes": gpu_memory, "memory": mem.as_dict(),
-        "build_requirements": build, "problem": problem,
+        "build_requirements": build, "problem": problem, "cost": cost,
     }
     return DryRun(lines, data, problem)
 
@@ -467,8 +479,11 @@ class Reference:
 def reference_key(cfg: Config, names: list[str]) -> dict:
     """What makes two measurements of reference losses the same: the eval windows (DATA_DIR,
     domains, sequence length, tokens a domain)."""
-    return {"data_dir": str(Path(cfg.data_dir).resolve()), "domains": list(names), "seq_len": cfg.train.seq_len,
-            "tokens_per_domain": cfg.eval.tokens_per_domain}
+    key = {"data_dir": str(Path(cfg.data_dir).resolve()), "domains": list(names), "seq_len": cfg.train.seq_len,
+           "tokens_per_domain": cfg.eval.tokens_per_domain}
+    if cfg.dro.signal != "eval":  # measured on training windows (RunPlan.reference_split)
+        key["split"] = "train"
+    return key
 
 
 def resolve_reference(cfg: Config, names: list[str], groups: DomainGroups | None = None) -> Reference:

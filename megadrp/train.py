@@ -4,12 +4,13 @@
 Also runs as `python megadrp/train.py` (one process), under torchrun, srun and mpirun; wiring
 only — the loop lives in megadrp/engine/trainer.py.
 
-    --dry-run [--world-size N] [--gpu-memory GIB] [--json] [--no-disk-check]
+    --dry-run [--world-size N] [--gpu-memory GIB] [--json] [--no-disk-check] [--mfu 0.4] [--gpu h100]
         resolve and check everything that needs no weights (config, data manifest, the
         source's config.json against the target, the batch layout for N ranks, free space,
-        the per-GPU memory plan), print the plan, exit. With --gpu-memory a job whose plan
-        does not fit is refused (exit 2, one line naming the largest term); --json prints the
-        whole plan as one JSON object (`memory_per_gpu_bytes` and its `memory.terms`).
+        the per-GPU memory plan, the cost: FLOPs by part and GPU-hours at --mfu on --gpu), print
+        the plan, exit. With --gpu-memory a job whose plan does not fit is refused (exit 2, one
+        line naming the largest term); --json prints the whole plan as one JSON object
+        (`memory_per_gpu_bytes` and its `memory.terms`, `cost`). These flags need --dry-run.
 
 Exit codes: 0 done (or a dry run that found no problem); 2 a user error (one line naming the
 key, file or variable); 3 stopped at a checkpoint by SIGTERM/SIGUSR1 (resume with
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -53,6 +55,10 @@ def parser() -> argparse.ArgumentParser:
                     help="with --dry-run: GiB of memory per GPU of the job; refuse a plan that does not fit "
                     "(also what `auto` micro-batch and checkpointing plan for)")
     ap.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    ap.add_argument("--mfu", type=float, default=None,
+                    help="with --dry-run: the model-FLOPs utilisation the cost's GPU-hours assume (default 0.4)")
+    ap.add_argument("--gpu", choices=("a100", "h100", "h200"), default=None,
+                    help="with --dry-run: the GPU whose bf16 peak the cost's GPU-hours assume (default h100)")
     ap.add_argument("--no-disk-check", action="store_true",
                     help="with --dry-run: plan for another machine; report, but do not refuse, a run_dir without room")
     ap.add_argument("--time-limit", default=None, metavar="TIME",
@@ -60,6 +66,23 @@ def parser() -> argparse.ArgumentParser:
                     "[D-]H:M:S (default: the Slurm job's end time, where it is known)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps=10")
     return ap
+
+
+def _check_flags(ap: argparse.ArgumentParser, args) -> None:
+    """Refuse (exit 2, before any work) a plan-only flag without --dry-run, and values no plan
+    can use."""
+    only = [f for f, v in (("--world-size", args.world_size), ("--gpu-memory", args.gpu_memory), ("--mfu", args.mfu),
+                           ("--gpu", args.gpu), ("--json", args.json or None),
+                           ("--no-disk-check", args.no_disk_check or None)) if v is not None]
+    if only and not args.dry_run:
+        ap.error(f"{only[0]} plans a run: it needs --dry-run (a run takes its world size from the launcher and "
+                 "plans for the device it has)")
+    if args.world_size is not None and args.world_size < 1:
+        ap.error(f"--world-size={args.world_size}: at least 1")
+    if args.gpu_memory is not None and not (math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
+        ap.error(f"--gpu-memory={args.gpu_memory}: a positive number of GiB, e.g. 80")
+    if args.mfu is not None and not (math.isfinite(args.mfu) and 0 < args.mfu <= 1):
+        ap.error(f"--mfu={args.mfu}: a share in (0, 1], e.g. 0.4")
 
 
 def _quiet_libraries() -> None:
@@ -78,7 +101,7 @@ def _dry_run(cfg, args) -> int:
     world = args.world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     budget = int(args.gpu_memory * GIB) if args.gpu_memory else None
     try:
-        report = dry_run(cfg, world, budget, check_disk=not args.no_disk_check)
+        report = dry_run(cfg, world, budget, check_disk=not args.no_disk_check, mfu=args.mfu, gpu=args.gpu or "h100")
     except (UserError, OSError) as e:
         print(f"train: dry run: {e}", file=sys.stderr)
         return 2
@@ -96,7 +119,9 @@ def _dry_run(cfg, args) -> int:
 
 
 def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
-    args = parser().parse_intermixed_args(argv)  # flags may follow the overrides
+    ap = parser()
+    args = ap.parse_intermixed_args(argv)  # flags may follow the overrides
+    _check_flags(ap, args)
     stop = stop or _STOP or StopRequest().install()
     _quiet_libraries()
     from megadrp.config import load_config

@@ -119,5 +119,7 @@ def tiny_run_config(tmp: Path, data_dir: Path, stage: str, run_name: str, **over
     return cfg
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+def metrics(run_dir: Path, events: bool = False) -> list[dict]:
+    """The evaluation records of a run's metrics.jsonl (with `events`, its `end` records too)."""
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return rows if events else [r for r in rows if "event" not in r]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +96,27 @@ def test_pretrain_one_process(tmp_path, data_dir):
                                            "num_key_value_heads": 2, "intermediate_size": 128,
                                            "max_position_embeddings": 128}},
                           dro={"mode": "constant"})
+    t0 = time.time()
     p = train(cfg, tmp_path)
+    wall = time.time() - t0
     assert "tok/s" in p.stderr and "ETA" in p.stderr
     run_dir = Path(cfg["run_dir"])
     m = metrics(run_dir)
     assert [r["step"] for r in m] == [0, 4, 8, 12]
+    # one clock (engine/clock.py): the rows split the process's seconds by part, summing to its wall-clock
+    rows = metrics(run_dir, events=True)
+    end = rows[-1]
+    assert end["event"] == "end" and end["status"] == "done" and end["export_seconds"] > 0 and end["save_seconds"] > 0
+    assert rows[0]["startup_seconds"] > 0 and all(r["train_seconds"] > 0 for r in rows[1:-1])
+    from megadrp.engine.clock import PARTS
+
+    parts = sum(r.get(f"{k}_seconds", 0.0) for r in rows for k in PARTS)
+    assert all(k.removesuffix("_seconds") in (*PARTS, "wall", "controller_cpu")
+               for r in rows for k in r if k.endswith("_seconds"))
+    # the process's own account, from its start (the OS's record) to its closing record; the
+    # launch and the interpreter's exit around it are all that the outside measure adds
+    assert abs(parts - end["wall_seconds"]) < 0.01 * end["wall_seconds"], (parts, end["wall_seconds"])
+    assert end["wall_seconds"] <= wall and wall - end["wall_seconds"] < max(0.05 * wall, 5.0), (end, wall)
     assert m[-1]["eval_loss"]["code"] < m[0]["eval_loss"]["code"]
     assert (run_dir / "config.yaml").is_file() and json.loads((run_dir / "status.json").read_text())["state"] == "done"
     ev = evaluate(run_dir / "hf", data_dir, cfg)

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Protocol
 import torch
 import torch.distributed as dist
 
+from megadrp.errors import TrainingStopped
 from megadrp.runtime.files import atomic_open, atomic_write_text, fsync_dir
 
 STATE_FILE = "megadrp_state.pt"
@@ -277,3 +278,31 @@ def resume(engine, root: Path, setting: str, states: Mapping[str, Stateful], wor
         raise ValueError(f"resume=auto: no checkpoint under {root} can be loaded (see the warnings above); "
                          "remove the broken ones, or start fresh with resume=none")
     return None
+
+
+class Saver:
+    """The loop's saves: room on the disk first, finite weights only (a run whose weights went
+    non-finite stops with its last good checkpoint named), the seconds on the clock's `save`."""
+
+    def __init__(self, engine, root: Path, states: Mapping[str, Stateful], keep: int, checkpoint_bytes: int,
+                 rank: int, world: int, clock, kill_in_save: int = 0) -> None:
+        self.engine, self.root, self.states, self.keep = engine, root, states, keep
+        self.bytes, self.rank, self.world, self.clock, self.kill_in_save = checkpoint_bytes, rank, world, clock, kill_in_save
+
+    def check_room(self) -> None:
+        from megadrp.runtime.process_group import on_rank0
+
+        on_rank0(lambda: check_room(self.root, self.bytes), self.rank, self.world)
+
+    def __call__(self, step: int, weights_finite: bool, on_failure) -> None:
+        """Collective. `on_failure()` runs before the error that refuses non-finite weights (it
+        marks the run failed)."""
+        with self.clock.part("save"):
+            self.check_room()
+            if first_problem(None if weights_finite else "non-finite weights", self.world) is not None:
+                last = latest(self.root)
+                on_failure()
+                raise TrainingStopped(f"step {step}: the model's weights are not finite; not saving them and not "
+                                      f"exporting. The last good checkpoint is {last or 'none (no checkpoint was written)'};"
+                                      " lower train.lr or raise train.warmup_steps and resume from it")
+            save(self.engine, self.root, step, self.states, self.keep, self.kill_in_save)

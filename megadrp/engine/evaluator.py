@@ -39,17 +39,33 @@ class Evaluator:
     def __init__(self, windows: list, seq_len: int, micro_batch: int, rank: int, world: int) -> None:
         """`windows`: one set of eval windows a domain (`EvalWindows`: `n`, `shard`, `[i]`)."""
         self.sets, self.seq_len, self.micro_batch, self.rank, self.world = windows, seq_len, micro_batch, rank, world
+        self.reference: Evaluator = self
 
     @classmethod
     def for_domains(cls, domains, seq_len: int, tokens_per_domain: int, micro_batch: int, rank: int, world: int,
-                    vocab_size: int | None = None) -> "Evaluator":
+                    vocab_size: int | None = None, split: str = "eval") -> "Evaluator":
+        """The first windows of each domain's `split`: eval (what runs evaluate), or train (the
+        basis of a training-loss signal's references). Never test: no run opens it."""
+        assert split in ("eval", "train"), split
         try:
-            sets = [EvalWindows(d.eval, seq_len, tokens_per_domain, d.name, vocab_size) for d in domains]
+            sets = [EvalWindows(getattr(d, split), seq_len, tokens_per_domain, d.name, vocab_size, split)
+                    for d in domains]
         except ValueError as e:
             from megadrp.errors import ConfigError
 
             raise ConfigError(str(e)) from e
         return cls(sets, seq_len, micro_batch, rank, world)
+
+    @classmethod
+    def for_plan(cls, plan, rank: int, world: int) -> "Evaluator":
+        """The run's evaluator, with `.reference`: the one its reference losses are measured by,
+        on the basis of the signal the controller weighs (plan.reference_split)."""
+        cfg = plan.cfg
+        make = lambda split: cls.for_domains(plan.domains, cfg.train.seq_len, cfg.eval.tokens_per_domain,  # noqa: E731
+                                             cfg.eval.micro_batch, rank, world, plan.model_config.vocab_size, split)
+        ev = make("eval")
+        ev.reference = ev if plan.reference_split == "eval" else make(plan.reference_split)
+        return ev
 
     @torch.no_grad()
     def reduced_sums(self, engine, step: int, mask_mode: str | None, teacher=None):

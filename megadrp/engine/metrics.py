@@ -54,12 +54,13 @@ def evaluation_record(step: int, stage: str, world: int, names: list[str], state
     return {
         "step": step, "stage": stage, "world_size": world,
         "tokens": {n: int(x) for n, x in zip(names, state.tokens)},
-        "eval_loss": named(ev.loss),
+        "eval_loss": named(ev.loss) if ev is not None else None,  # None: an update without a held-out evaluation
         "train_loss_ema": named(state.ema),
         "weights": by_group(groups.aggregate(weights)) if grouped else named(weights),
         "weights_digest": weights_digest(weights),
         "weights_digests": digests,
-        **({"domain_weights": named(weights), "group_eval_loss": by_group(groups.loss(ev.loss))} if grouped else {}),
+        **({"domain_weights": named(weights),
+            "group_eval_loss": by_group(groups.loss(ev.loss)) if ev is not None else None} if grouped else {}),
         "reference_loss": by_group(d.reference_loss) if d else None,
         "reference_ratio": by_group(d.reference_ratio) if d else None,
         "controller": None if d is None else {"from_step": d.step, "fits": d.fits,
@@ -76,16 +77,86 @@ def evaluation_record(step: int, stage: str, world: int, names: list[str], state
     }
 
 
+class MetricsWriter:
+    """Rank 0's metrics.jsonl and wandb: one record per evaluation, from the loop's state, the
+    evaluation and the clock's seconds since the last record, and one `event: end` record when
+    the process stops (the save and export after the last evaluation, so the rows' seconds sum
+    to the run's wall-clock)."""
+
+    def __init__(self, plan, run_dir, resume_step: int | None, wandb_config: dict) -> None:
+        cfg = plan.cfg
+        self.plan, self.cfg = plan, cfg
+        self.log = MetricsLog(run_dir.metrics, resume_step)
+        self.wandb = Wandb(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, run_dir.root, wandb_config)
+
+    def evaluation(self, step: int, world: int, state, ev, weights, digests: list, schedule, lrs: dict,
+                   seconds: dict[str, float], steps: int, kd_loss: float | None, device, shape: dict | None) -> None:
+        """`seconds`: the clock's `take()` since the last record, over `steps` optimizer steps;
+        `shape`: the masks' expected and target shape, sparsity and λ's while pruning."""
+        plan, t = self.plan, self.cfg.train
+        rec = evaluation_record(
+            step, self.cfg.stage, world, plan.names, state, ev, weights, digests,
+            controller_restarts=schedule.controller_restarts, lrs=lrs, eval_seconds=seconds.get("eval_seconds", 0.0),
+            wait_seconds=seconds.get("controller_wait_seconds", 0.0),
+            controller_cpu_seconds=schedule.controller_cpu_seconds, kd_loss=kd_loss, groups=plan.dro_groups)
+        rec.update(seconds)
+        if steps and seconds.get("train_seconds"):
+            rec["train_tokens_per_s"] = round(steps * t.global_batch * t.seq_len / seconds["train_seconds"], 1)
+        if device.type == "cuda":  # since the start of this process: what the memory plan predicts
+            import torch
+
+            rec["device_memory"] = {"peak_allocated": torch.cuda.max_memory_allocated(device),
+                                    "peak_reserved": torch.cuda.max_memory_reserved(device),
+                                    "total": torch.cuda.get_device_properties(device).total_memory}
+        if shape is not None:
+            rec.update(shape)
+        self.log.write(rec)
+        if ev is not None:
+            self.wandb.log({"eval_loss": rec["eval_loss"], "weights": rec["weights"]}, step)
+            log.info("eval step %d: mean loss %.4f | %s", step, float(sum(ev.loss) / len(ev.loss)),
+                     " ".join(f"{n}={x:.3f}" for n, x in zip(plan.names, ev.loss)))
+
+    def end(self, step: int, status: str, seconds: dict[str, float], wall: float) -> None:
+        self.log.write({"step": step, "stage": self.cfg.stage, "event": "end", "status": status, **seconds,
+                        "wall_seconds": round(wall, 3)})
+        self.wandb.finish()
+
+
+def shape_record(l0, ev, step: int, lambdas: dict, sparsity: float) -> dict:
+    """A prune's fields of a metrics record: the masks' expected shape (from the evaluation,
+    where one ran), the ramped target, the Lagrangian and λ's, the expected and target sparsity."""
+    rec = {"target_shape": l0.target_shape(step), "lambdas": lambdas, "expected_sparsity": sparsity,
+           "target_sparsity": l0.target_sparsity(step)}
+    if ev is not None:
+        assert ev.shape is not None
+        rec.update(expected_shape={k: v for k, v in ev.shape.items() if k != "sparsity"}, lagrangian=ev.lagrangian)
+    return rec
+
+
+def log_memory_plan(plan, device_bytes: int) -> None:
+    """The memory plan in the log (rank 0), with a warning where it exceeds the device."""
+    mem = plan.memory
+    if mem is None:
+        return
+    log.info("%s", "\n".join(mem.lines()))
+    if mem.total > device_bytes:
+        name, size = mem.largest()
+        log.warning("the memory plan (%.1f GiB per GPU) exceeds this device's %.1f GiB; its largest term is %s "
+                    "(%.1f GiB). It is an estimate: the run goes on, but may run out of memory",
+                    mem.total / 2**30, device_bytes / 2**30, name, size / 2**30)
+
+
 def _jsonable(x: Any) -> Any:
     if hasattr(x, "tolist"):
         return x.tolist()
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Every evaluation record of a run's metrics.jsonl; a malformed line is a DataError naming
-    the file and line."""
-    return read_jsonl(path)
+def read_metrics(path: str | os.PathLike, events: bool = False) -> list[dict]:
+    """Every evaluation record of a run's metrics.jsonl (with `events`, the `end` records of each
+    process too); a malformed line is a DataError naming the file and line."""
+    rows = read_jsonl(path)
+    return rows if events else [r for r in rows if "event" not in r]
 
 
 def prediction_accuracy(rows: list[dict], fractions: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, dict]:

@@ -32,12 +32,16 @@ class TrainState:
     last_decision: Any = None  # the controller's last Decision, for the metrics
     kd_sum: float = 0.0  # distillation: the steps' mean KL to the teacher, summed since the last evaluation
     kd_steps: int = 0
+    interval_sums: np.ndarray = field(default=None)  # type: ignore[assignment]  # training-loss sums since the last
+    interval_counts: np.ndarray = field(default=None)  # type: ignore[assignment]  # update, and their samples
 
     def __post_init__(self) -> None:
         if self.tokens is None:
             self.tokens = np.zeros(self.k)
         if self.ema is None:
             self.ema = np.full(self.k, np.nan)
+        if self.interval_sums is None:
+            self.interval_sums, self.interval_counts = np.zeros(self.k), np.zeros(self.k)
 
     def finish_step(self, loss_sums: np.ndarray, counts: np.ndarray, seq_len: int, bad: bool) -> float | None:
         """Account one optimizer step from its all-reduced per-domain loss sums and sample
@@ -51,12 +55,22 @@ class TrainState:
         if counts.sum() == 0:
             return None
         self.ema = ema_update(self.ema, loss_sums, counts)
+        self.interval_sums = self.interval_sums + loss_sums
+        self.interval_counts = self.interval_counts + counts
         return float(loss_sums.sum() / counts.sum())
+
+    def take_interval(self) -> np.ndarray:
+        """Each domain's mean training loss over the steps since the last call (NaN for a domain
+        no step drew), and reset: the `train` signal."""
+        mean = np.where(self.interval_counts > 0, self.interval_sums / np.maximum(self.interval_counts, 1), np.nan)
+        self.interval_sums, self.interval_counts = np.zeros(self.k), np.zeros(self.k)
+        return mean
 
     def state_dict(self) -> dict[str, Any]:
         return {"domains": self.domains, "step": self.step, "tokens": self.tokens.tolist(), "ema": self.ema.tolist(),
                 "bad_total": self.bad_total, "last_decision": self.last_decision, "kd_sum": self.kd_sum,
-                "kd_steps": self.kd_steps}
+                "kd_steps": self.kd_steps, "interval_sums": self.interval_sums.tolist(),
+                "interval_counts": self.interval_counts.tolist()}
 
     def add_kd(self, mean_kl: float) -> None:
         self.kd_sum += mean_kl
@@ -81,3 +95,22 @@ class TrainState:
         self.bad_total = int(st["bad_total"])
         self.last_decision = st.get("last_decision")
         self.kd_sum, self.kd_steps = float(st.get("kd_sum", 0.0)), int(st.get("kd_steps", 0))
+        self.interval_sums = np.asarray(st.get("interval_sums", np.zeros(self.k)), dtype=np.float64)
+        self.interval_counts = np.asarray(st.get("interval_counts", np.zeros(self.k)), dtype=np.float64)
+
+
+def check_skipped(step: int, state: TrainState, optimizer, max_bad_steps: int, checkpoints) -> None:
+    """After a non-finite step: it must have been skipped by the optimizer (ZeRO-3 does), and
+    the run stops after `max_bad_steps` of them in a row, its last good checkpoint kept."""
+    import logging
+
+    from megadrp.errors import TrainingStopped
+
+    if not getattr(optimizer, "overflow", False):
+        raise TrainingStopped(f"step {step}: non-finite loss, and the optimizer did not skip the step; "
+                              "megadrp relies on ZeRO-3 (zero_optimization.stage 3) to skip such steps")
+    logging.getLogger("megadrp").warning("step %d: non-finite loss; step skipped (%d in a row, %d in all)", step,
+                                         state.bad_run, state.bad_total)
+    if state.bad_run >= max_bad_steps:
+        raise TrainingStopped(f"{state.bad_run} non-finite steps in a row at step {step}; stopping. "
+                              f"The last good checkpoint is in {checkpoints}")

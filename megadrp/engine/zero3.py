@@ -128,3 +128,15 @@ def lambdas(model: MaskedLlama, zero3: bool) -> dict[str, list[float]]:
         lam = l0.lambdas.detach().float().cpu().tolist()
     return {m: lam[i] for i, m in enumerate(l0.active)}
 
+
+
+def expected_sparsity(model: MaskedLlama, zero3: bool) -> float:
+    """The masks' expected sparsity now (SPEC §3.1's s), without an evaluation: what the
+    pruning law needs at a controller update that runs no held-out evaluation (a training-loss
+    signal). Collective under ZeRO-3 (the log α are gathered)."""
+    import deepspeed
+
+    l0 = model.l0
+    assert l0 is not None
+    with deepspeed.zero.GatheredParameters(list(l0.log_alpha.values()), enabled=zero3), torch.no_grad():
+        return float(l0.expected_sparsity(l0.probs()))

@@ -9,6 +9,7 @@
     RUN_DIR/controller.pid    the controller process of the running job
     RUN_DIR/reference_losses.json  reference losses measured from a model (cached: measured once)
     RUN_DIR/wandb_id          the wandb run every segment of this run logs to
+    RUN_DIR/cost.json         the cost ledger of the plan (megadrp/cost_ledger.py): FLOPs by part, GPU-hours
     RUN_DIR/eval.json, report.md, *.png   what the demo and the tools add
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RunDir:
     hf = property(lambda self: self.root / "hf")
     controller_pid = property(lambda self: self.root / "controller.pid")
     reference_losses = property(lambda self: self.root / "reference_losses.json")
+    cost = property(lambda self: self.root / "cost.json")
     eval_json = property(lambda self: self.root / "eval.json")
     report = property(lambda self: self.root / "report.md")
 

@@ -166,8 +166,37 @@ def prediction_table(runs: dict[str, list[dict]]) -> str:
                       "|---|---|---|---|", *lines])
 
 
+def cost_table(stages: dict[str, Path]) -> str:
+    """Each stage's cost as planned (RUN_DIR/cost.json: FLOPs by part) beside what the clock
+    measured (metrics.jsonl's seconds by part); empty where no stage has both."""
+    from megadrp.cost_ledger import measured
+
+    lines = []
+    for stage, path in stages.items():
+        rd = RunDir(path)
+        if not (rd.cost.is_file() and rd.metrics.is_file()):
+            continue
+        plan, secs = read_json(rd.cost), measured(read_metrics(rd.metrics, events=True))
+        total = sum(secs.values()) or 1.0
+        # the teacher's forward runs inside the training steps: the clock sees them as one
+        train_share = sum(plan["share"].get(k, 0.0) for k in ("train", "teacher"))
+        rows = [("training (+ teacher)" if "teacher" in plan["share"] else "training", train_share, secs["train"]),
+                ("held-out evaluation", plan["share"]["eval"], secs["eval"]),
+                ("reference losses", plan["share"].get("reference", 0.0), secs["reference"])]
+        rest = total - sum(s for _, _, s in rows)
+        lines += [f"| {stage} | {label} | {share:.1%} | {sec:,.0f} s ({sec / total:.1%}) |" for label, share, sec in rows]
+        lines.append(f"| {stage} | start-up, saves, export, controller, other | not planned | {rest:,.0f} s "
+                     f"({rest / total:.1%}) |")
+    if not lines:
+        return ""
+    return "\n".join(["| stage | part | planned share of the FLOPs | measured seconds (share of the run's) |",
+                      "|---|---|---|---|", *lines])
+
+
 def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], extra: str = "") -> Path:
     runs = {k: read_metrics(RunDir(v).metrics) for k, v in stages.items() if RunDir(v).metrics.is_file()}
+    # updates without a held-out evaluation (a training-loss signal) have weights but no eval loss
+    evaluated = {k: [r for r in rows if r.get("eval_loss")] for k, rows in runs.items()}
     splits = {ev.get("split", "eval") for ev in evals.values()}
     where = ("the test split: documents no training run opened" if splits == {"test"} else
              "the eval split, which the runs evaluated and steered their domain schedule by (this DATA_DIR has no "
@@ -177,7 +206,7 @@ def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], ext
              f"Scored on {where}.", "", ppl_table(evals), "", "![perplexity](perplexity.png)", ""]
     plot_ppl(evals, out)
     if runs:
-        plot_losses({k: v for k, v in runs.items() if k != "pretrain"} or runs, out)
+        plot_losses({k: v for k, v in evaluated.items() if k != "pretrain"} or evaluated, out)
         plot_weights({k: v for k, v in runs.items() if k != "pretrain"} or runs, out)
         parts += ["## Eval loss, fitted scaling laws and reference losses", "", "![eval loss](eval_loss.png)", ""]
         pred = prediction_table(runs)
@@ -185,9 +214,15 @@ def write_report(out: Path, stages: dict[str, Path], evals: dict[str, dict], ext
             parts += ["How well the fitted laws foresaw each stage's end: the end-of-stage loss predicted at 25%, "
                       "50% and 75% of the stage against the eval loss reached.", "", pred, ""]
         parts += ["## Domain weights", "", "![weights](weights.png)", ""]
+    costs = cost_table(stages)
+    if costs:
+        parts += ["## Cost: the plan beside the measurement", "", "FLOPs by part from the plan (megadrp/cost_ledger.py; "
+                  "`megadrp train --dry-run` prints it with GPU-hours), seconds by part from the run's clock "
+                  "(metrics.jsonl). On a CPU the shares differ from a GPU's: there evaluation runs at the training "
+                  "steps' throughput, here small forward passes are slower per FLOP.", "", costs, ""]
     if "prune" in runs:
-        plot_shape(runs["prune"], out)
-        last = runs["prune"][-1]
+        plot_shape(evaluated["prune"], out)
+        last = evaluated["prune"][-1]
         parts += ["## Expected shape while pruning", "", "![shape](expected_shape.png)", "",
                   f"Final expected shape: {', '.join(f'{k} {v:.1f}' for k, v in last['expected_shape'].items())}", ""]
         final_w = " | ".join(f"{n} {v:.3f}" for n, v in last["weights"].items())
