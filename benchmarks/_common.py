@@ -107,3 +107,74 @@ def first_weights(metrics: Path) -> dict[str, float]:
     with open(metrics) as f:
         first = json.loads(f.readline())
     return first.get("domain_weights") or first["weights"]
+
+
+# ---- one seed's replicate of the pipeline, shared by the studies that score on the test split ----
+# documents held out per domain (eval, test): Debian's shell scripts are 117 files on Debian 12
+HELD_OUT = {"embedded": (50, 100), "debian": (30, 40)}
+TEST_TOKENS = 8192  # per domain: 64 windows of 128 (capped by the split; the eval JSON says how many)
+
+
+class Replicate:
+    """One seed's whole pipeline, as benchmarks/ablation.py builds it under ROOT/seed<N>: its own
+    corpus draw (embedded; Debian text is the machine's, one folder for every seed), its own
+    held-out draw (50 eval + 100 test documents a domain; Debian 30 + 40), its own base model.
+    Studies that compare arms from the same base (signal, methods, open questions) build on the
+    ablation's replicates: a finished stage is reused where its stamp matches, never rebuilt."""
+
+    def __init__(self, root: Path, corpus: str, seed: int) -> None:
+        from megadrp.tools import pipeline
+
+        self.root, self.corpus, self.seed, self.work = root, corpus, seed, root / f"seed{seed}"
+        held = HELD_OUT[corpus]
+        self.data = pipeline.prepare_data(self.work, self._corpus_dir(), seed=seed, eval_docs=held[0],
+                                          test_docs=held[1], reuse="adopt")
+        mix = ["domains=null", "dro.initial_proportion=tokens^0.3"] if corpus != "embedded" else []
+        self.common = [f"data_dir={self.data}", f"seed={1234 + seed}", "train.log_interval=1000", *mix]
+        self.base = self.work / "base"
+        pipeline.train_stage("configs/tiny/pretrain.yaml", self.base, self.common, quiet=True, reuse="adopt")
+
+    def _corpus_dir(self) -> Path | None:
+        if self.corpus == "embedded":
+            return None
+        from megadrp.tools import pipeline
+
+        out = self.root / "corpus"
+        if not (out / "sources.json").is_file():
+            pipeline.sh(pipeline.megadrp("debian-corpus", "--out", str(out), "--max-docs-per-domain", "600"))
+        return out
+
+    def stage(self, config: str, run: Path, overrides: list[str]) -> Path:
+        """A stage under this replicate (common overrides first); returns its export."""
+        from megadrp.runtime.run_dir import RunDir
+        from megadrp.tools import pipeline
+
+        pipeline.train_stage(config, run, self.common + overrides, quiet=True, reuse="adopt")
+        return RunDir(run).hf
+
+    def prune_continue(self, run: Path, prune: list[str], cont: list[str], prune_steps: int,
+                       continue_steps: int) -> Path:
+        """From the base: configs/tiny/prune.yaml with `prune`, then configs/tiny/continue.yaml
+        from its export with `cont`; returns the continued export."""
+        pruned = self.stage("configs/tiny/prune.yaml", run / "prune",
+                            prune + [f"model.init={self.base / 'hf'}", f"train.steps={prune_steps}"])
+        return self.stage("configs/tiny/continue.yaml", run / "continue",
+                          cont + [f"model.init={pruned}", f"train.steps={continue_steps}"])
+
+    def test_eval(self, model: Path, out: Path, p0: dict[str, float] | None = None) -> dict:
+        """`megadrp eval --split test --shift` of `model`, cached in `out`."""
+        from megadrp.tools import pipeline
+
+        return pipeline.evaluate(model, self.data, TEST_TOKENS, 128, out, p0=p0)
+
+    def source(self, p0: dict[str, float] | None = None) -> dict:
+        """The base model scored on the test split (what the worst ratio divides by)."""
+        return self.test_eval(self.base / "hf", self.work / "base_test.json", p0)
+
+    def base_record(self) -> dict:
+        from megadrp.runtime.files import read_json
+
+        hf = self.base / "hf"
+        return {"seed": self.seed, "path": str(hf.relative_to(ROOT)) if hf.is_relative_to(ROOT) else str(hf),
+                "pretrain_seed": 1234 + self.seed, "corpus_seed": self.seed if self.corpus == "embedded" else None,
+                "holdout_seed": self.seed, "parameters": read_json(hf / "megadrp.json")["parameters"]}

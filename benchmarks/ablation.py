@@ -40,7 +40,18 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from _common import ROOT, commit, first_weights, interval, paired, save, stage_seconds, worst_ratio
+from _common import (
+    ROOT,
+    TEST_TOKENS,
+    Replicate,
+    commit,
+    first_weights,
+    interval,
+    paired,
+    save,
+    stage_seconds,
+    worst_ratio,
+)
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -62,9 +73,6 @@ METRICS = {  # key: (label, value of one eval JSON given the source's perplexiti
     "worst_chi2_ppl": ("worst χ² mix ppl", lambda e, src: e["shift"]["worst_chi2"]["ppl"]),
     "uniform_ppl": ("uniform mix ppl", lambda e, src: e["shift"]["uniform"]["ppl"]),
 }
-# documents held out per domain (eval, test): Debian's shell scripts are 117 files on Debian 12
-HELD_OUT = {"embedded": (50, 100), "debian": (30, 40)}
-TEST_TOKENS = 8192  # per domain: 64 windows of 128 (capped by the split; the eval JSON says how many)
 STAGES = ("prune", "continue")
 
 
@@ -97,65 +105,36 @@ def prediction_errors(metrics: Path) -> dict[str, dict]:
             for f, a in prediction_accuracy(read_metrics(metrics)).items()}
 
 
-def corpus_dir(root: Path, corpus: str, seed: int) -> Path | None:
-    """None for the embedded corpus (prepare_data draws it with the seed); Debian text is the
-    machine's, one folder shared by every seed."""
-    if corpus == "embedded":
-        return None
-    from megadrp.tools import pipeline
-
-    out = root / "corpus"
-    if not (out / "sources.json").is_file():
-        pipeline.sh(pipeline.megadrp("debian-corpus", "--out", str(out), "--max-docs-per-domain", "600"))
-    return out
-
-
 def run_seed(root: Path, corpus: str, seed: int, args, arms: list[str]) -> dict:
-    """Builds (or reuses) one seed's data, base, target-shape model and every arm; returns its
-    evaluations and run facts."""
+    """Builds (or reuses) one seed's replicate, its target-shape model and every arm; returns
+    its evaluations and run facts."""
     from megadrp.tools import pipeline
 
-    work = root / f"seed{seed}"
-    held = HELD_OUT[corpus]
-    data = pipeline.prepare_data(work, corpus_dir(root, corpus, seed), seed=seed, eval_docs=held[0], test_docs=held[1],
-                                 reuse="adopt")
-    mix = ["domains=null", "dro.initial_proportion=tokens^0.3"] if corpus != "embedded" else []
-    common = [f"data_dir={data}", f"seed={1234 + seed}", "train.log_interval=1000", *mix]
-    base, target = work / "base", work / "target_scratch"
-    pipeline.train_stage("configs/tiny/pretrain.yaml", base, common, quiet=True, reuse="adopt")
-    pipeline.train_stage("configs/tiny/pretrain.yaml", target, common + target_shape(), quiet=True, reuse="adopt")
+    rep = Replicate(root, corpus, seed)
+    target = rep.work / "target_scratch"
+    rep.stage("configs/tiny/pretrain.yaml", target, target_shape())
     out: dict = {"evals": {}, "fitted_from": {}, "prediction": {}, "seconds": 0.0}
     p0 = None
     for arm in arms:
         mode, refs, carried = ARMS[arm]
-        run = work / arm
+        run = rep.work / arm
         ref = [f"dro.reference_loss=model:{RunDir(target).hf}"] if refs == "target" else []
-        over = common + [f"dro.mode={mode}", f"eval.interval={args.eval_interval}", *ref]
-        pipeline.train_stage("configs/tiny/prune.yaml", run / "prune",
-                             over + [f"model.init={RunDir(base).hf}", f"train.steps={args.prune_steps}"], quiet=True,
-                             reuse="adopt")
-        pipeline.train_stage("configs/tiny/continue.yaml", run / "continue",
-                             over + [f"model.init={RunDir(run / 'prune').hf}", f"train.steps={args.continue_steps}",
-                                     *(["dro.initial_proportion=carried"] if carried else [])], quiet=True,
-                             reuse="adopt")
+        over = [f"dro.mode={mode}", f"eval.interval={args.eval_interval}", *ref]
+        model = rep.prune_continue(run, over, over + (["dro.initial_proportion=carried"] if carried else []),
+                                   args.prune_steps, args.continue_steps)
         # one χ² ball for every arm: around the prune stage's p0, which every arm starts from
         p0 = p0 or first_weights(RunDir(run / "prune").metrics)
-        out["evals"][arm] = pipeline.evaluate(RunDir(run / "continue").hf, data, TEST_TOKENS, 128,
-                                              run / "test_eval.json", p0=p0)
+        out["evals"][arm] = rep.test_eval(model, run / "test_eval.json", p0)
         out["fitted_from"][arm] = {s: fitted_from(RunDir(run / s).metrics) for s in STAGES}
         out["prediction"][arm] = {s: prediction_errors(RunDir(run / s).metrics) for s in STAGES}
         out["seconds"] += sum(stage_seconds(RunDir(run / s).metrics) for s in STAGES)
         e = out["evals"][arm]
         pipeline.log(f"seed {seed} {arm}: test mean ppl {e['mean_ppl']:.3f}, worst {e['worst_ppl']:.3f}")
-    out["source"] = pipeline.evaluate(RunDir(base).hf, data, TEST_TOKENS, 128, work / "base_test.json", p0=p0)
-    out["target_scratch"] = pipeline.evaluate(RunDir(target).hf, data, TEST_TOKENS, 128, work / "target_test.json",
-                                              p0=p0)
-    ref_file = RunDir(work / "sheared" / "prune").reference_losses
+    out["source"] = rep.source(p0)
+    out["target_scratch"] = rep.test_eval(RunDir(target).hf, rep.work / "target_test.json", p0)
+    ref_file = RunDir(rep.work / "sheared" / "prune").reference_losses
     out["sheared_references"] = json.loads(ref_file.read_text()) if ref_file.is_file() else None
-    out["base_model"] = {"seed": seed, "path": str(RunDir(base).hf.relative_to(ROOT)) if RunDir(base).hf.is_relative_to(ROOT)
-                         else str(RunDir(base).hf), "pretrain_seed": 1234 + seed,
-                         "corpus_seed": seed if corpus == "embedded" else None, "holdout_seed": seed,
-                         "parameters": json.loads((RunDir(base).hf / "megadrp.json").read_text())["parameters"]}
+    out["base_model"] = rep.base_record()
     return out
 
 

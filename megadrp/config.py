@@ -99,6 +99,23 @@ class PruneConfig:
     """Starting value of every λ2. 0 is the reference. Under Adam λ2 grows by about lambda_lr a step
     whatever the gap, so the reference's λ2 is in the hundreds by the end of its 640-step ramp; a run
     of a few hundred steps never gets there and its masks overshoot: start λ2 where it would be."""
+    method: Literal["l0", "minitron", "shortgpt"] = "l0"
+    """l0: learned masks (the paper's). minitron: one shot by activation importance (heads, MLP channels,
+    hidden dimensions, layers); shortgpt: one shot, layers only, by Block Influence. The one-shot methods
+    score calibration windows with forward passes only and export with no training step (docs/method.md §10)."""
+    calibration_tokens: int = 131072
+    """Tokens a domain the one-shot importance (and `init: importance`) scores: the first windows of each
+    domain's training split."""
+    importance_over_domains: Literal["mean", "worst"] = "mean"
+    """mean: a unit's importance averaged over domains; worst: each domain's scores normalised, a unit kept by
+    its largest over domains (one that a single domain needs is not cut)."""
+    layer_importance: Literal["loss", "block_influence"] = "loss"
+    """minitron's depth score: the loss increase when a layer is skipped, or Block Influence (shortgpt: always)."""
+    init: Literal["uniform", "importance"] = "uniform"
+    """The masks' starting log α (method l0): uniform (every unit at the same value, the reference), or
+    importance: the units a one-shot minitron prune would keep at that value, the rest init_gap below."""
+    init_gap: float = 2.0
+    """With init: importance, how far below (in log α) the units a one-shot prune would cut start."""
 
 
 @dataclass
@@ -148,8 +165,23 @@ class EvalConfig:
 
     interval: int = 50
     """Steps between evaluations, and so between domain-weight updates (paper: 50 pruning, 400 continuing)."""
-    tokens_per_domain: int = 16384
-    """Eval tokens a domain (paper: 500 × 4096 = 2048000)."""
+    tokens_per_domain: int | Literal["auto"] = 16384
+    """Eval tokens a domain (paper: 500 × 4096 = 2048000); auto: each domain's evaluation adds windows
+    (from min_tokens_per_domain, doubling) only until the standard error of its mean window loss is below
+    target_se, or max_tokens_per_domain."""
+    target_se: float = 0.02
+    """With tokens_per_domain: auto, the standard error (nats) of a domain's mean loss to reach."""
+    min_tokens_per_domain: int = 16384
+    """With tokens_per_domain: auto, the first round's tokens a domain (the floor)."""
+    max_tokens_per_domain: int = 2048000
+    """With tokens_per_domain: auto, the most tokens a domain (the ceiling; capped by the eval split)."""
+
+    @property
+    def token_bounds(self) -> tuple[int, int]:
+        """(floor, ceiling) tokens a domain: equal for a fixed tokens_per_domain."""
+        if self.tokens_per_domain == "auto":
+            return self.min_tokens_per_domain, self.max_tokens_per_domain
+        return self.tokens_per_domain, self.tokens_per_domain
     micro_batch: int = 4
     """Sequences a rank evaluates in one forward."""
     at_start: bool = True
@@ -262,6 +294,10 @@ class Config:
     overwrite: bool = False
     """Allow resume: none to start over in a run_dir whose status.json says done (it would replace
     a finished run's metrics and model)."""
+    allow_tokenizer_mismatch: bool = False
+    """Train although model.init, the reference model or the teacher carries another tokenizer than the
+    data was made with (compared by fingerprint: every token, its id and the special ids). Only for
+    tokenizers you know agree on every id the data holds."""
     deepspeed: str = "ds_configs/zero3_cpu.json"
     """The DeepSpeed JSON: zero3_cpu.json (CPU, fp32), zero3_bf16.json (GPUs), zero3_offload.json
     (optimizer and parameters on the host); a shipped one by name from any directory."""
@@ -406,7 +442,9 @@ def validate(cfg: Config, where: str) -> None:
     t = cfg.train
     for key, v in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
                    ("train.micro_batch", 1 if t.micro_batch == "auto" else t.micro_batch), ("train.seq_len", t.seq_len),
-                   ("eval.interval", cfg.eval.interval), ("eval.tokens_per_domain", cfg.eval.tokens_per_domain)):
+                   ("eval.interval", cfg.eval.interval),
+                   ("eval.tokens_per_domain", 1 if cfg.eval.tokens_per_domain == "auto" else cfg.eval.tokens_per_domain),
+                   ("eval.min_tokens_per_domain", cfg.eval.min_tokens_per_domain)):
         if v < 1:
             raise ConfigError(f"{where}: {key}={v} must be at least 1")
     if cfg.eval.held_out_every != 1 and cfg.dro.signal == "eval":
@@ -423,6 +461,23 @@ def validate(cfg: Config, where: str) -> None:
                    ("dro.min_fit_points", cfg.dro.min_fit_points)):
         if v < 0:
             raise ConfigError(f"{where}: {key}={v} must not be negative")
+    p = cfg.prune
+    if cfg.stage != "prune" and (p.method != "l0" or p.init != "uniform"):
+        key = "prune.method" if p.method != "l0" else "prune.init"
+        raise ConfigError(f"{where}: {key}={getattr(p, key.split('.')[1])} needs stage: prune (this is stage "
+                          f"{cfg.stage}); remove it")
+    if p.init == "importance" and p.method != "l0":
+        raise ConfigError(f"{where}: prune.init=importance warm-starts learned masks (prune.method=l0), not "
+                          f"prune.method={p.method}")
+    if p.calibration_tokens < 1:
+        raise ConfigError(f"{where}: prune.calibration_tokens={p.calibration_tokens} must be at least 1")
+    if not (math.isfinite(p.init_gap) and p.init_gap >= 0):
+        raise ConfigError(f"{where}: prune.init_gap={p.init_gap} must be a finite number ≥ 0")
+    if cfg.eval.max_tokens_per_domain < cfg.eval.min_tokens_per_domain:
+        raise ConfigError(f"{where}: eval.max_tokens_per_domain={cfg.eval.max_tokens_per_domain} is below "
+                          f"eval.min_tokens_per_domain={cfg.eval.min_tokens_per_domain}")
+    if not (math.isfinite(cfg.eval.target_se) and cfg.eval.target_se > 0):
+        raise ConfigError(f"{where}: eval.target_se={cfg.eval.target_se} must be a positive finite number (nats)")
     if t.micro_batch != "auto" and t.micro_batch > t.global_batch:
         raise ConfigError(f"{where}: train.micro_batch={t.micro_batch} is larger than train.global_batch="
                           f"{t.global_batch}; lower the micro-batch")

@@ -11,7 +11,11 @@ lookup), L layers of attention width a = heads × head_dim and sequence length s
 A prune stage trains the whole source model (the masks cost next to nothing); the evaluation
 costs a forward over every domain's windows at every held-out evaluation (and at step 0 where
 `eval.at_start`); distillation adds the teacher's forward on every trained token; a reference
-model measured once adds a forward over the windows. GPU-hours = FLOPs / (peak · MFU), the peak
+model measured once adds a forward over the windows. A one-shot prune (`prune.method: minitron |
+shortgpt`) and an importance warm start add `calibrate`: forwards over every domain's
+calibration windows (and one more per layer where depth is scored by the loss when a layer is
+skipped); a one-shot prune trains nothing and evaluates once. With `eval.tokens_per_domain: auto` the
+evaluation is counted at its floor (`eval_at_ceiling_flops`: at its ceiling). GPU-hours = FLOPs / (peak · MFU), the peak
 being the GPU's dense bf16 tensor throughput from its datasheet (`GPUS`). `metrics.jsonl`
 records the seconds each part took (engine/clock.py), and `megadrp report` shows the two side
 by side.
@@ -60,21 +64,30 @@ def ledger(plan, world_size: int, mfu: float = DEFAULT_MFU, gpu: str = "h100") -
     apply), each part's share, and GPU-hours at `mfu` on `gpu` (GPUS)."""
     cfg, t = plan.cfg, plan.cfg.train
     model = model_flops(plan.model_config, t.seq_len)
-    tokens = t.steps * t.global_batch * t.seq_len
+    one_shot = plan.pruning and cfg.prune.method != "l0"
+    tokens = 0 if one_shot else t.steps * t.global_batch * t.seq_len
     recompute = plan.checkpointed_layers * model.layer
     flops = {"train": tokens * (3 * model.forward + recompute)}
-    held_out = held_out_evaluations(cfg)
-    window_tokens = plan.k * cfg.eval.tokens_per_domain
+    if plan.pruning and (one_shot or cfg.prune.init == "importance"):
+        # forwards over each domain's calibration windows; a loss-based depth score adds one per layer
+        per_layer = cfg.prune.method != "shortgpt" and cfg.prune.layer_importance == "loss" and \
+            plan.target.layers < plan.model_config.num_hidden_layers
+        passes = 1 + (plan.model_config.num_hidden_layers if per_layer else 0)
+        flops["calibrate"] = plan.k * cfg.prune.calibration_tokens * model.forward * passes
+    held_out = 1 if one_shot else held_out_evaluations(cfg)
+    floor, ceiling = cfg.eval.token_bounds  # tokens_per_domain: auto scores between the two
+    window_tokens = plan.k * floor
     flops["eval"] = held_out * window_tokens * model.forward
     if plan.teacher_config is not None:
         flops["teacher"] = tokens * model_flops(plan.teacher_config, t.seq_len).forward
-    if plan.reference_model or plan.reference_from_engine:
+    if (plan.reference_model or plan.reference_from_engine) and not one_shot:
         ref = _reference_config(plan)
         flops["reference"] = window_tokens * model_flops(ref, t.seq_len).forward
     total = sum(flops.values())
     peak, source = GPUS[gpu]
     gpu_hours = total / (peak * mfu) / 3600
-    return {"flops": flops, "share": {k: v / total for k, v in flops.items()}, "total_flops": total,
+    more = {"eval_at_ceiling_flops": held_out * plan.k * ceiling * model.forward} if ceiling != floor else {}
+    return {"flops": flops, "share": {k: v / total for k, v in flops.items()}, "total_flops": total, **more,
             "tokens": {"train": tokens, "eval": held_out * window_tokens}, "held_out_evaluations": held_out,
             "gpu": gpu, "peak_flops_per_gpu": peak, "peak_source": source, "mfu": mfu,
             "gpu_hours": gpu_hours, "wall_hours": gpu_hours / world_size}

@@ -104,6 +104,7 @@ def make_plan(cfg: Config, world_size: int, rank: int, gpu_memory: int | None = 
     names = [d.name for d in domains]
     model_config = _model_config(cfg, manifest)
     target = _target(cfg, model_config)
+    _check_calibration(cfg, domains)
     teacher = _teacher_config(cfg, manifest, model_config)
     if cfg.train.gpu_memory_gib is not None:
         gpu_memory = int(cfg.train.gpu_memory_gib * GIB)
@@ -115,6 +116,7 @@ def make_plan(cfg: Config, world_size: int, rank: int, gpu_memory: int | None = 
     _set_batch(ds, cfg, layout)
     groups = resolve_groups(cfg.domain_groups, names, [d.train_tokens for d in domains])
     ref = resolve_reference(cfg, names, groups)
+    _check_tokenizers(cfg, manifest, ref.model)
     ref_values = ref.values if ref.values is None or not ref.by_domain else groups.loss(ref.values).tolist()
     return RunPlan(cfg=cfg, manifest=manifest, domains=domains, layout=layout, model_config=model_config,
                    target=target, ramp_steps=max(1, int(round(cfg.prune.ramp_fraction * cfg.train.steps))),
@@ -155,22 +157,27 @@ def _teacher_config(cfg: Config, manifest: Manifest, model_config):
         raise ConfigError(f"distill.teacher {path}: vocab_size {tc.vocab_size} differs from the student's "
                           f"{model_config.vocab_size}; a teacher must share the student's tokenizer")
     manifest.check_vocab(tc.vocab_size, cfg.domains)
-    from megadrp.model.hf_io import tokenizer_files
-
-    theirs = path if tokenizer_files(path) else None
-    ours = cfg.model.init if cfg.model.init and Path(cfg.model.init).is_dir() and tokenizer_files(cfg.model.init) \
-        else manifest.tokenizer
-    if theirs is not None and Path(ours).is_dir():
-        from transformers import AutoTokenizer
-
-        try:
-            same = AutoTokenizer.from_pretrained(theirs).get_vocab() == AutoTokenizer.from_pretrained(str(ours)).get_vocab()
-        except Exception as e:  # noqa: BLE001 — an unreadable tokenizer is the user's to fix, said plainly
-            raise ConfigError(f"distill.teacher {path}: its tokenizer cannot be loaded ({e})") from None
-        if not same:
-            raise ConfigError(f"distill.teacher {path}: its tokenizer's vocabulary differs from {ours}'s; the "
-                              "teacher and the student must tokenize alike")
     return tc
+
+
+def _check_tokenizers(cfg: Config, manifest: Manifest, reference_model: str | None) -> None:
+    """Every model the run reads beside the data (model.init, a reference model, the teacher) was
+    made with the data's tokenizer, by fingerprint: two tokenizers of one size (Llama-2's and
+    Mistral's) give the same ids to other text, and the numbers would be wrong without an error."""
+    from megadrp.data.tokenizer import fingerprint_of
+    from megadrp.errors import TokenizerError
+
+    if cfg.allow_tokenizer_mismatch:
+        return
+    models = [("model.init", cfg.model.init if cfg.stage != "pretrain" else None),
+              ("dro.reference_loss", reference_model), ("distill.teacher", cfg.distill.teacher)]
+    for key, path in models:
+        if not path or not Path(path).is_dir():
+            continue
+        try:
+            manifest.check_tokenizer(f"{key} {path}", fingerprint_of(path), "set allow_tokenizer_mismatch: true")
+        except TokenizerError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _memory(cfg: Config, model_config, target: Shape | None, ds: dict, world_size: int, gpu_memory: int | None,
@@ -241,6 +248,7 @@ class DryRun:
     lines: list[str]
     data: dict
     problem: str | None = None  # a reason to refuse the job (exit 2), in one line
+    plan: RunPlan | None = None
 
 
 def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_disk: bool = True,
@@ -272,7 +280,8 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
                           f"GiB ({at_once} checkpoint(s) of {ckpt / 2**30:.1f} GiB at once with save.keep="
                           f"{cfg.save.keep}, and the export); free space, lower save.keep or choose another run_dir")
     cost = cost_ledger.ledger(plan, world_size, cost_ledger.DEFAULT_MFU if mfu is None else mfu, gpu)
-    eval_tokens = cfg.eval.tokens_per_domain * plan.k
+    floor, ceiling = cfg.eval.token_bounds
+    eval_tokens = ceiling * plan.k
     interval_tokens = min(cfg.eval.interval, t.steps) * tokens_step
     mem = plan.memory
     assert mem is not None
@@ -293,7 +302,10 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
             for i, (g, p) in enumerate(zip(plan.dro_groups.names, plan.p0)))] if plan.dro_groups.grouped else []),
         f"evaluation every {cfg.eval.interval} steps (held out at {cost['held_out_evaluations']} of them, step 0 "
         f"included where eval.at_start): {eval_tokens:,} tokens each, {eval_tokens / interval_tokens:.2f}× an "
-        f"interval's {interval_tokens:,} training tokens; dro.mode {cfg.dro.mode}, signal {cfg.dro.signal}, "
+        f"interval's {interval_tokens:,} training tokens"
+        + (f" at most (tokens_per_domain auto: from {floor * plan.k:,}, until each domain's standard error is "
+           f"≤ {cfg.eval.target_se:g})" if floor != ceiling else "")
+        + f"; dro.mode {cfg.dro.mode}, signal {cfg.dro.signal}, "
         f"update lag {cfg.dro.update_lag}",
         f"disk: {at_once} checkpoint(s) of ≈ {ckpt / 2**30:.1f} GiB at once (save.keep={cfg.save.keep}) + export "
         f"≤ {export_bytes / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free under {probe}"
@@ -313,8 +325,9 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
         "disk": {"need_bytes": need, "free_bytes": free, "checked": check_disk},
         "memory_per_gpu_bytes": mem.total, "gpu_memory_bytes": gpu_memory, "memory": mem.as_dict(),
         "build_requirements": build, "problem": problem, "cost": cost,
+        "tokenizer_fingerprint": plan.manifest.tokenizer_fingerprint,
     }
-    return DryRun(lines, data, problem)
+    return DryRun(lines, data, problem, plan)
 
 
 def _advice(term: str) -> str:
@@ -371,11 +384,30 @@ def _target(cfg: Config, model_config) -> Shape | None:
 
     assert cfg.prune.target is not None
     target = Shape.from_hf(cfg.prune.target)
+    source = shape_of(model_config)
     try:
-        check_target(shape_of(model_config), target, cfg.prune.sets)
+        check_target(source, target, cfg.prune.sets)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if cfg.prune.method == "shortgpt":  # depth only: every other dimension stays the source's
+        for dim, key in (("hidden", "hidden_size"), ("heads", "num_attention_heads"),
+                         ("kv_heads", "num_key_value_heads"), ("intermediate", "intermediate_size")):
+            if getattr(target, dim) != getattr(source, dim):
+                raise ConfigError(f"prune.target.{key}={getattr(target, dim)}: prune.method=shortgpt removes whole "
+                                  f"layers only; keep the source's {getattr(source, dim)}, or use prune.method=minitron")
     return target
+
+
+def _check_calibration(cfg: Config, domains) -> None:
+    """A one-shot prune (or an importance warm start) scores the first prune.calibration_tokens
+    of every domain's training split: refuse a domain that has fewer."""
+    if cfg.stage != "prune" or (cfg.prune.method == "l0" and cfg.prune.init != "importance"):
+        return
+    need = cfg.prune.calibration_tokens + 1
+    short = [f"{d.name} ({d.train_tokens:,})" for d in domains if d.train_tokens < need]
+    if short:
+        raise ConfigError(f"prune.calibration_tokens={cfg.prune.calibration_tokens:,}: more than the training split "
+                          f"of {', '.join(short)} holds; lower it")
 
 
 def _ds_config(cfg: Config, hidden: int) -> dict:
@@ -483,6 +515,9 @@ def reference_key(cfg: Config, names: list[str]) -> dict:
            "tokens_per_domain": cfg.eval.tokens_per_domain}
     if cfg.dro.signal != "eval":  # measured on training windows (RunPlan.reference_split)
         key["split"] = "train"
+    if cfg.eval.tokens_per_domain == "auto":
+        key.update(zip(("min_tokens_per_domain", "max_tokens_per_domain"), cfg.eval.token_bounds),
+                   target_se=cfg.eval.target_se)
     return key
 
 

@@ -60,7 +60,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu", choices=("a100", "h100", "h200"), default=None,
                     help="with --dry-run: the GPU whose bf16 peak the cost's GPU-hours assume (default h100)")
     ap.add_argument("--no-disk-check", action="store_true",
-                    help="with --dry-run: plan for another machine; report, but do not refuse, a run_dir without room")
+                    help="with --dry-run: report, but do not refuse, a run_dir without room")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="with --dry-run: plan for another machine: only config.json of the models and the data's "
+                    "manifest.json are read; the checks of the run's start (shards, weights, run_dir, resume) and "
+                    "of free space are skipped")
     ap.add_argument("--time-limit", default=None, metavar="TIME",
                     help="stop at a checkpoint (exit 3) before this much time from the start has passed: seconds or "
                     "[D-]H:M:S (default: the Slurm job's end time, where it is known)")
@@ -73,7 +77,8 @@ def _check_flags(ap: argparse.ArgumentParser, args) -> None:
     can use."""
     only = [f for f, v in (("--world-size", args.world_size), ("--gpu-memory", args.gpu_memory), ("--mfu", args.mfu),
                            ("--gpu", args.gpu), ("--json", args.json or None),
-                           ("--no-disk-check", args.no_disk_check or None)) if v is not None]
+                           ("--no-disk-check", args.no_disk_check or None), ("--plan-only", args.plan_only or None))
+            if v is not None]
     if only and not args.dry_run:
         ap.error(f"{only[0]} plans a run: it needs --dry-run (a run takes its world size from the launcher and "
                  "plans for the device it has)")
@@ -97,18 +102,28 @@ def _quiet_libraries() -> None:
 
 def _dry_run(cfg, args) -> int:
     from megadrp.plan import GIB, dry_run
+    from megadrp.runtime.deadline import Deadline
 
     world = args.world_size or int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     budget = int(args.gpu_memory * GIB) if args.gpu_memory else None
     try:
-        report = dry_run(cfg, world, budget, check_disk=not args.no_disk_check, mfu=args.mfu, gpu=args.gpu or "h100")
+        Deadline.find(args.time_limit)  # the run parses it first: the same refusal
+        report = dry_run(cfg, world, budget, check_disk=not (args.no_disk_check or args.plan_only), mfu=args.mfu,
+                         gpu=args.gpu or "h100")
+        if not args.plan_only:  # what the run refuses at its start, refused here by the same function
+            from megadrp.engine.startup import check_start
+
+            assert report.plan is not None
+            check_start(report.plan, world)
     except (UserError, OSError) as e:
         print(f"train: dry run: {e}", file=sys.stderr)
         return 2
-    from megadrp.engine.checkpoint import describe_resume
+    from megadrp.config import to_dict
+    from megadrp.engine.checkpoint import RunRecord, describe_resume
     from megadrp.runtime.run_dir import RunDir
 
-    resume = describe_resume(RunDir(cfg.run_dir).checkpoints, cfg.resume, world)
+    record = RunRecord(to_dict(cfg), report.data.get("tokenizer_fingerprint")).state_dict()
+    resume = describe_resume(RunDir(cfg.run_dir).checkpoints, cfg.resume, world, record)
     report.lines.insert(len(report.lines) - 1, resume)
     report.data["resume"] = resume
     print(json.dumps(report.data, indent=2) if args.json else "\n".join(report.lines))
@@ -148,7 +163,13 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
     try:
         with process_group.starting() as info:  # DeepSpeed JIT-loads ops in init and in the engine build
             rank = info.rank
-            trainer = Trainer(cfg, info, stop, deadline)
+            if cfg.stage == "prune" and cfg.prune.method != "l0":  # one shot: no training step
+                from megadrp.engine.clock import Clock
+                from megadrp.engine.one_shot import OneShotPrune
+
+                trainer = OneShotPrune(cfg, info, Clock())
+            else:
+                trainer = Trainer(cfg, info, stop, deadline)
         return trainer.run()
     except process_group.RendezvousBusy as e:
         # Transient: mark the run for a retry (the Slurm scripts requeue it) and say so.

@@ -223,3 +223,33 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_any_compute(long_pr
     path = write_config(tmp_path / "bad.yaml", **cfg2)
     p = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run"], check=False)
     assert p.returncode == 2 and "vocab_size 512 differs from the student's 1024" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_training_loss_signal_with_sparse_adaptive_evaluation(long_prune, data_dir, tmp_path):
+    """`dro.signal: train` (#40): the controller weighs each interval's mean training loss against
+    the source's losses measured on training windows (the same basis); the held-out evaluation
+    runs at every 3rd update and the last, each domain scored until its standard error is at most
+    the target (`tokens_per_domain: auto`); the cost ledger counts exactly those evaluations."""
+    _, cfg = long_prune
+    prune_dir = Path(cfg["run_dir"])
+    out = _continue(tmp_path, data_dir, prune_dir, "train_signal", reference_loss="auto", signal="train",
+                    top={"train": {"steps": 24, "global_batch": 8, "micro_batch": 4, "seq_len": 32, "num_workers": 1},
+                         "eval": {"interval": 3, "held_out_every": 3, "tokens_per_domain": "auto", "micro_batch": 8,
+                                  "min_tokens_per_domain": 64, "max_tokens_per_domain": 512, "target_se": 0.05}})
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 3, 6, 9, 12, 15, 18, 21, 24]
+    held = [r["step"] for r in rows if r["eval_loss"] is not None]
+    assert held == [0, 9, 18, 24]
+    assert all(r["controller"] and r["controller"]["from_step"] == r["step"] for r in rows[1:])  # every update decides
+    ref = json.loads((out / "reference_losses.json").read_text())
+    assert ref["windows"]["split"] == "train" and ref["model"] == json.loads(
+        (prune_dir / "reference_losses.json").read_text())["model"]  # the source, measured again on train windows
+    names = ref["windows"]["domains"]
+    assert np.allclose([rows[1]["reference_loss"][n] for n in names], ref["losses"])
+    for r in rows:
+        if r["eval_loss"] is not None:
+            for n in names:
+                w, se = r["eval_windows"][n], r["eval_se"][n]
+                assert w in (2, 4, 8, 16) and (se <= 0.05 or w == 16), (r["step"], n, w, se)
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["held_out_evaluations"] == len(held) and set(cost["flops"]) == {"train", "eval", "reference"}

@@ -52,6 +52,18 @@ class Manifest:
     eod_id: int
     dtype: str
     domains: dict[str, DomainShards]
+    tokenizer_fingerprint: str | None = None  # data/tokenizer.fingerprint; None: made by an older megadrp
+
+    def check_tokenizer(self, other: str, other_fingerprint: str | None, escape: str) -> None:
+        """Refuse `other` (a model, an export, another DATA_DIR) made with another tokenizer than
+        this data (exit 2 naming both); warn where either side has no fingerprint to compare."""
+        from megadrp.data.tokenizer import check_same
+
+        note = check_same(f"DATA_DIR {self.data_dir}", self.tokenizer_fingerprint, other, other_fingerprint, escape)
+        if note and other_fingerprint is not None:  # a model without tokenizer files has nothing to compare: quiet
+            import logging
+
+            logging.getLogger("megadrp").warning("%s", note)
 
     def select(self, names: list[str] | None) -> list[DomainShards]:
         """The domains a run uses, in the run's order; unknown names are an error."""
@@ -109,4 +121,6 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{path}: domain {name!r} entry is incomplete ({e!r})") from e
     tok = Path(raw["tokenizer"])
-    return Manifest(d, tok if tok.is_absolute() else d / tok, raw["vocab_size"], raw["eod_id"], raw["dtype"], domains)
+    fp = raw.get("tokenizer_fingerprint")
+    return Manifest(d, tok if tok.is_absolute() else d / tok, raw["vocab_size"], raw["eod_id"], raw["dtype"], domains,
+                    fp if isinstance(fp, str) else None)

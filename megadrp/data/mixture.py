@@ -262,6 +262,3 @@ class EvalWindows:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.ds.window(i * self.seq_len, self.seq_len + 1)
-
-    def shard(self, rank: int, world: int) -> list[int]:
-        return list(range(rank, self.n, world))

@@ -139,9 +139,10 @@ def problem(path: Path, rank: int, world: int) -> str | None:
     return None
 
 
-def describe_resume(root: Path, setting: str, world: int) -> str:
+def describe_resume(root: Path, setting: str, world: int, record: dict | None = None) -> str:
     """What a start with `resume: setting` on `world` ranks would do, for the dry run (no process
-    group: it reads files only)."""
+    group: it reads files only). `record`: the run's RunRecord state, to find settings a resume
+    may not change ('cannot' in the answer)."""
     if setting == "none":
         return "resume: none: starts fresh (status done in run_dir needs overwrite=true)"
     candidates = [p for _, p in reversed(complete_checkpoints(root))] if setting == "auto" else [Path(setting)]
@@ -151,6 +152,10 @@ def describe_resume(root: Path, setting: str, world: int) -> str:
             if setting != "auto":
                 return f"resume {path}: cannot: {why}"
             continue
+        if record is not None:
+            changed = resume_changes(read_state(path).get("run"), record)
+            if changed:
+                return (f"resume {path}: cannot: the checkpoint was made with other settings: {'; '.join(changed)}")
         saved = read_state(path).get("world_size", world)
         step = read_state(path).get("train", {}).get("step", "?")
         if saved == world:
@@ -158,6 +163,9 @@ def describe_resume(root: Path, setting: str, world: int) -> str:
         ready = (path / UNIVERSAL / "zero" / "optimizer_state.pt").is_file()
         return (f"resume: from {path} (step {step}) written by {saved} rank(s), on {world}: elastic, through "
                 f"DeepSpeed's universal format ({'already converted' if ready else 'converted once at start: about 12 bytes a parameter of disk'})")
+    if candidates:
+        return (f"resume=auto: cannot: no checkpoint under {root} can be loaded; remove the broken ones, or start "
+                "fresh with resume=none")
     return "resume: auto: no complete checkpoint under " + str(root) + ": starts fresh"
 
 
@@ -165,7 +173,7 @@ def load(engine, path: Path, states: Mapping[str, Stateful]) -> None:
     """Collective. Loads the engine's state in place and each component's from
     `megadrp_state.pt`."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    missing = [name for name in states if name not in state]
+    missing = [name for name in states if name not in state and name != "run"]  # `run`: newer than some checkpoints
     if missing:
         raise ValueError(f"{path / STATE_FILE}: no {missing[0]!r} state (written by an older megadrp?); "
                          "resume from a checkpoint of this version, or start fresh with resume=none")
@@ -177,7 +185,8 @@ def load(engine, path: Path, states: Mapping[str, Stateful]) -> None:
     else:
         _load_elastic(engine, path, saved, world)
     for name, obj in states.items():
-        obj.load_state_dict(state[name])
+        if name in state:
+            obj.load_state_dict(state[name])
 
 
 UNIVERSAL = "universal"  # inside a checkpoint: its DeepSpeed universal form, made once when first needed
@@ -250,6 +259,62 @@ def first_problem(problem: str | None, world: int) -> str | None:
     return next((f"rank {i}: {p}" if world > 1 else p for i, p in enumerate(found) if p), None)
 
 
+# What a resume may change (dotted keys and their prefixes): the world size is no key (elastic
+# resume), steps may extend a run, and what only decides where, how fast or how loudly it runs.
+# Everything else made the checkpoint what it is: a change is refused before anything loads.
+RESUMABLE = ("train.steps", "train.micro_batch", "train.num_workers", "train.prefetch_factor", "train.log_interval",
+             "train.gpu_memory_gib", "train.max_bad_steps", "eval.micro_batch", "eval.at_start", "save.", "wandb.",
+             "resume", "overwrite", "run_dir", "deepspeed", "model.activation_checkpointing", "allow_tokenizer_mismatch")
+
+
+class RunRecord:
+    """What the run was made from, saved in every checkpoint (its resolved config and the data's
+    tokenizer fingerprint), so a resume can refuse another one before loading anything."""
+
+    def __init__(self, config: dict, tokenizer_fingerprint: str | None) -> None:
+        self.record = {"config": config, "tokenizer_fingerprint": tokenizer_fingerprint}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.record
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # compared before loading: `resume_changes`
+        pass
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def resume_changes(saved: dict | None, now: dict) -> list[str]:
+    """'key: saved → now' for every setting a resume may not change (RESUMABLE); [] for a
+    checkpoint from before records were saved (nothing to compare)."""
+    if not saved:
+        return []
+    a, b = _flat(saved.get("config", {})), _flat(now["config"])
+    out = [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b))
+           if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)]
+    fa, fb = saved.get("tokenizer_fingerprint"), now.get("tokenizer_fingerprint")
+    if fa and fb and fa != fb:
+        out.append(f"the data's tokenizer: fingerprint {fa} → {fb}")
+    return out
+
+
+def refuse_changes(path: Path, record: dict | None) -> None:
+    """ValueError (one line, every changed key with both values) if the checkpoint at `path`
+    was made from settings `record` (RunRecord's) may not change."""
+    if record is None:
+        return
+    changed = resume_changes(read_state(path).get("run"), record)
+    if changed:
+        raise ValueError(f"resume {path}: the checkpoint was made with other settings: {'; '.join(changed)}. "
+                         "Restore them to resume, or start fresh (resume=none, or another run_dir)")
+
+
 def resume(engine, root: Path, setting: str, states: Mapping[str, Stateful], world: int) -> Path | None:
     """Collective. Load the checkpoint `setting` names (config `resume`): `none`; `auto`, the
     newest under `root` that every rank can load (the ones skipped are logged with the reason);
@@ -269,6 +334,8 @@ def resume(engine, root: Path, setting: str, states: Mapping[str, Stateful], wor
     for path in candidates:
         why = first_problem(problem(path, rank, world), world)
         if why is None:
+            run = states.get("run")
+            refuse_changes(path, run.state_dict() if run is not None else None)  # before anything loads
             load(engine, path, states)  # a ValueError here (other domains, world size) is never skipped
             return path
         if setting != "auto":

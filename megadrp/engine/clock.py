@@ -3,7 +3,8 @@ time-limit stop all read, so none of them keeps a second, disagreeing, account.
 
 Every second of a process, from the operating system's record of its start to its last line,
 lands in exactly one part: `startup` (imports, rendezvous, plan, model load, engine build),
-`reference` (reference losses measured from a model), `train` (optimizer steps, data included),
+`reference` (reference losses measured from a model), `calibrate` (importance scores of a one-shot
+prune or a warm start), `train` (optimizer steps, data included),
 `eval` (held-out evaluation), `controller_wait` (waiting on the DRO controller's decision),
 `save`, `export`, and `other` (what none of them covers: metrics writing, the loop's own
 bookkeeping). `take()` hands out what accumulated since the last take, one metrics row's worth,
@@ -19,7 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-PARTS = ("startup", "reference", "train", "eval", "controller_wait", "save", "export", "other")
+PARTS = ("startup", "reference", "calibrate", "train", "eval", "controller_wait", "save", "export", "other")
 
 
 def process_start() -> float:

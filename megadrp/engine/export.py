@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megadrp.data.tokenizer import fingerprint_of
 from megadrp.engine import zero3
 from megadrp.model.hf_io import export_hf, tokenizer_files
 from megadrp.model.llama import count_parameters
@@ -55,11 +56,13 @@ def final_masks(l0: L0Masks) -> dict[str, torch.Tensor]:
         return l0.deterministic(final=True, log_alpha=l0.master_log_alpha)
 
 
-def export(plan: RunPlan, engine, out_dir: Path, rank: int) -> Path | None:
-    """Write the final model into `out_dir` (the run's `hf/`); collective, rank 0 writes."""
+def export(plan: RunPlan, engine, out_dir: Path, rank: int, masks: dict[str, torch.Tensor] | None = None
+           ) -> Path | None:
+    """Write the final model into `out_dir` (the run's `hf/`); collective, rank 0 writes.
+    `masks`: a one-shot prune's (engine/one_shot.py), else the L0 masks' final ones."""
     sd = zero3.full_state_dict(engine, plan.zero3, rank)
     l0 = engine.module.l0
-    z = final_masks(l0) if plan.pruning and l0 is not None else {}
+    z = masks if masks is not None else final_masks(l0) if plan.pruning and l0 is not None else {}
     out = None
     if rank == 0:
         assert sd is not None
@@ -67,11 +70,12 @@ def export(plan: RunPlan, engine, out_dir: Path, rank: int) -> Path | None:
         config = plan.model_config
         if plan.pruning:
             weights, config = prune_state_dict(weights, config, z)
-        about = json.dumps({
-            "stage": plan.cfg.stage, "steps": plan.cfg.train.steps, "source": plan.cfg.model.init,
-            "parameters": count_parameters(config), "source_parameters": count_parameters(plan.model_config),
-            "domains": plan.names}, indent=2) + "\n"
         tok = tokenizer_source(plan.cfg.model.init, plan.manifest.tokenizer)
+        about = json.dumps({
+            "stage": plan.cfg.stage, "steps": 0 if masks is not None else plan.cfg.train.steps,
+            "method": plan.cfg.prune.method if plan.pruning else None, "source": plan.cfg.model.init,
+            "parameters": count_parameters(config), "source_parameters": count_parameters(plan.model_config),
+            "domains": plan.names, "tokenizer_fingerprint": fingerprint_of(tok)}, indent=2) + "\n"
         out = export_hf(weights, config, out_dir, tok, extra={"megadrp.json": about})
         log.info("exported model: %s (%s parameters)", out, f"{count_parameters(config):,}")
     dist.barrier()

@@ -73,6 +73,8 @@ def evaluation_record(step: int, stage: str, world: int, names: list[str], state
         "controller_wait_seconds": round(wait_seconds, 4),
         "controller_cpu_seconds": round(controller_cpu_seconds, 4),
         **({"eval_kd": named(ev.kd)} if getattr(ev, "kd", None) is not None else {}),
+        **({"eval_windows": {n: int(x) for n, x in zip(names, ev.windows)}, "eval_se": named(ev.se)}
+           if getattr(ev, "windows", None) is not None else {}),
         **({"kd_loss": kd_loss} if kd_loss is not None else {}),
     }
 

@@ -33,7 +33,7 @@ from megadrp import cost_ledger
 from megadrp.config import Config, dump_yaml, to_dict
 from megadrp.data.mixture import digest_hex
 from megadrp.engine import references, zero3
-from megadrp.engine.checkpoint import Saver, clear_partial, resume
+from megadrp.engine.checkpoint import RunRecord, Saver, clear_partial, latest, resume
 from megadrp.engine.clock import Clock
 from megadrp.engine.collectives import StepSums, any_rank, min_over_ranks
 from megadrp.engine.distill import TeacherEngine
@@ -42,8 +42,10 @@ from megadrp.engine.evaluator import Evaluator
 from megadrp.engine.export import export, final_masks
 from megadrp.engine.loader import make_loader, stop_loader
 from megadrp.engine.metrics import MetricsWriter, Progress, log_memory_plan, shape_record
+from megadrp.engine.one_shot import warm_start
 from megadrp.engine.optim import group_lrs
 from megadrp.engine.signal import LossSignal
+from megadrp.engine.startup import check_start
 from megadrp.engine.train_state import TrainState, check_skipped
 from megadrp.errors import ConfigError, TrainingStopped
 from megadrp.model.llama import count_parameters
@@ -77,6 +79,7 @@ class Trainer:
         # every rank chooses the same layout
         memory, device = process_group.device_memory(info.local_world_size)
         self.plan = make_plan(cfg, self.world, self.rank, min_over_ranks(memory, torch.device(device)))
+        on_rank0(lambda: check_start(self.plan, self.world), self.rank, self.world)  # what --dry-run checks too
         if self.rank == 0:
             log_memory_plan(self.plan, memory)
         self.evaluate = Evaluator.for_plan(self.plan, self.rank, self.world)
@@ -94,14 +97,20 @@ class Trainer:
             with self.clock.part("reference"):
                 self.reference = references.measure(self.plan, self.evaluate.reference, self.run_dir, self.rank,
                                                     self.teacher.engine)
-        self.ds_engine, self.group_names = zero3.build_engine(self.plan, self.rank)
+        init = None  # learned masks warm-started from a one-shot prune's choice (not on a resume: the checkpoint's)
+        if cfg.prune.init == "importance" and (cfg.resume == "none" or latest(self.run_dir.checkpoints) is None):
+            with self.clock.part("calibrate"):
+                init = warm_start(self.plan, self.rank, self.world)
+        self.ds_engine, self.group_names = zero3.build_engine(self.plan, self.rank, init)
         self.model = self.ds_engine.module
         self.state = TrainState(self.plan.k, domains=self.plan.names)
         self.signal = LossSignal(cfg.dro.signal, cfg.eval.interval, cfg.eval.held_out_every)
         self.schedule = DomainSchedule(self.plan, self.rank, self.run_dir.controller_pid, self.faults)
         self.metrics: MetricsWriter | None = None
         # 16-bit weights and their fp32 master, Adam's two moments
-        self.save = Saver(self.ds_engine, self.run_dir.checkpoints, {"train": self.state, "schedule": self.schedule},
+        record = RunRecord(to_dict(cfg), self.plan.manifest.tokenizer_fingerprint)  # a resume may not change it
+        self.save = Saver(self.ds_engine, self.run_dir.checkpoints,
+                          {"train": self.state, "schedule": self.schedule, "run": record},
                           cfg.save.keep, count_parameters(self.plan.model_config) * 16, self.rank, self.world,
                           self.clock, self.faults.kill_in_save)
 

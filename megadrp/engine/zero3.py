@@ -14,8 +14,10 @@ from megadrp.model.masks import LOG_ALPHA_MAX, LOG_ALPHA_MIN
 from megadrp.plan import RunPlan
 
 
-def build_engine(plan: RunPlan, rank: int):
-    """(DeepSpeed engine, names of its parameter groups in optimizer order)."""
+def build_engine(plan: RunPlan, rank: int, init_log_alpha: dict[str, torch.Tensor] | None = None):
+    """(DeepSpeed engine, names of its parameter groups in optimizer order). `init_log_alpha`:
+    the masks' starting values by set (`prune.init: importance`), written before the optimizer
+    copies them into its fp32 master."""
     import deepspeed
 
     cfg = plan.cfg
@@ -30,6 +32,12 @@ def build_engine(plan: RunPlan, rank: int):
             model = MaskedLlama(plan.model_config, plan.target, plan.ramp_steps, plan.checkpointed_layers,
                                 sets=cfg.prune.sets, lambda2_init=cfg.prune.lambda2_init)
         load_weights(model, cfg.model.init, zero3=plan.zero3, rank=rank)
+        if init_log_alpha and model.l0 is not None:
+            params = [model.l0.log_alpha[m] for m in init_log_alpha if m in model.l0.log_alpha]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=plan.zero3), torch.no_grad():
+                for m, v in init_log_alpha.items():
+                    if m in model.l0.log_alpha:
+                        model.l0.log_alpha[m].copy_(v.to(model.l0.log_alpha[m].dtype))
     groups = param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.prune.mask_lr, cfg.prune.lambda_lr)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=plan.ds_config)
     return engine, [g["name"] for g in groups]

@@ -309,7 +309,8 @@ class MaskedLlama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, step: int = 0,
                 mask_mode: str | None = None, mask_seed: int = 0, mask_draw: int = 0,
-                teacher: Teacher | None = None, hidden_only: bool = False) -> torch.Tensor | ForwardOutput:
+                teacher: Teacher | None = None, hidden_only: bool = False,
+                masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor | ForwardOutput:
         """Logits when `labels` is None (the final hidden states with `hidden_only`: a teacher's
         forward); else per-token losses and the L0 terms, and with a `teacher` the per-token KL
         to it (model/distill.py: chunked, so the logits of both never sit in memory whole).
@@ -319,9 +320,10 @@ class MaskedLlama(nn.Module):
         `mask_mode`: None (no masks), 'sample' (one hard-concrete draw per forward, seeded by
         (mask_seed, step, mask_draw); the engine passes the micro-batch's place in the global
         batch as `mask_draw`, so one and two ranks with the same global batch draw the same
-        masks for the same samples), 'expected' or 'final'.
+        masks for the same samples), 'expected' or 'final'. `masks`: fixed masks of the same
+        format instead (a one-shot prune's, model/importance.py), on the model's device.
         """
-        z, lag, shape = {}, None, None
+        z, lag, shape = masks or {}, None, None
         if mask_mode is not None and self.l0 is not None:
             gen = None
             if mask_mode == "sample":

@@ -62,12 +62,22 @@ class RunDir:
         return self.state() == "done" and (self.hf / "config.json").is_file()
 
     # ---- before a start --------------------------------------------------------------------
-    def check(self, resume: str, overwrite: bool) -> None:
-        """Writable, and not a finished run that `resume: none` would start over in (its metrics
-        and model would be replaced) unless `overwrite: true` says so."""
+    def validate(self, resume: str, overwrite: bool) -> None:
+        """What `check` refuses, without writing anything (the dry run's half of it): a path that
+        is a file or under no writable directory, a finished run that `resume: none` would start
+        over in."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"run_dir {self.root}: a file, not a directory; choose another run_dir")
+        probe = self.root if self.root.exists() else next(p for p in self.root.parents if p.exists())
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"run_dir {self.root}: cannot write under {probe}; choose a writable run_dir")
         if resume == "none" and not overwrite and self.state() == "done":
             raise ConfigError(f"run_dir {self.root} holds a finished run ({self.status}: done) and resume=none would "
                               "start over in it; choose another run_dir, or pass overwrite=true to replace it")
+
+    def check(self, resume: str, overwrite: bool) -> None:
+        """`validate`, then make the directory and prove it writable."""
+        self.validate(resume, overwrite)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-probe"

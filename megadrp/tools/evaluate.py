@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from megadrp.data.manifest import Manifest, load_manifest
 from megadrp.data.mixture import EvalWindows
-from megadrp.errors import ManifestError
+from megadrp.errors import ManifestError, TokenizerError
 from megadrp.runtime.files import atomic_write_text
 from megadrp.runtime.run_dir import RunDir
 
@@ -71,7 +71,7 @@ def default_split(manifest: Manifest, split: str | None) -> tuple[str, str | Non
 @torch.no_grad()
 def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int,
              domains: list[str] | None = None, batch: int = 8, corrupt_rate: float = 0.0, seed: int = 0,
-             split: str | None = None) -> dict:
+             split: str | None = None, allow_tokenizer_mismatch: bool = False) -> dict:
     """Per-domain mean token loss and perplexity of the model at `model_dir` on the first
     windows of DATA_DIR's `split` (`default_split`); with `corrupt_rate`, on windows damaged by
     `corrupt` (seeded by `seed` and the domain's place), scoring the intact targets only."""
@@ -83,6 +83,10 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
         raise FileNotFoundError(f"{model_dir}: config.json but no weights (*.safetensors or pytorch_model*.bin); "
                                 "point --model at a complete export (RUN_DIR/hf)")
     manifest = load_manifest(data_dir)
+    if not allow_tokenizer_mismatch:  # before the model loads: a wrong pairing costs no time
+        from megadrp.data.tokenizer import fingerprint_of
+
+        manifest.check_tokenizer(f"--model {model_dir}", fingerprint_of(model_dir), "pass --allow-tokenizer-mismatch")
     split, note = default_split(manifest, split)
     if note:
         print(f"evaluate: {note}", file=sys.stderr)
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="replace this share of the eval tokens at random (seeded by --corrupt-seed) and score the "
                     "intact targets: robustness to damaged text (0: off)")
     ap.add_argument("--corrupt-seed", type=int, default=0, help="with --corrupt: the seed of the damage")
+    ap.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                    help="score a model whose tokenizer differs from the one the data was made with (by fingerprint: "
+                    "every token, its id and the special ids); only where you know they agree")
     ap.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks: downstream accuracy")
     ap.add_argument("--task-dir", default=None, help="with --tasks: a directory of your own lm-eval task YAMLs")
     ap.add_argument("--limit", type=int, default=None, help="with --tasks: at most N examples a task")
@@ -199,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = yaml.safe_load(run_cfg.read_text()) or {}
     tokens = args.tokens_per_domain if args.tokens_per_domain is not None else \
         rc.get("eval", {}).get("tokens_per_domain", 16384)
+    if tokens == "auto":  # the run's adaptive evaluation: score its ceiling (capped by the split)
+        tokens = int(rc.get("eval", {}).get("max_tokens_per_domain", 2048000))
     seq = args.seq_len if args.seq_len is not None else rc.get("train", {}).get("seq_len", 128)
     # The run's own domains, in its order, unless --domains says otherwise: a p0 given as a
     # list in the run's config is in that order.
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                  rc.get("domain_groups"))
             p0 = _p0(spec, manifest, names, where, rc.get("model", {}).get("init"), groups)
         res = evaluate(args.model, args.data, tokens, seq, domains, corrupt_rate=args.corrupt, seed=args.corrupt_seed,
-                       split=args.split)
+                       split=args.split, allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
         if args.corrupt:
             res["corrupt"] = {"rate": args.corrupt, "seed": args.corrupt_seed}
         if p0 is not None:
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
             res["downstream"] = downstream(args.model, args.tasks.split(","), args.task_dir, args.limit,
                                            num_fewshot=args.num_fewshot, manager=manager)
-    except (FileNotFoundError, ManifestError, ValueError) as e:
+    except (FileNotFoundError, ManifestError, TokenizerError, ValueError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     line = json.dumps(res)

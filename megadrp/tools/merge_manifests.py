@@ -24,11 +24,12 @@ def merge(out: Path, parts: list[Path]) -> dict:
     for part in parts:
         path = part / MANIFEST
         m = read_json(path, ManifestError, missing="did the preprocessing of this part finish?")
-        for key in ("vocab_size", "eod_id", "dtype"):
-            if key in merged and merged[key] != m[key]:
-                raise ManifestError(f"{path}: {key}={m[key]} differs from the other parts ({merged[key]}); "
-                                    "every part must use the same tokenizer")
-            merged[key] = m[key]
+        for key in ("vocab_size", "eod_id", "dtype", "tokenizer_fingerprint"):
+            if key in merged and merged[key] != m.get(key):
+                first = parts[0] / MANIFEST
+                raise ManifestError(f"{path}: {key}={m.get(key)} differs from {first}'s ({merged[key]}); every part "
+                                    "must be made with the same tokenizer")
+            merged[key] = m.get(key)
         if "tokenizer" not in merged:
             src = part / m["tokenizer"]
             if src.resolve() != (out / "tokenizer").resolve():

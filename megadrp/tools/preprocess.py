@@ -68,7 +68,7 @@ from megadrp.data.corpus_io import (
 )
 from megadrp.data.indexed import IndexedDatasetWriter, dtype_for_vocab
 from megadrp.data.manifest import MANIFEST, SPLITS, write_manifest
-from megadrp.data.tokenizer import Tokenizer, load_tokenizer
+from megadrp.data.tokenizer import Tokenizer, fingerprint, load_tokenizer
 from megadrp.errors import CorpusError, PreprocessError, TokenizerError
 from megadrp.runtime.files import fsync_dir
 
@@ -575,7 +575,8 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
     splits = ("train", "eval", "test") if test_docs else ("train", "eval")
     manifest: dict = {"tokenizer": "tokenizer", "vocab_size": vocab, "eod_id": eod,
                       "dtype": np.dtype(dtype).name, "domains": {},
-                      "holdout": {"seed": seed, "eval_docs": eval_docs, "test_docs": test_docs}}
+                      "holdout": {"seed": seed, "eval_docs": eval_docs, "test_docs": test_docs},
+                      "tokenizer_fingerprint": fingerprint(tok.hf)}
     stage: Path | None = None
     pool = progress = None
     writers: dict[str, IndexedDatasetWriter] = {}

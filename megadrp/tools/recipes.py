@@ -120,12 +120,14 @@ def plan(recipe: Recipe, root: Path, gpu_gib: float = GPU_GIB, overrides: list[s
 
 
 def table(root: Path) -> str:
-    """The README's memory table: every recipe's plan at its documented layout."""
+    """The README's memory table: every recipe's plan at its documented layout, with its cost
+    (cost_ledger.py: GPU-hours on H100s at MFU 0.4, and evaluation's share of the FLOPs)."""
     from megadrp.plan import GIB
 
     head = ["| recipe | GPUs | micro-batch × accumulation | checkpointed layers | weights + master + Adam (+ teacher) "
-            "| gradients | ZeRO-3 buffers | activations | logits | recompute + backward | runtime | **per GPU** |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| gradients | ZeRO-3 buffers | activations | logits | recompute + backward | runtime | **per GPU** "
+            "| GPU-hours (H100, MFU 0.4) | evaluation share of the FLOPs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for r in RECIPES:
         d = plan(r, root).data
@@ -143,7 +145,8 @@ def table(root: Path) -> str:
                     f"| {g('weights', 'master_and_adam', *teacher)} | {g('gradient_partitions')} "
                     f"| {g('gradient_buckets', 'live_parameters', *teacher_live)} | {g('activations')} | {g('logits')} "
                     f"| {g('recompute_and_backward')} | {g('runtime_reserve', 'fragmentation', 'masks')} "
-                    f"| **{d['memory_per_gpu_bytes'] / GIB:.1f} GiB** |")
+                    f"| **{d['memory_per_gpu_bytes'] / GIB:.1f} GiB** | {d['cost']['gpu_hours']:,.0f} "
+                    f"| {d['cost']['share']['eval']:.1%} |")
     return "\n".join(head + rows)
 
 

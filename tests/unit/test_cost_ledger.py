@@ -94,7 +94,7 @@ def test_dry_run_prints_and_json_carries_the_cost(stand_ins, capsys):
 
     r = recipes.RECIPES[7]  # continue_1.3b_distill: train, eval, teacher
     vocab = recipes.MODELS[r.model][1]["vocab_size"]
-    common = ["--config", f"configs/{r.config}", "--dry-run", "--world-size", str(r.ranks), "--no-disk-check",
+    common = ["--config", f"configs/{r.config}", "--dry-run", "--world-size", str(r.ranks), "--plan-only",
               f"model.init={recipes.model_dir(r.model, stand_ins)}", f"data_dir={recipes.data_dir(r.corpus, vocab, stand_ins)}",
               f"run_dir={stand_ins / 'runs' / 'x'}", f"distill.teacher={recipes.model_dir(r.teacher, stand_ins)}"]
     assert main([*common, "--gpu", "a100", "--mfu", "0.5", "--json"]) == 0

@@ -130,9 +130,6 @@ def test_evaluation_sums_stay_on_the_device(meta_only_group):
     class Windows:
         n = 3
 
-        def shard(self, rank, world):
-            return list(range(rank, self.n, world))
-
         def __getitem__(self, i):
             import numpy as np
 
@@ -142,5 +139,6 @@ def test_evaluation_sums_stay_on_the_device(meta_only_group):
     model.device = META  # what a DeepSpeed engine exposes
     ev = Evaluator([Windows(), Windows()], seq_len=8, micro_batch=2, rank=0, world=2)
     sums, out = ev.reduced_sums(model, step=2, mask_mode="expected")
-    assert sums.device == META and sums.shape == (2, 3)  # per domain: loss sum, tokens, KL sum
+    # per domain: loss sum, tokens, KL sum, Σ window mean, Σ its square, windows
+    assert sums.device == META and sums.shape == (2, 6)
     assert out.expected_shape.device == META

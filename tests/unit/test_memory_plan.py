@@ -155,7 +155,7 @@ def test_auto_needs_a_memory_budget(stand_ins):
 def _dry_run_cli(stand_ins: Path, recipe: recipes.Recipe, *more: str) -> subprocess.CompletedProcess:
     vocab = recipes.MODELS[recipe.model][1]["vocab_size"]
     cmd = [sys.executable, str(ROOT / "megadrp" / "train.py"), "--config", str(ROOT / "configs" / recipe.config),
-           "--dry-run", "--world-size", str(recipe.ranks), "--no-disk-check",
+           "--dry-run", "--world-size", str(recipe.ranks), "--plan-only",
            f"model.init={recipes.model_dir(recipe.model, stand_ins)}",
            f"data_dir={recipes.data_dir(recipe.corpus, vocab, stand_ins)}", f"run_dir={stand_ins / 'runs' / 'x'}", *more]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
