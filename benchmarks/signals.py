@@ -1,4 +1,5 @@
-"""A cheaper signal for the controller (#40): does DRPruning need a held-out evaluation at every
+"""A cheaper signal for the controller (#40; results as benchmarks/results/signal.json — the script is not
+`signal.py`, which would shadow the standard library's `signal` for every script in this folder): does DRPruning need a held-out evaluation at every
 update? Each seed's base model (benchmarks/ablation.py's replicates), pruned and continued with
 drpruning at equal training tokens, the controller weighing:
 
@@ -14,7 +15,7 @@ basis, docs/method.md §9). Scored on the test split: the worst domain, the larg
 source, the mean; each paired over seeds against `eval`, with the evaluation's share of the
 stages' wall-clock (the runs' clocks) and of their FLOPs (the cost ledger, RUN_DIR/cost.json).
 
-    python benchmarks/signal.py [--seeds 3] [--held-out-every 4] [--corpus embedded|debian]
+    python benchmarks/signals.py [--seeds 3] [--held-out-every 4] [--corpus embedded|debian]
 
 Needs (and reuses) the ablation's replicates and `drpruning` runs under --root (default
 runs/ablation, or runs/ablation_debian); builds what is missing with the ablation's settings.
