@@ -263,6 +263,7 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
 
     plan = make_plan(cfg, world_size, 0, gpu_memory)
     t, lay = cfg.train, plan.layout
+    notes = plan_notes(cfg)
     tokens_step = t.global_batch * t.seq_len
     params = count_parameters(plan.model_config)
     ckpt = params * 16  # 16-bit weights and their fp32 master, Adam's m and v (fp32 ones: about the same)
@@ -312,6 +313,7 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
         + ("" if check_disk or need <= free else " (NOT ENOUGH, not checked: --no-disk-check)"),
         *mem.lines(),
         *cost_ledger.lines(cost, world_size),
+        *[f"note: {n}" for n in notes],
         f"optimizer: {build}" if build else "optimizer: torch's AdamW (no compiler needed on the node)",
         f"dry run: {problem}" if problem else "dry run: no problem found",
     ]
@@ -325,9 +327,20 @@ def dry_run(cfg: Config, world_size: int, gpu_memory: int | None = None, check_d
         "disk": {"need_bytes": need, "free_bytes": free, "checked": check_disk},
         "memory_per_gpu_bytes": mem.total, "gpu_memory_bytes": gpu_memory, "memory": mem.as_dict(),
         "build_requirements": build, "problem": problem, "cost": cost,
-        "tokenizer_fingerprint": plan.manifest.tokenizer_fingerprint,
+        "tokenizer_fingerprint": plan.manifest.tokenizer_fingerprint, "notes": notes,
     }
     return DryRun(lines, data, problem, plan)
+
+
+def plan_notes(cfg: Config) -> list[str]:
+    """Settings that are allowed but rarely meant, said in the dry run and the run's log."""
+    t = cfg.train
+    notes = []
+    if t.warmup_steps > t.steps:
+        notes.append(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: the learning rate "
+                     f"never reaches train.lr (it ends at {t.steps / t.warmup_steps:.0%} of it); lower the warmup "
+                     "with the steps")
+    return notes
 
 
 def _advice(term: str) -> str:
@@ -436,13 +449,19 @@ def _set_batch(ds: dict, cfg: Config, layout: BatchLayout) -> None:
     ds["train_batch_size"] = cfg.train.global_batch
 
 
-def per_domain(value, key: str, names: list[str], what: str = "domain") -> list[float] | None:
+def per_domain(value, key: str, names: list[str], what: str = "domain", strict: bool = True) -> list[float] | None:
     """A per-domain (or per-group: `what`) setting given as a list (in `names` order) or a
-    {name: value} mapping, in the order of `names`; None when it is neither (a keyword)."""
+    {name: value} mapping, in the order of `names`; None when it is neither (a keyword).
+    `strict`: an entry for a name the run does not have is an error (a typo, or data that lacks
+    the domain), not ignored."""
     if isinstance(value, dict):
         missing = [n for n in names if n not in value]
         if missing:
             raise ConfigError(f"{key} has no entry for {what} {missing[0]!r}")
+        extra = [n for n in value if n not in names]
+        if extra and strict:
+            raise ConfigError(f"{key} has an entry for {extra[0]!r}, which is not one of the run's {what}s "
+                              f"({', '.join(names)}); remove it or fix the name")
         return [float(value[n]) for n in names]
     if isinstance(value, list):
         if len(value) != len(names):
@@ -460,11 +479,12 @@ def initial_proportion(ip, domains, names: list[str], key: str = "dro.initial_pr
     RUN_DIR/metrics.jsonl), as Sheared-LLaMA's scripts continue from the pruning stage's final
     proportions."""
     groups = groups or DomainGroups.identity(names)
-    if ip == "carried":
+    carried = ip == "carried"
+    if carried:
         ip = _carried_weights(model_init, key)
         if groups.grouped and isinstance(ip, dict) and set(ip) == set(names):  # the sampler's (domain) weights
             ip = dict(zip(groups.names, groups.aggregate([ip[n] for n in names]).tolist()))
-    given = per_domain(ip, key, groups.names, "group" if groups.grouped else "domain")
+    given = per_domain(ip, key, groups.names, "group" if groups.grouped else "domain", strict=not carried)
     if given is not None:
         p = np.array(given, dtype=np.float64)
     elif ip in ("uniform", None):  # None: a config.yaml written before the default became tokens^0.3
@@ -538,6 +558,9 @@ def resolve_reference(cfg: Config, names: list[str], groups: DomainGroups | None
     groups = groups or DomainGroups.identity(names)
     given = per_domain(ref, "dro.reference_loss", groups.names,  # the controller's: by group
                        "group" if groups.grouped else "domain")
+    if given is not None and any(x < 0 for x in given):
+        bad = next(n for n, x in zip(groups.names, given) if x < 0)
+        raise ConfigError(f"dro.reference_loss: {bad!r} has {given[groups.names.index(bad)]}; a loss is never negative")
     if given is not None:
         return Reference(values=given, note="given in dro.reference_loss")
     if ref == "teacher":

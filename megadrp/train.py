@@ -39,6 +39,10 @@ except ModuleNotFoundError as _e:  # run as a script from a checkout that was ne
 # during startup is a clean stop (exit 3, no new checkpoint), never death by SIGUSR1.
 _STOP = StopRequest().install() if __name__ == "__main__" else None
 
+from megadrp.runtime.build_locks import pin_extensions_dir  # noqa: E402
+
+pin_extensions_dir()  # before DeepSpeed is imported: its ops are built once per environment, not per start
+
 from megadrp.errors import UserError  # noqa: E402
 
 
@@ -170,7 +174,18 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
                 trainer = OneShotPrune(cfg, info, Clock())
             else:
                 trainer = Trainer(cfg, info, stop, deadline)
-        return trainer.run()
+        rc = trainer.run()
+        if rc != 0 and rank == 0:  # the closing line of a run a signal stopped
+            import signal
+
+            from megadrp.engine.checkpoint import latest
+
+            last = latest(RunDir(cfg.run_dir).checkpoints)
+            print(f"train: stopped by {signal.Signals(stop.signum).name}; "
+                  + (f"the last checkpoint is {last}; resume with resume=auto" if last else
+                     "no checkpoint was written (stopped before the first step); start again the same way"),
+                  file=sys.stderr)
+        return rc
     except process_group.RendezvousBusy as e:
         # Transient: mark the run for a retry (the Slurm scripts requeue it) and say so.
         print(f"train: {e}", file=sys.stderr)

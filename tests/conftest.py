@@ -32,6 +32,7 @@ def pytest_sessionstart(session) -> None:
     process and the memory the suite needs before the first run."""
     from megadrp.runtime import build_locks, shm_segments
 
+    build_locks.pin_extensions_dir()  # the folder every training run of the suite builds its ops in
     shm_segments.clear_stale()
     build_locks.clear_stale()
 

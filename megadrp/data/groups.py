@@ -74,6 +74,11 @@ def resolve_groups(spec, domains: list[str], train_tokens: list[int], key: str =
         if np.any(w <= 0) or not np.all(np.isfinite(w)):
             raise ConfigError(f"{key}.{name}: the shares (or the members' training tokens) must be positive")
         share[[index[d] for d in listed]] = w / w.sum()
+    for g, name in enumerate(names):  # a group may take a domain's name only where it holds that domain
+        if name in index and of[index[name]] != g:
+            raise ConfigError(f"{key}.{name}: named like the domain {name!r}, which is in group "
+                              f"{names[of[index[name]]] if of[index[name]] >= 0 else 'none'!r}; metrics would key "
+                              "two things by one name: rename the group")
     missing = [d for d, g in zip(domains, of) if g < 0]
     if missing:
         raise ConfigError(f"{key}: {', '.join(map(repr, missing))} in no group; every domain of the run belongs "

@@ -49,7 +49,7 @@ from megadrp.engine.startup import check_start
 from megadrp.engine.train_state import TrainState, check_skipped
 from megadrp.errors import ConfigError, TrainingStopped
 from megadrp.model.llama import count_parameters
-from megadrp.plan import make_plan
+from megadrp.plan import make_plan, plan_notes
 from megadrp.runtime import process_group
 from megadrp.runtime.deadline import Deadline
 from megadrp.runtime.faults import Faults
@@ -82,6 +82,8 @@ class Trainer:
         on_rank0(lambda: check_start(self.plan, self.world), self.rank, self.world)  # what --dry-run checks too
         if self.rank == 0:
             log_memory_plan(self.plan, memory)
+            for note in plan_notes(cfg):
+                log.warning("%s", note)
         self.evaluate = Evaluator.for_plan(self.plan, self.rank, self.world)
         if self.faults.signal_in_startup:  # as Slurm's USR1 would, in the middle of a long model load
             os.kill(os.getpid(), signal.SIGUSR1)

@@ -59,6 +59,32 @@ class BuildLock:
         return self.age_s > network_stale_s
 
 
+def pin_extensions_dir(env=None) -> str:
+    """Give this Python environment its own JIT-extension folder where the user set none
+    (TORCH_EXTENSIONS_DIR): torch's default, ~/.cache/torch_extensions/py311_cpu, is shared by
+    every environment of one Python version, so two environments (a venv and a CI checkout's, two
+    torch or DeepSpeed versions) rebuild each other's DeepSpeed ops on every start (60–120 s each).
+    The folder is named by the interpreter's prefix and the torch and DeepSpeed versions; it is
+    inherited by every rank and tool this process starts. Returns the folder in force."""
+    import hashlib
+    import sys
+    from importlib import metadata
+
+    env = os.environ if env is None else env
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return env["TORCH_EXTENSIONS_DIR"]
+    versions = []
+    for dist in ("torch", "deepspeed"):
+        try:
+            versions.append(metadata.version(dist))
+        except metadata.PackageNotFoundError:
+            versions.append("-")
+    key = hashlib.sha256("|".join([sys.prefix, *versions]).encode()).hexdigest()[:10]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+    env["TORCH_EXTENSIONS_DIR"] = str(base / f"megadrp-{key}")
+    return env["TORCH_EXTENSIONS_DIR"]
+
+
 def extensions_root() -> Path:
     """Where torch builds JIT extensions: TORCH_EXTENSIONS_DIR, else its default cache dir."""
     env = os.environ.get("TORCH_EXTENSIONS_DIR")

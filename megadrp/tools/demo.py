@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="drpruning", choices=("constant", "sheared", "dro", "dro_dyloss", "drpruning"),
                     help="dro.mode for prune and continue (default drpruning)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.2 for a quick look)")
+    ap.add_argument("--verbose", action="store_true", help="also show the DeepSpeed launcher's INFO lines")
     args = ap.parse_args(argv)
+    if args.verbose:
+        pipeline.VERBOSE = True
     if not (math.isfinite(args.scale) and args.scale > 0):
         ap.error(f"--scale={args.scale}: a positive number (0.2 for a quick look, 1 the full demo)")
     if args.ranks < 1:
@@ -49,19 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:  # the user's domains: no names in the config, mix ∝ tokens^0.3 (SPEC §1)
         common += ["domains=null", "dro.initial_proportion=tokens^0.3"]
     steps = {"pretrain": 250, "prune": 150, "continue": 150}
-    if args.scale != 1.0:
+    warmup = {"pretrain": 30, "prune": 10, "continue": 20}  # the tiny recipes' own
+    if args.scale != 1.0:  # the warmup keeps its share of the stage
         steps = {k: max(10, int(v * args.scale)) for k, v in steps.items()}
+        warmup = {k: min(warmup[k], max(1, int(warmup[k] * args.scale))) for k in warmup}
     timings = {}
-    timings["pretrain"] = pipeline.train_stage("configs/tiny/pretrain.yaml", out / "pretrain",
-                                               common + [f"train.steps={steps['pretrain']}"], args.ranks)
-    timings["prune"] = pipeline.train_stage(
-        "configs/tiny/prune.yaml", out / "prune",
-        common + [f"model.init={out / 'pretrain' / 'hf'}", f"dro.mode={args.mode}", f"train.steps={steps['prune']}"],
-        args.ranks)
-    timings["continue"] = pipeline.train_stage(
-        "configs/tiny/continue.yaml", out / "continue",
-        common + [f"model.init={out / 'prune' / 'hf'}", f"dro.mode={args.mode}", f"train.steps={steps['continue']}"],
-        args.ranks)
+    for stage, after in (("pretrain", []), ("prune", [f"model.init={out / 'pretrain' / 'hf'}", f"dro.mode={args.mode}"]),
+                         ("continue", [f"model.init={out / 'prune' / 'hf'}", f"dro.mode={args.mode}"])):
+        timings[stage] = pipeline.train_stage(
+            f"configs/tiny/{stage}.yaml", out / stage,
+            common + after + [f"train.steps={steps[stage]}", f"train.warmup_steps={warmup[stage]}"], args.ranks)
     log("evaluating base, pruned and continued models with transformers")
     evals = {label: pipeline.evaluate(RunDir(out / stage).hf, data, 4096, 128, RunDir(out / stage).eval_json)
              for label, stage in (("base", "pretrain"), ("pruned", "prune"), ("continued", "continue"))}

@@ -92,10 +92,14 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
         print(f"evaluate: {note}", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
     manifest.check_vocab(model.config.vocab_size, domains)
-    losses, windows = {}, {}
+    losses, windows, capped = {}, {}, {}
     for j, d in enumerate(manifest.select(domains)):
         ew = EvalWindows(d.split(split), seq_len, tokens_per_domain, d.name, model.config.vocab_size, split)
         windows[d.name] = ew.n
+        if ew.n < max(1, tokens_per_domain // seq_len):
+            capped[d.name] = ew.n * seq_len
+            print(f"evaluate: domain {d.name!r}: its {split} split holds {ew.n} windows of {seq_len}, fewer than "
+                  f"--tokens-per-domain {tokens_per_domain} asks; scoring all {ew.n * seq_len:,} tokens", file=sys.stderr)
         total, count = 0.0, 0
         for s in range(0, ew.n, batch):
             x = torch.from_numpy(np.stack([ew[i] for i in range(s, min(s + batch, ew.n))]))
@@ -108,7 +112,7 @@ def evaluate(model_dir: str, data_dir: str, tokens_per_domain: int, seq_len: int
     ppl = {k: math.exp(v) for k, v in losses.items()}
     return {"split": split, "domain_loss": losses, "domain_ppl": ppl, "mean_ppl": float(np.mean(list(ppl.values()))),
             "worst_ppl": max(ppl.values()), "windows": windows, "seq_len": seq_len,
-            "tokens_per_domain": tokens_per_domain}
+            "tokens_per_domain": tokens_per_domain, **({"capped": capped} if capped else {})}
 
 
 def shift_report(losses: dict[str, float], p0: np.ndarray, rho: float) -> dict:
@@ -192,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             import lm_eval  # noqa: F401
         except ImportError:
             ap.error("--tasks needs lm-evaluation-harness: pip install -e '.[eval]'")
+    if args.out and Path(args.out).is_dir():
+        ap.error(f"--out {args.out}: a directory; give the path of the JSON file to write")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         ap.error(f"--out {args.out}: its folder does not exist; create it first")
     if not 0.0 <= args.corrupt < 1.0:

@@ -18,9 +18,15 @@ from megadrp.errors import ManifestError
 from megadrp.runtime.files import read_json
 
 
-def merge(out: Path, parts: list[Path]) -> dict:
+def merge(out: Path, parts: list[Path], overwrite: bool = False) -> dict:
+    """Every part checked before anything is written; `out`'s manifest is replaced (atomically)
+    only with `overwrite`."""
     merged: dict = {"domains": {}}
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise ManifestError(f"--out {out}: already holds {MANIFEST}; pass --overwrite to replace it (its domains' "
+                            "shards stay where they are), or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ManifestError(f"--out {out}: a file, not a directory")
     for part in parts:
         path = part / MANIFEST
         m = read_json(path, ManifestError, missing="did the preprocessing of this part finish?")
@@ -31,15 +37,17 @@ def merge(out: Path, parts: list[Path]) -> dict:
                                     "must be made with the same tokenizer")
             merged[key] = m.get(key)
         if "tokenizer" not in merged:
-            src = part / m["tokenizer"]
-            if src.resolve() != (out / "tokenizer").resolve():
-                shutil.copytree(src, out / "tokenizer", dirs_exist_ok=True)
-            merged["tokenizer"] = "tokenizer"
+            merged["tokenizer"] = part / m["tokenizer"]  # copied once every part has been checked
         rel = Path(os.path.relpath(part.resolve(), out.resolve()))
         for name, d in m["domains"].items():
             if name in merged["domains"]:
                 raise ManifestError(f"{path}: domain {name!r} appears in more than one part")
             merged["domains"][name] = {**d, **{s: str(rel / d[s]) for s in SPLITS if d.get(s)}}
+    out.mkdir(parents=True, exist_ok=True)
+    src = merged["tokenizer"]
+    if src.resolve() != (out / "tokenizer").resolve():
+        shutil.copytree(src, out / "tokenizer", dirs_exist_ok=True)
+    merged["tokenizer"] = "tokenizer"
     write_manifest(out, merged)
     return merged
 
@@ -47,10 +55,11 @@ def merge(out: Path, parts: list[Path]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--overwrite", action="store_true", help="replace --out's existing manifest.json")
     ap.add_argument("parts", nargs="+", type=Path)
     args = ap.parse_args(argv)
     try:
-        m = merge(args.out, args.parts)
+        m = merge(args.out, args.parts, args.overwrite)
     except ManifestError as e:
         print(f"merge_manifests: error: {e}", file=sys.stderr)
         return 2

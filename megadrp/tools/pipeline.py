@@ -12,6 +12,7 @@ trainer's own file), never through paths of a checkout, so this runs from any di
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,12 +31,46 @@ def log(msg: str) -> None:
     print(f"[megadrp] {msg}", file=sys.stderr, flush=True)
 
 
+# The DeepSpeed launcher's INFO lines (CUDA_VISIBLE_DEVICES on a CPU machine, the ranks' command
+# lines) and its op loader's notes: left out of the demo's and benchmarks' console unless VERBOSE.
+NOISE = re.compile(r"\[(INFO|DEBUG)\]|built successfully|Setting ds_accelerator|Unable to find hostfile")
+VERBOSE = bool(os.environ.get("MEGADRP_VERBOSE"))
+
+
+def _relay(stream, sink) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        if VERBOSE or not NOISE.search(line):
+            sink.write(line)
+            sink.flush()
+
+
 def sh(cmd: list[str], env: dict | None = None, quiet: bool = False) -> None:
+    """Run one step and wait for it. Ctrl-C reaches the step too (one process group): a training
+    stage then stops at a checkpoint, and this waits for it (a second Ctrl-C kills it), so the
+    command never returns while ranks still run; exit 130 with one line. The launcher's INFO
+    lines are left out of stderr unless MEGADRP_VERBOSE is set (`megadrp demo --verbose`)."""
+    import threading
+
     e = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), **(env or {}))
     out = subprocess.DEVNULL if quiet else None
-    p = subprocess.run(cmd, env=e, stdout=out)
-    if p.returncode != 0:
-        raise SystemExit(f"megadrp: command failed ({p.returncode}): {' '.join(cmd)}")
+    p = subprocess.Popen(cmd, env=e, stdout=out, stderr=subprocess.PIPE)
+    relay = threading.Thread(target=_relay, args=(p.stderr, sys.stderr), daemon=True)
+    relay.start()
+    try:
+        rc = p.wait()
+        relay.join(timeout=10)
+    except KeyboardInterrupt:
+        log("interrupted: waiting for the step to stop (a training stage saves a checkpoint; Ctrl-C again kills it)")
+        try:
+            p.wait()
+        except KeyboardInterrupt:
+            p.kill()
+            p.wait()
+        log("interrupted; rerun the same command to go on from where it stopped")
+        raise SystemExit(130) from None
+    if rc != 0:
+        raise SystemExit(f"megadrp: command failed ({rc}): {' '.join(cmd)}")
 
 
 def megadrp(command: str, *args: str) -> list[str]:

@@ -301,6 +301,12 @@ def _rng(*key: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(hashlib.sha256(":".join(map(str, key)).encode()).digest()[:8], "little"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _eval_ordinals(name: str, n_docs: int, eval_docs: int, seed: int) -> np.ndarray:
     return np.sort(_rng(seed, name).choice(n_docs, size=eval_docs, replace=False))
 
@@ -586,6 +592,7 @@ def preprocess(domains: dict[str, list[Path]], tokenizer_dir: Path, out: Path, w
         target.parent.mkdir(parents=True, exist_ok=True)
         with _signals_deferred():  # the folder exists only once `stage` names it, for the cleanup
             stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=STAGE_SUFFIX, dir=target.parent))
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would lock a shared cluster's teammates out
         _raise_pending()
         progress = _Progress(sum(counts.values()))
         with _signals_deferred():  # likewise the pool: `pool` must name it for the cleanup to stop it
