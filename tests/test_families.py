@@ -1,4 +1,4 @@
-"""Model families (SPEC §2): Llama 2 / 3 / 3.1, Mistral, Qwen2 / Qwen2.5.
+"""Model families (SPEC §2): Llama 2 / 3 / 3.1, Mistral, Qwen2 / Qwen2.5, Qwen3.
 
 Each family's tiny model is built with transformers' own config and model classes, with
 what the family has (GQA, llama3 rope scaling, q/k/v biases, tied embeddings, a sliding
@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from megadrp.config import load_config
 from megadrp.errors import CheckpointError, ConfigError, FamilyError, TargetShapeError
@@ -41,6 +41,8 @@ FAMILIES = {
                                          rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
                                                           "original_max_position_embeddings": 16}),
                        "Qwen2ForCausalLM"),
+    # Qwen3: per-head q/k RMSNorm, an explicit head_dim that is not hidden / heads, tied (0.6B–4B)
+    "qwen3": (Qwen3Config, dict(head_dim=24, tie_word_embeddings=True), "Qwen3ForCausalLM"),
 }
 COMBOS = [c for r in range(1, 5) for c in itertools.combinations(SETS, r)]
 
@@ -57,7 +59,7 @@ def _one_thread():
 
 def _target(src: Shape) -> Shape:
     """Prunes every dimension: half the key/value groups (whole groups of query heads) and
-    hidden 64 → 40, while head_dim (16) stays."""
+    hidden 64 → 40, while head_dim (16; Qwen3's 24) stays."""
     kv = src.kv_heads // 2
     return Shape(layers=2, hidden=40, heads=kv * (src.heads // src.kv_heads), kv_heads=kv, intermediate=48)
 def _source(tmp_path, name: str, vocab: int = VOCAB):
@@ -120,7 +122,7 @@ def test_export_equals_masked_model_for_every_set_combination(tmp_path, name):
         if combo == SETS:
             exported = AutoModelForCausalLM.from_pretrained(export_hf(small, small_cfg, tmp_path / "hf")).eval()
             saved = json.loads((tmp_path / "hf" / "config.json").read_text())
-            assert saved["architectures"] == [cls.__name__] and saved["head_dim"] == 16
+            assert saved["architectures"] == [cls.__name__] and saved["head_dim"] == head_dim_of(cfg)
             assert saved["tie_word_embeddings"] == bool(getattr(cfg, "tie_word_embeddings", False))
             if name == "qwen2.5-window":  # the kept layers attend as they did
                 kept = torch.nonzero(z["layer"]).flatten().tolist()
@@ -130,7 +132,8 @@ def test_export_equals_masked_model_for_every_set_combination(tmp_path, name):
             missing, unexpected = exported.load_state_dict(small, strict=False)
             assert not unexpected and set(missing) <= {"lm_head.weight"}
         assert type(exported) is cls and shape_of(exported.config).as_dict() == want, combo
-        assert head_dim_of(exported.config) == 16 and exported.model.layers[0].self_attn.head_dim == 16
+        hd = head_dim_of(cfg)
+        assert head_dim_of(exported.config) == hd and exported.model.layers[0].self_attn.head_dim == hd
         with torch.no_grad():
             diff = (exported(ids).logits - masked).abs().max().item()
         assert diff <= 1e-4, (combo, diff)
@@ -246,7 +249,11 @@ def test_recipes_fit_their_source_models():
                           rope_parameters={
                               "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    for path, src in (("configs/qwen2_7b_to_1.8b.yaml", qwen7b), ("configs/llama31_8b_to_4b.yaml", llama31)):
+    qwen3_8b = Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    for path, src in (("configs/qwen2_7b_to_1.8b.yaml", qwen7b), ("configs/llama31_8b_to_4b.yaml", llama31),
+                      ("configs/qwen3_8b_to_4b.yaml", qwen3_8b)):
         cfg = load_config(path)
         check_config(src)
         check_sliding_window(src, cfg.train.seq_len)

@@ -1,9 +1,9 @@
 """Model families megadrp prunes, as data (SPEC §2 "Model families").
 
-Llama 2 / 3 / 3.1, Mistral and Qwen2 / Qwen2.5 are one architecture (RMSNorm, rotary
+Llama 2 / 3 / 3.1, Mistral, Qwen2 / Qwen2.5 and Qwen3 are one architecture (RMSNorm, rotary
 attention with grouped key/value heads, SwiGLU MLP) that differ in a few switches: bias
-on the attention projections, sliding-window attention, the rope variant, and the class
-a checkpoint is loaded with. Those switches live in `FAMILIES`, keyed by config.json's
+on the attention projections, sliding-window attention, the rope variant, a per-head RMSNorm
+on queries and keys (Qwen3), and the class a checkpoint is loaded with. Those switches live in `FAMILIES`, keyed by config.json's
 `model_type`, so `MaskedLlama`, pruning and export stay one implementation; adding a
 family that fits the architecture is one row here plus its tests.
 
@@ -38,6 +38,10 @@ class Family:
     # Which layers use `sliding_window`: none; all (Mistral); those whose `layer_types`
     # entry is 'sliding_attention' (Qwen2: use_sliding_window, from max_window_layers on).
     sliding: Literal["none", "all", "layer_types"]
+    # An RMSNorm over head_dim on every query and key head before the rotary embedding, one
+    # weight shared by all heads (Qwen3's q_norm, k_norm): pruning heads or hidden dimensions
+    # never touches it.
+    qk_norm: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -47,7 +51,13 @@ FAMILIES: dict[str, Family] = {
                       qkv_bias=False, o_bias=False, mlp_bias=False, sliding="all"),
     "qwen2": Family("qwen2", "Qwen2 / Qwen2.5", "Qwen2Config", "Qwen2ForCausalLM",
                     qkv_bias=True, o_bias=False, mlp_bias=False, sliding="layer_types"),
+    "qwen3": Family("qwen3", "Qwen3 (dense)", "Qwen3Config", "Qwen3ForCausalLM",
+                    qkv_bias=None, o_bias=None, mlp_bias=False, sliding="layer_types", qk_norm=True),
 }
+
+
+def qk_norm(config) -> bool:
+    return family_of(config).qk_norm
 
 # Rope types whose frequencies are fixed at load time, so one precomputed table serves
 # every sequence. 'dynamic' and 'longrope' rescale with the sequence length at run time.

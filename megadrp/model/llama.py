@@ -34,6 +34,7 @@ from megadrp.model.families import (
     attention_biases,
     check_config,
     mlp_bias,
+    qk_norm,
     rope_params,
     rope_type,
     sliding_window,
@@ -163,14 +164,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.o_proj = GatedLinear(self.n_heads * hd, d, bias=o_bias)
+        if qk_norm(config):  # Qwen3: one RMSNorm over head_dim, shared by every query (key) head
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 head_z: torch.Tensor | None = None, out_gate: torch.Tensor | None = None) -> torch.Tensor:
         """`head_z` [n_kv]: one gate per kv group, shared by the group's query heads (it
         gates o_proj's input columns); `out_gate` [d]: gates o_proj's output rows."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -375,7 +382,7 @@ def count_parameters(config) -> int:
     hd, h, kv = head_dim_of(config), config.num_attention_heads, config.num_key_value_heads
     qkv_bias, o_bias = attention_biases(config)
     per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * i + 2 * d
-    per_layer += hd * (h + 2 * kv) * qkv_bias + d * o_bias + (2 * i + d) * mlp_bias(config)
+    per_layer += hd * (h + 2 * kv) * qkv_bias + d * o_bias + (2 * i + d) * mlp_bias(config) + 2 * hd * qk_norm(config)
     emb = v * d * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     return L * per_layer + emb + d
 

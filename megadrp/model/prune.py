@@ -12,6 +12,7 @@ Folding rules (h: kept hidden dims with values vh; a layer's gate vl):
     down_proj:  rows h · vh · vl, columns of kept channels · their channel gate
     q/k/v biases (Qwen2): entries of kept heads (they are per head dimension, not hidden)
     norms: weight[h]; lm_head[:, h] (unscaled: the norm output is not gated)
+    q_norm, k_norm (Qwen3): whole (one weight over head_dim, shared by every head)
 Tied input/output embeddings (small Qwen2 sizes) stay tied, with the hidden mask folded
 once: the shared matrix is embed[:, h] · vh, and the final norm's weight is divided by vh
 so that the LM head, which reads the norm output, still sees embed[:, h] (vh > 0 for every
@@ -80,6 +81,9 @@ def prune_state_dict(sd: dict[str, torch.Tensor], config, z: dict[str, torch.Ten
                 out[q + f"self_attn.{name}.bias"] = get(a + name + ".bias")[rows]
         if a + "o_proj.bias" in sd:
             out[q + "self_attn.o_proj.bias"] = get(a + "o_proj.bias")[h_idx] * out_scale[:, 0]
+        for name in ("q_norm", "k_norm"):  # Qwen3: over head_dim, shared by the heads: kept whole
+            if a + name + ".weight" in sd:
+                out[q + f"self_attn.{name}.weight"] = get(a + name + ".weight")
 
         int_z = z["intermediate"][old_i] if "intermediate" in z else None
         c_idx, c_val = _kept(int_z, config.intermediate_size)

@@ -45,6 +45,10 @@ MODELS: dict[str, tuple[str, dict]] = {
         vocab_size=152064, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=14,
         num_key_value_heads=2, head_dim=128, max_position_embeddings=131072, sliding_window=131072,
         use_sliding_window=False, max_window_layers=28, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "Qwen3-8B": ("Qwen3Config", dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 CORPORA = {
     "RedPajama": ["cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4"],
@@ -70,12 +74,18 @@ RECIPES = [
     Recipe("llama2_7b_to_2.7b.yaml", "Llama-2-7B", "RedPajama", 1),
     Recipe("qwen2_7b_to_1.8b.yaml", "Qwen2-7B", "CulturaX", 1),
     Recipe("llama31_8b_to_4b.yaml", "Llama-3.1-8B", "RedPajama", 1),
+    Recipe("qwen3_8b_to_4b.yaml", "Qwen3-8B", "RedPajama", 1),
     Recipe("continue_1.3b.yaml", "Llama-2 1.3B (pruned)", "RedPajama", 4),
     Recipe("continue_2.7b.yaml", "Llama-2 2.7B (pruned)", "RedPajama", 4),
     Recipe("continue_qwen2_1.8b.yaml", "Qwen2 1.8B (pruned)", "CulturaX", 4),
     Recipe("continue_1.3b_distill.yaml", "Llama-2 1.3B (pruned)", "RedPajama", 4, teacher="Llama-2-7B"),
     Recipe("continue_2.7b_distill.yaml", "Llama-2 2.7B (pruned)", "RedPajama", 4, teacher="Llama-2-7B"),
 ]
+
+
+def recipe(config: str) -> Recipe:
+    """The shipped recipe of a config file name (`continue_1.3b.yaml`)."""
+    return next(r for r in RECIPES if r.config == config)
 
 
 def model_dir(name: str, root: Path) -> Path:

@@ -30,11 +30,11 @@ def _n_params(recipe_model: str) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
 
 
-@pytest.mark.parametrize("index,ckpt", [(4, 0), (4, 24), (2, 0)])
-def test_training_and_evaluation_flops_against_6nd_and_2nd(stand_ins, index, ckpt):
+@pytest.mark.parametrize("name,ckpt", [("continue_1.3b.yaml", 0), ("continue_1.3b.yaml", 24), ("qwen2_7b_to_1.8b.yaml", 0)])
+def test_training_and_evaluation_flops_against_6nd_and_2nd(stand_ins, name, ckpt):
     """A dense model at a short sequence (attention's s·d term under 1% of the matmuls): training
     is 6·N per token, plus one more forward (2·N·ckpt/L) for recomputed layers; an evaluation 2·N."""
-    r = recipes.RECIPES[index]
+    r = recipes.recipe(name)
     over = ["train.seq_len=128", f"model.activation_checkpointing={ckpt or 'false'}", "train.micro_batch=1"]
     d = recipes.plan(r, stand_ins, overrides=over).data
     cost, n = d["cost"], _n_params(r.model)
@@ -59,7 +59,7 @@ def test_every_recipe_states_its_cost(stand_ins, recipe):
 
 
 def test_held_out_evaluations_follow_the_signal(stand_ins):
-    r = recipes.RECIPES[0]  # 3200 steps, an update every 50: 64 updates and step 0
+    r = recipes.recipe("llama2_7b_to_1.3b.yaml")  # 3200 steps, an update every 50: 64 updates and step 0
     every = recipes.plan(r, stand_ins).data["cost"]
     assert every["held_out_evaluations"] == 65
     sparse = recipes.plan(r, stand_ins, overrides=["dro.signal=train", "eval.held_out_every=8"]).data["cost"]
@@ -92,7 +92,7 @@ def test_plan_flags_need_the_dry_run(flag, capsys):
 def test_dry_run_prints_and_json_carries_the_cost(stand_ins, capsys):
     from megadrp.train import main
 
-    r = recipes.RECIPES[7]  # continue_1.3b_distill: train, eval, teacher
+    r = recipes.recipe("continue_1.3b_distill.yaml")  # train, eval, teacher
     vocab = recipes.MODELS[r.model][1]["vocab_size"]
     common = ["--config", f"configs/{r.config}", "--dry-run", "--world-size", str(r.ranks), "--plan-only",
               f"model.init={recipes.model_dir(r.model, stand_ins)}", f"data_dir={recipes.data_dir(r.corpus, vocab, stand_ins)}",

@@ -139,7 +139,7 @@ def test_readme_memory_table_is_the_plans(stand_ins):
 
 
 def test_auto_needs_a_memory_budget(stand_ins):
-    r = recipes.RECIPES[4]
+    r = recipes.recipe("continue_1.3b.yaml")
     with pytest.raises(ConfigError, match="train.micro_batch is auto.*--gpu-memory"):
         from megadrp.config import load_config
         from megadrp.plan import dry_run
@@ -165,7 +165,7 @@ def _dry_run_cli(stand_ins: Path, recipe: recipes.Recipe, *more: str) -> subproc
 def test_oversized_continue_job_is_refused_naming_memory(stand_ins):
     """The continue recipe as it shipped before the plan (micro-batch 8, no checkpointing):
     ~138 GiB a GPU. With --gpu-memory the dry run refuses it in one line naming the largest term."""
-    p = _dry_run_cli(stand_ins, recipes.RECIPES[5], "--gpu-memory", "80", "train.micro_batch=8")
+    p = _dry_run_cli(stand_ins, recipes.recipe("continue_2.7b.yaml"), "--gpu-memory", "80", "train.micro_batch=8")
     assert p.returncode == 2, p.stderr[-2000:]
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("train:")]
     assert len(err) == 1 and "GiB per GPU" in err[0] and "largest term is activations" in err[0], p.stderr[-2000:]
@@ -173,7 +173,7 @@ def test_oversized_continue_job_is_refused_naming_memory(stand_ins):
 
 
 def test_dry_run_json_has_the_plan(stand_ins):
-    p = _dry_run_cli(stand_ins, recipes.RECIPES[0], "--gpu-memory", "80", "--json")
+    p = _dry_run_cli(stand_ins, recipes.recipe("llama2_7b_to_1.3b.yaml"), "--gpu-memory", "80", "--json")
     assert p.returncode == 0, p.stderr[-2000:]
     data = json.loads(p.stdout)
     terms = data["memory"]["terms"]
