@@ -39,6 +39,12 @@ SHAPES = {
     "qwen2-tied": ("Qwen2Config", dict(vocab_size=12288, hidden_size=320, intermediate_size=896, num_hidden_layers=3,
                                        num_attention_heads=10, num_key_value_heads=2, head_dim=64,
                                        tie_word_embeddings=True)),
+    # Qwen3: per-head q/k RMSNorm, head_dim (48) not hidden / heads
+    "qwen3": ("Qwen3Config", dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                                  num_attention_heads=8, num_key_value_heads=4, head_dim=48)),
+    # GPT-NeoX / Pythia: LayerNorm with bias, fused q/k/v, a quarter of each head rotated, parallel residual
+    "pythia": ("GPTNeoXConfig", dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=3,
+                                     num_attention_heads=8, rotary_pct=0.25)),
     # a small vocabulary and a wide MLP: the backward's working set, not the logits, sets the peak
     "wide-mlp": ("LlamaConfig", dict(vocab_size=512, hidden_size=256, intermediate_size=2048, num_hidden_layers=3,
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
@@ -142,10 +148,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batches", default="1,4")
     ap.add_argument("--name", default="memory_model")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     args = ap.parse_args()
     rows = []
     micro = [int(x) for x in args.micro_batches.split(",")]
-    cases = [(s, torch.bfloat16) for s in SHAPES] + [("llama-mha", torch.float32)]
+    chosen = [s for s in SHAPES if s in args.shapes.split(",")]
+    cases = [(s, torch.bfloat16) for s in chosen] + ([("llama-mha", torch.float32)] if "llama-mha" in chosen else [])
     for shape, dtype in cases:
         for ckpt in (False, True):
             for mb in micro:

@@ -50,12 +50,15 @@ class ModelFlops:
 
 
 def model_flops(config: Any, seq_len: int) -> ModelFlops:
-    """`config`: a transformers config of the Llama family (GQA, gated MLP, optional q/k/v bias)."""
+    """`config`: a transformers config of a family megadrp prunes (GQA or MHA, a gated or a
+    two-matrix MLP; biases and norms are too small to count)."""
+    from megadrp.model.families import mlp_matrices
+
     d, L = config.hidden_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     hd = getattr(config, "head_dim", None) or d // heads
     attn = heads * hd
-    per_layer = d * attn * 2 + d * kv * hd * 2 + 3 * d * config.intermediate_size  # q, o; k, v; gate, up, down
+    per_layer = d * attn * 2 + d * kv * hd * 2 + mlp_matrices(config) * d * config.intermediate_size  # q, o; k, v; MLP
     return ModelFlops(layer=2 * per_layer + 2 * seq_len * attn, layers=L, head=2 * d * config.vocab_size)
 
 

@@ -61,21 +61,32 @@ class Dims:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    neox: bool = False  # GPT-NeoX: one fused q/k/v tensor, a two-matrix MLP, LayerNorms with a bias
+    parallel: bool = False  # GPT-NeoX's parallel residual: both LayerNorms read one input
+    qk_norm: bool = False  # Qwen3: a head_dim-wide RMSNorm on queries and one on keys per layer
 
     @classmethod
     def from_config(cls, c) -> "Dims":
-        from megadrp.model.families import attention_biases, mlp_bias
+        from megadrp.model.families import arch_of, attention_biases, mlp_bias, qk_norm
         from megadrp.model.llama import head_dim_of
 
         qkv, o = attention_biases(c)
         return cls(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
-                   kv_heads=c.num_key_value_heads or c.num_attention_heads, head_dim=head_dim_of(c),
+                   kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim=head_dim_of(c),
                    intermediate=c.intermediate_size, vocab=c.vocab_size,
-                   tied=bool(getattr(c, "tie_word_embeddings", False)), qkv_bias=qkv, o_bias=o, mlp_bias=mlp_bias(c))
+                   tied=bool(getattr(c, "tie_word_embeddings", False)), qkv_bias=qkv, o_bias=o, mlp_bias=mlp_bias(c),
+                   neox=arch_of(c) == "neox", parallel=bool(getattr(c, "use_parallel_residual", False)),
+                   qk_norm=qk_norm(c))
 
     def tensors(self) -> list[int]:
         """The element count of every parameter tensor (what ZeRO-3 partitions one by one)."""
         d, hd, h, kv, i = self.hidden, self.head_dim, self.heads, self.kv_heads, self.intermediate
+        if self.neox:
+            layer = [3 * h * hd * d, d * h * hd, i * d, d * i, d, d, d, d]  # qkv, dense, in, out, 2 LayerNorms
+            layer += [3 * h * hd, d] if self.qkv_bias else []
+            layer += [i, d]
+            emb = [self.vocab * d] * (1 if self.tied else 2)
+            return layer * self.layers + emb + [d, d]
         layer = [h * hd * d, kv * hd * d, kv * hd * d, d * h * hd, i * d, i * d, d * i, d, d]
         if self.qkv_bias:
             layer += [h * hd, kv * hd, kv * hd]
@@ -83,6 +94,8 @@ class Dims:
             layer += [d]
         if self.mlp_bias:
             layer += [i, i, d]
+        if self.qk_norm:
+            layer += [hd, hd]
         emb = [self.vocab * d] * (1 if self.tied else 2)
         return layer * self.layers + emb + [d]
 
@@ -179,11 +192,26 @@ def layer_activations(d: Dims, tokens: int, act: int, gates: MaskGates) -> int:
     - attention: q and k after rope, v, the output and the fp32 log-sum-exp (flash SDPA);
     - MLP: gate_proj's output, its SiLU, up_proj's output and their product;
     - under pruning, the gated weight copy of o_proj and down_proj (`GatedLinear` folds the
-      gates into the weight, and the linear keeps that copy for its backward)."""
+      gates into the weight, and the linear keeps that copy for its backward).
+    Qwen3: its q/k RMSNorms their fp32 input and normalised output, and a reciprocal RMS per
+    token and head.
+    GPT-NeoX (model/neox.py): each LayerNorm its output and, unmasked (torch's own), its input
+    (one shared by both under the parallel residual) and fp32 statistics, or under a hidden mask
+    two fp32 intermediates; attention the fused q/k/v output (v is a view of it), q and k after
+    the partial rope, the output, its copy for the dense projection and the log-sum-exp; the
+    MLP its input and GELU output."""
     t, dm, hd = tokens, d.hidden, d.head_dim
-    norms = 2 * _norm(t, dm, act)
-    attention = act * t * hd * (2 * d.heads + 2 * d.kv_heads) + 4 * t * d.heads
-    mlp = 4 * act * t * d.intermediate
+    if d.neox:
+        inputs = 1 if d.parallel else 2
+        norms = 2 * (8 + act) * t * dm if gates.hidden else act * t * dm * (inputs + 2) + 16 * t
+        attention = act * t * hd * 7 * d.heads + 4 * t * d.heads
+        mlp = 2 * act * t * d.intermediate
+    else:
+        norms = 2 * _norm(t, dm, act)
+        attention = act * t * hd * (2 * d.heads + 2 * d.kv_heads) + 4 * t * d.heads
+        mlp = 4 * act * t * d.intermediate
+        if d.qk_norm:
+            norms += (4 + act) * t * hd * (d.heads + d.kv_heads) + 4 * t * (d.heads + d.kv_heads)
     gated = 0
     out_gate = gates.layer or gates.hidden
     if gates.head or out_gate:
@@ -215,7 +243,9 @@ def activations(d: Dims, micro_batch: int, seq_len: int, act: int, gates: MaskGa
     layers = k * act * t * d.hidden + (d.layers - k) * full
     # the token ids (inputs and labels are views of one [micro, seq + 1] tensor), the final
     # norm, the rope tables
-    outside = 8 * micro_batch * (seq_len + 1) + _norm(t, d.hidden, act) + 2 * act * seq_len * d.head_dim
+    final_norm = (((8 + act) * t * d.hidden if gates.hidden else 2 * act * t * d.hidden + 8 * t) if d.neox
+                  else _norm(t, d.hidden, act))
+    outside = 8 * micro_batch * (seq_len + 1) + final_norm + 2 * act * seq_len * d.head_dim
     if gates.hidden:
         outside += act * t * d.hidden
     logits_saved = 4 * t * d.vocab

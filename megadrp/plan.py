@@ -402,6 +402,7 @@ def _target(cfg: Config, model_config) -> Shape | None:
         check_target(source, target, cfg.prune.sets)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    _check_arch_target(model_config, target)
     if cfg.prune.method == "shortgpt":  # depth only: every other dimension stays the source's
         for dim, key in (("hidden", "hidden_size"), ("heads", "num_attention_heads"),
                          ("kv_heads", "num_key_value_heads"), ("intermediate", "intermediate_size")):
@@ -409,6 +410,19 @@ def _target(cfg: Config, model_config) -> Shape | None:
                 raise ConfigError(f"prune.target.{key}={getattr(target, dim)}: prune.method=shortgpt removes whole "
                                   f"layers only; keep the source's {getattr(source, dim)}, or use prune.method=minitron")
     return target
+
+
+def _check_arch_target(model_config, target: Shape) -> None:
+    """What the architecture's own class cannot hold: GPT-NeoX's attention is as wide as its
+    hidden size (no head_dim of its own), so heads × head_dim must equal the kept hidden size."""
+    from megadrp.model.families import arch_of
+    from megadrp.model.llama import head_dim_of
+
+    if arch_of(model_config) == "neox" and target.hidden != target.heads * head_dim_of(model_config):
+        hd = head_dim_of(model_config)
+        raise ConfigError(f"prune.target.hidden_size={target.hidden}: GPT-NeoX's attention is as wide as its hidden "
+                          f"size, so it must be num_attention_heads × head_dim = {target.heads} × {hd} = "
+                          f"{target.heads * hd} (or prune heads to hidden_size / {hd})")
 
 
 def _check_calibration(cfg: Config, domains) -> None:

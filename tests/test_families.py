@@ -267,3 +267,108 @@ def test_recipes_fit_their_source_models():
     assert c.stage == "continue" and c.train.steps == 40000 and c.model.init == q.run_dir + "/hf"
     with pytest.raises(ConfigError, match="prune.sets"):
         load_config("configs/qwen2_7b_to_1.8b.yaml", ["prune.sets=[]"])
+
+
+# ---- GPT-NeoX (Pythia): a second architecture (model/neox.py) ---------------------------------
+NEOX = {  # Pythia's: parallel residual, a quarter of each head rotated; and the other settings
+    "pythia": dict(use_parallel_residual=True, rotary_pct=0.25),
+    "neox-sequential-full-rope": dict(use_parallel_residual=False, rotary_pct=1.0, tie_word_embeddings=True),
+}
+
+
+def _neox(tmp_path, name: str, vocab: int = VOCAB):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                        **NEOX[name])
+    hf = GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / name)
+    ours_cfg = load_hf_config(tmp_path / name, seq_len=48)
+    ours = MaskedLlama(ours_cfg).eval()
+    load_weights(ours, tmp_path / name)
+    return hf, ours, ours_cfg
+
+
+@pytest.mark.parametrize("name", list(NEOX))
+def test_neox_unmasked_equals_transformers(tmp_path, name):
+    hf, ours, cfg = _neox(tmp_path, name)
+    assert type(ours.gpt_neox.layers[0].input_layernorm).__name__ == "LayerNorm"
+    ids = torch.randint(0, VOCAB, (2, 48))
+    with torch.no_grad():
+        ref, got = hf(ids).logits, ours(ids)
+    rel = ((ref - got).abs().max() / ref.abs().max()).item()
+    print(f"{name}: max relative logit diff unmasked = {rel:.2e}")
+    assert rel <= 1e-5
+    assert count_parameters(cfg) == sum(p.numel() for p in hf.parameters())
+
+
+# GPT-NeoX's attention is as wide as its hidden size: heads and hidden dimensions prune together
+NEOX_COMBOS = [c for c in COMBOS if ("head" in c) == ("hidden" in c)]
+
+
+@pytest.mark.parametrize("name", list(NEOX))
+def test_neox_export_equals_masked_model(tmp_path, name):
+    """Every set combination GPT-NeoX can export (heads with hidden): the export, a
+    GPTNeoXForCausalLM, gives the masked model's 'final' logits; the LayerNorm's bias stays off
+    the pruned dimensions, partial rotary and the residual kind are kept as the config says."""
+    from transformers import GPTNeoXForCausalLM
+
+    _, ours, cfg = _neox(tmp_path, name)
+    sd = dict(ours.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 24))
+    target = Shape(layers=2, hidden=32, heads=2, kv_heads=2, intermediate=48)
+    for combo in NEOX_COMBOS:
+        ours.l0 = L0Masks(shape_of(cfg), target, 10, head_dim_of(cfg), sets=combo, mlp_matrices=2)
+        torch.manual_seed(len(combo))
+        with torch.no_grad():
+            for p in ours.l0.log_alpha.values():
+                p.normal_(1.0, 2.0)
+            masked = ours(ids, mask_mode="final")
+            z, _, _ = ours.l0(0, "final")
+            small, small_cfg = prune_state_dict(sd, cfg, z)
+        if combo == SETS:
+            exported = AutoModelForCausalLM.from_pretrained(export_hf(small, small_cfg, tmp_path / "hf")).eval()
+            saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+            assert saved["architectures"] == ["GPTNeoXForCausalLM"] and saved["hidden_size"] == 32
+            assert saved["rope_parameters"]["partial_rotary_factor"] == cfg.rope_parameters["partial_rotary_factor"]
+            assert saved["use_parallel_residual"] == cfg.use_parallel_residual
+        else:
+            exported = GPTNeoXForCausalLM(small_cfg).eval()
+            missing, unexpected = exported.load_state_dict(small, strict=False)
+            assert not unexpected and set(missing) <= {"lm_head.weight"}
+            if small_cfg.tie_word_embeddings:
+                exported.tie_weights()
+        assert type(exported) is GPTNeoXForCausalLM
+        with torch.no_grad():
+            diff = ((exported(ids).logits - masked).abs().max() / masked.abs().max()).item()
+        assert diff <= 1e-4, (combo, diff)
+
+
+def test_neox_targets_it_cannot_write_are_refused(tmp_path):
+    """Heads pruned without the hidden size (or the other way round) leave attention narrower
+    or wider than the residual, which GPTNeoXForCausalLM cannot hold: refused before any compute,
+    naming the key; so is an odd number of rotated dimensions, and a mixture-of-experts config."""
+    from megadrp.plan import _check_arch_target
+
+    _, _, cfg = _neox(tmp_path, "pythia")
+    with pytest.raises(ConfigError, match=r"prune\.target\.hidden_size=48: GPT-NeoX's attention is as wide"):
+        _check_arch_target(cfg, Shape(layers=2, hidden=48, heads=2, kv_heads=2, intermediate=48))
+    _check_arch_target(cfg, Shape(layers=2, hidden=32, heads=2, kv_heads=2, intermediate=48))
+    odd = json.loads((tmp_path / "pythia" / "config.json").read_text())
+    odd["rope_parameters"]["partial_rotary_factor"] = 0.3125  # 5 of 16 dimensions
+    (tmp_path / "pythia" / "config.json").write_text(json.dumps(odd))
+    with pytest.raises(CheckpointError, match=r"partial_rotary_factor=0.3125 turns 5 dimensions"):
+        load_hf_config(tmp_path / "pythia")
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    (moe / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64}))
+    with pytest.raises(CheckpointError, match="model_type 'qwen3_moe' is not supported"):
+        load_hf_config(moe)

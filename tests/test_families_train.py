@@ -164,3 +164,37 @@ def test_export_tokenizer_is_the_sources_only_with_the_datas_vocabulary(tmp_path
     vocab["zz_other_" + tok] = vocab.pop(tok)  # one token differs: another vocabulary
     (src / "tokenizer.json").write_text(json.dumps(tj))
     assert tokenizer_source(str(src), tokenizer) == tokenizer
+
+
+@pytest.mark.parametrize("name,cls_name,target", [
+    ("qwen3", "Qwen3ForCausalLM", {"num_hidden_layers": 2, "hidden_size": 40, "num_attention_heads": 2,
+                                   "num_key_value_heads": 1, "intermediate_size": 64}),
+    ("pythia", "GPTNeoXForCausalLM", {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+                                      "num_key_value_heads": 2, "intermediate_size": 64}),
+])
+def test_new_family_prune_two_ranks_exports_what_it_evaluated(name, cls_name, target, tmp_path, data_dir):
+    """Qwen3 (per-head q/k norms, head_dim 24 ≠ hidden/heads) and GPT-NeoX (Pythia's LayerNorm,
+    fused q/k/v, partial rotary, parallel residual) prune every set on 2 ranks ZeRO-3; the export
+    is the family's own class with the target shape, and `megadrp eval` of it reproduces the
+    run's last evaluation (the exported masks) to 1e-4."""
+    import shutil
+
+    import transformers
+    from test_families import _neox, _source
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / name
+    (_neox if name == "pythia" else _source)(tmp_path, name, vocab=1024)
+    for f in Path(data_dir / "tokenizer").iterdir():
+        shutil.copy2(f, src / f.name)
+    run_dir, m = _prune_two_ranks(tmp_path, data_dir, src, f"{name}_prune", ["layer", "head", "intermediate", "hidden"],
+                                  target)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert type(model) is getattr(transformers, cls_name)
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == (
+        target["num_hidden_layers"], target["hidden_size"], target["num_attention_heads"], target["intermediate_size"])
+    p = run([PY, "-m", "megadrp", "eval", "--model", str(run_dir / "hf"), "--data", str(data_dir), "--split", "eval"])
+    ev = json.loads(p.stdout.strip().splitlines()[-1])["domain_loss"]
+    for d, v in m[-1]["eval_loss"].items():
+        assert abs(ev[d] - v) / v < 1e-4, (d, ev[d], v)

@@ -7,12 +7,19 @@ on queries and keys (Qwen3), and the class a checkpoint is loaded with. Those sw
 `model_type`, so `MaskedLlama`, pruning and export stay one implementation; adding a
 family that fits the architecture is one row here plus its tests.
 
+GPT-NeoX (Pythia) is a second architecture (`arch="neox"`: LayerNorm with bias, a fused QKV
+projection, partial rotary embeddings, a parallel residual, a GELU MLP): its blocks and its export
+live in `megadrp.model.neox`; the masks, the engine and the rest are shared, and what they need to
+know of an architecture (how many matrices its MLP has, where its decoder sits) is asked here.
+
 Everything that would make the masked model compute something other than the family's
 own class is refused here, before any compute, with the config.json key named:
-an unknown `model_type`, a rope type whose frequencies depend on the sequence length
-(`dynamic`, `longrope`), partial rotary embeddings, an activation other than SiLU, and a
-sliding attention window shorter than the training sequence (megadrp's attention is full
-causal; a window at least as long as the sequence changes nothing, so it is accepted).
+an unknown `model_type` (a mixture-of-experts one among them), a rope type whose frequencies
+depend on the sequence length (`dynamic`, `longrope`), partial rotary embeddings outside GPT-NeoX
+(and an odd number of rotated dimensions there), an activation other than SiLU in the Llama
+architecture, and a sliding attention window shorter than the training sequence (megadrp's
+attention is full causal; a window at least as long as the sequence changes nothing, so it is
+accepted).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ class Family:
     # weight shared by all heads (Qwen3's q_norm, k_norm): pruning heads or hidden dimensions
     # never touches it.
     qk_norm: bool = False
+    arch: Literal["llama", "neox"] = "llama"  # which blocks (model/llama.py or model/neox.py)
 
 
 FAMILIES: dict[str, Family] = {
@@ -53,7 +61,26 @@ FAMILIES: dict[str, Family] = {
                     qkv_bias=True, o_bias=False, mlp_bias=False, sliding="layer_types"),
     "qwen3": Family("qwen3", "Qwen3 (dense)", "Qwen3Config", "Qwen3ForCausalLM",
                     qkv_bias=None, o_bias=None, mlp_bias=False, sliding="layer_types", qk_norm=True),
+    "gpt_neox": Family("gpt_neox", "GPT-NeoX / Pythia", "GPTNeoXConfig", "GPTNeoXForCausalLM",
+                       qkv_bias=None, o_bias=None, mlp_bias=True, sliding="none", arch="neox"),
 }
+
+
+def arch_of(config) -> str:
+    return family_of(config).arch
+
+
+def mlp_matrices(config) -> int:
+    """Weight matrices of one MLP channel: gate, up and down (SwiGLU), or in and out (GPT-NeoX)."""
+    return 2 if arch_of(config) == "neox" else 3
+
+
+def rotary_dims(config) -> int:
+    """Dimensions of each head the rotary embedding turns: all of head_dim, or GPT-NeoX's
+    `partial_rotary_factor` (Pythia: 0.25) of it."""
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = rope_params(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    return int(hd * float(factor))
 
 
 def qk_norm(config) -> bool:
@@ -168,8 +195,19 @@ def check_config(config, where: str | None = None) -> Family:
                           f"{', '.join(SUPPORTED_ROPE_TYPES)}); its frequencies change with the sequence length, "
                           "which megadrp's precomputed rope does not do")
     partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if fam.arch == "neox":
+        if rotary_dims(config) % 2:
+            raise FamilyError(f"{w}: rope_parameters.partial_rotary_factor={partial} turns {rotary_dims(config)} "
+                              "dimensions of each head, an odd number; the rotary embedding pairs them")
+        from transformers.activations import ACT2FN
+
+        act = getattr(config, "hidden_act", "gelu")
+        if act not in ACT2FN:
+            raise FamilyError(f"{w}: hidden_act={act!r} is not an activation transformers knows")
+        return fam
     if partial not in (None, 1, 1.0):
-        raise FamilyError(f"{w}: partial_rotary_factor={partial} is not supported; megadrp rotates the whole head")
+        raise FamilyError(f"{w}: partial_rotary_factor={partial} is not supported for {fam.names}; megadrp "
+                          "rotates the whole head there (GPT-NeoX's partial rotary is supported)")
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise FamilyError(f"{w}: hidden_act={act!r} is not supported; the {fam.names} MLP megadrp implements uses 'silu'")

@@ -47,7 +47,7 @@ def load_hf_config(path: str | os.PathLike, seq_len: int | None = None):
         raise CheckpointError(str(e)) from None
     if not getattr(cfg, "head_dim", None):
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-    if not cfg.num_key_value_heads:
+    if not getattr(cfg, "num_key_value_heads", None):  # plain multi-head attention (GPT-NeoX has no such key)
         cfg.num_key_value_heads = cfg.num_attention_heads
     return cfg
 
@@ -94,6 +94,15 @@ class _WeightReader:
                 for k, v in sd.items():
                     self.where[k], self.shapes[k] = f, tuple(v.shape)
 
+    def key(self, name: str, model) -> str:
+        """The checkpoint's name of the model's parameter `name`: itself, or for the output layer
+        GPT-NeoX's older `embed_out`, or (tied) the input embedding."""
+        if name in self.where or name != "lm_head.weight":
+            return name
+        if "embed_out.weight" in self.where:
+            return "embed_out.weight"
+        return f"{DECODER_NAMES[getattr(model, 'arch', 'llama')]}.weight"
+
     def get(self, key: str) -> torch.Tensor:
         f = self.where[key]
         if f in self._bins:
@@ -102,6 +111,9 @@ class _WeightReader:
 
         with safe_open(str(f), framework="pt") as h:
             return h.get_tensor(key)
+
+
+DECODER_NAMES = {"llama": "model.embed_tokens", "neox": "gpt_neox.embed_in"}  # each architecture's input embedding
 
 
 def _expected(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -121,6 +133,7 @@ def check_weights(model: torch.nn.Module, path: str | os.PathLike) -> _WeightRea
     for name, shape in _expected(model).items():
         if name == "lm_head.weight" and tied:
             continue
+        name = reader.key(name, model)
         if name not in reader.where:
             raise CheckpointError(f"{path}: weight {name!r} missing (looked in {', '.join(f.name for f in files)})")
         if reader.shapes[name] != shape:
@@ -148,7 +161,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, zero3: bool = 
                 full = f"{prefix}.{n}" if prefix else n
                 if full.startswith("l0."):
                     continue
-                key = full if full in reader.where else "model.embed_tokens.weight" if full == "lm_head.weight" else full
+                key = reader.key(full, model)
                 with torch.no_grad():
                     p.data.copy_(reader.get(key).to(p.dtype))
 

@@ -5,8 +5,8 @@ Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Kno
 Distillation", §3): on calibration batches X of B sequences × S tokens,
 
     head i        ‖Attn(X)_i‖₂ over its head dimension       (a key/value group: the L2 norm of its query heads')
-    MLP channel   |act(X W_gate) ⊙ (X W_up)|_i                (the input of down_proj)
-    hidden dim    |RMSNorm(h)|_i, summed over every norm of every layer
+    MLP channel   |act(X W_gate) ⊙ (X W_up)|_i                (the input of down_proj; GPT-NeoX: act(X W_in))
+    hidden dim    |Norm(h)|_i, summed over every norm of every layer
     layer         the loss increase when the layer is skipped (or Block Influence, below)
 
 each aggregated with the L2 norm over the sequence and the mean over the batch. ShortGPT (Men
@@ -84,10 +84,12 @@ class Recorder:
     def __init__(self, model, scores: Scores, n_kv: int) -> None:
         self.scores, self.handles = scores, []
         self.real: int | None = None  # rows of the batch that count (the rest pad a rank's shard)
+        from megadrp.model.llama import head_dim_of
+
         heads = model.config.num_attention_heads
         group = heads // n_kv
-        for i, block in enumerate(model.model.layers):
-            hd = block.self_attn.head_dim
+        hd = head_dim_of(model.config)
+        for i, block in enumerate(model.decoder.layers):
 
             def attn(mod, args, i=i, hd=hd):
                 y = args[0][:self.real]  # o_proj's input: the heads' outputs [B, T, H·hd]
@@ -105,10 +107,9 @@ class Recorder:
                 cos = F.cosine_similarity(args[0][:self.real].double(), out[:self.real].double(), dim=-1)  # [B, T]
                 self.scores.layer[i] += (1.0 - cos).mean(1).sum()
 
-            self.handles += [block.self_attn.o_proj.register_forward_pre_hook(attn),
-                             block.mlp.down_proj.register_forward_pre_hook(mlp),
-                             block.input_layernorm.register_forward_hook(norm),
-                             block.post_attention_layernorm.register_forward_hook(norm),
+            self.handles += [block.attn_out.register_forward_pre_hook(attn),
+                             block.mlp_out.register_forward_pre_hook(mlp),
+                             *(n.register_forward_hook(norm) for n in block.norms),
                              block.register_forward_hook(block_influence)]
 
     def detach(self) -> None:

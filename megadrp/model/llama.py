@@ -31,12 +31,15 @@ from torch.utils.checkpoint import checkpoint
 
 from megadrp.model.distill import Teacher, chunked_losses
 from megadrp.model.families import (
+    arch_of,
     attention_biases,
     check_config,
     mlp_bias,
+    mlp_matrices,
     qk_norm,
     rope_params,
     rope_type,
+    rotary_dims,
     sliding_window,
 )
 from megadrp.model.masks import SETS, L0Masks, Shape
@@ -53,7 +56,7 @@ def head_dim_of(config) -> int:
 
 def shape_of(config) -> Shape:
     return Shape(layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
-                 kv_heads=config.num_key_value_heads or config.num_attention_heads,
+                 kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                  intermediate=config.intermediate_size)
 
 
@@ -68,7 +71,7 @@ def rope_frequencies(config) -> tuple[torch.Tensor, float]:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config, None)
         return inv_freq.float(), float(scaling)
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    dim = head_dim_of(config)
+    dim = rotary_dims(config)  # the whole head, or GPT-NeoX's partial share of it
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
 
 
@@ -78,9 +81,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kept: torch.Tensor | None = None, on: torch.Tensor | None = None) -> torch.Tensor:
         """`kept`: number of unpruned hidden dims; pruned dims of x are zero, so the sum of
-        squares over all dims equals the sum over kept ones."""
+        squares over all dims equals the sum over kept ones, and so is the output (`on`, the kept
+        dims' indicator, is what a LayerNorm with a bias needs; an RMSNorm does not)."""
         xf = x.float()
         ss = xf.pow(2).sum(-1, keepdim=True)
         # an evaluation mask may keep no dimension at all; the output is then 0, not NaN
@@ -209,6 +213,7 @@ class LayerMasks:
     intermediate: torch.Tensor | None = None
     out_scale: torch.Tensor | None = None  # layer gate × hidden mask, on residual writes
     kept: torch.Tensor | None = None  # kept hidden dims, for the norms
+    on: torch.Tensor | None = None  # 1 on a kept hidden dim, 0 on a pruned one (GPT-NeoX's LayerNorm)
 
 
 class Block(nn.Module):
@@ -218,6 +223,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    # what model/importance.py's hooks read, named alike in both architectures
+    attn_out = property(lambda self: self.self_attn.o_proj)
+    mlp_out = property(lambda self: self.mlp.down_proj)
+    norms = property(lambda self: (self.input_layernorm, self.post_attention_layernorm))
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, m: LayerMasks) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h, m.kept), cos, sin, m.head, m.out_scale)
@@ -233,10 +243,18 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    embed = property(lambda self: self.embed_tokens)
+    final_norm = property(lambda self: self.norm)
+
+
+# An architecture's decoder and the attribute transformers keeps it under (its weights' prefix).
+DECODERS = {"llama": "model", "neox": "gpt_neox"}
+
 
 class MaskedLlama(nn.Module):
-    """Decoder compatible with the family's own class (`LlamaForCausalLM`,
-    `MistralForCausalLM`, `Qwen2ForCausalLM`); `l0` (optional) holds the pruning masks.
+    """Decoder compatible with the family's own class (`LlamaForCausalLM`, `MistralForCausalLM`,
+    `Qwen2ForCausalLM`, `Qwen3ForCausalLM`; `GPTNeoXForCausalLM` with model/neox.py's blocks);
+    `l0` (optional) holds the pruning masks.
 
     `sets`: the mask sets that may be trained (config `prune.sets`); a set outside it stays
     inactive even where the target is smaller (`check_target` refuses such targets).
@@ -252,12 +270,18 @@ class MaskedLlama(nn.Module):
         # covers the sequence; `logits` refuses longer inputs (the engine checks
         # train.seq_len up front with `families.check_sliding_window`).
         self.sliding_window = sliding_window(config)
-        self.model = Decoder(config)
+        self.arch = arch_of(config)
+        if self.arch == "neox":
+            from megadrp.model.neox import NeoXDecoder
+
+            self.gpt_neox = NeoXDecoder(config)
+        else:
+            self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.l0 = (L0Masks(shape_of(config), target, ramp_steps, head_dim_of(config), sets, lambda2_init)
-                   if target is not None else None)
+            self.lm_head.weight = self.decoder.embed.weight
+        self.l0 = (L0Masks(shape_of(config), target, ramp_steps, head_dim_of(config), sets, lambda2_init,
+                           mlp_matrices(config)) if target is not None else None)
         inv_freq, self.attention_scaling = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # Layers whose forward is recomputed in backward (the first N; True: all): what the
@@ -265,6 +289,12 @@ class MaskedLlama(nn.Module):
         L = config.num_hidden_layers
         ac = activation_checkpointing
         self.checkpointed_layers = L if ac is True else 0 if ac is False else min(int(ac), L)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The embedding, the layers and the final norm (`embed`, `layers`, `final_norm`), under the
+        name the family's checkpoints use (`model.`, `gpt_neox.`)."""
+        return getattr(self, DECODERS[self.arch])
 
     def init_weights(self, std: float | None = None) -> None:
         """HF's init: normal(0, initializer_range) for linears and embeddings, ones for norms."""
@@ -274,8 +304,10 @@ class MaskedLlama(nn.Module):
                 nn.init.normal_(mod.weight, 0.0, std)
                 if getattr(mod, "bias", None) is not None:
                     nn.init.zeros_(mod.bias)
-            elif isinstance(mod, RMSNorm):
+            elif isinstance(mod, RMSNorm) or type(mod).__name__ == "LayerNorm":
                 nn.init.ones_(mod.weight)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
 
     def rope(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(t, device=device, dtype=torch.float32)
@@ -294,25 +326,27 @@ class MaskedLlama(nn.Module):
             raise ValueError(f"input of {input_ids.shape[1]} tokens is longer than the model's sliding_window "
                              f"{self.sliding_window}; megadrp's full causal attention would differ from the "
                              "model's own (keep train.seq_len at most sliding_window)")
-        h = self.model.embed_tokens(input_ids)
+        dec = self.decoder
+        h = dec.embed(input_ids)
         hidden = z.get("hidden")
-        kept = None
+        kept = on = None
         if hidden is not None:
             h = h * hidden.to(h.dtype)
-            kept = (hidden != 0).sum().to(torch.float32)
+            on = (hidden != 0).to(torch.float32)
+            kept = on.sum()
         cos, sin = self.rope(input_ids.shape[1], h.device, h.dtype)
-        for i, block in enumerate(self.model.layers):
+        for i, block in enumerate(dec.layers):
             scale = hidden
             if "layer" in z:
                 scale = z["layer"][i] if scale is None else z["layer"][i] * scale
             m = LayerMasks(head=z["head"][i] if "head" in z else None,
                            intermediate=z["intermediate"][i] if "intermediate" in z else None,
-                           out_scale=scale, kept=kept)
+                           out_scale=scale, kept=kept, on=on)
             if i < self.checkpointed_layers and self.training:
                 h = checkpoint(block, h, cos, sin, m, use_reentrant=False)
             else:
                 h = block(h, cos, sin, m)
-        return self.model.norm(h, kept)
+        return dec.final_norm(h, kept, on)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, step: int = 0,
                 mask_mode: str | None = None, mask_seed: int = 0, mask_draw: int = 0,
@@ -379,11 +413,14 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def count_parameters(config) -> int:
     """Parameters of a standard model of this config, biases included (for reports)."""
     d, i, L, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    hd, h, kv = head_dim_of(config), config.num_attention_heads, config.num_key_value_heads
+    hd, h = head_dim_of(config), config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or h
     qkv_bias, o_bias = attention_biases(config)
-    per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * i + 2 * d
-    per_layer += hd * (h + 2 * kv) * qkv_bias + d * o_bias + (2 * i + d) * mlp_bias(config) + 2 * hd * qk_norm(config)
+    mats, norm = mlp_matrices(config), 2 if arch_of(config) == "neox" else 1  # LayerNorm: weight and bias
+    per_layer = d * hd * (2 * h + 2 * kv) + mats * d * i + 2 * norm * d
+    per_layer += hd * (h + 2 * kv) * qkv_bias + d * o_bias + ((mats - 1) * i + d) * mlp_bias(config)
+    per_layer += 2 * hd * qk_norm(config)
     emb = v * d * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    return L * per_layer + emb + d
+    return L * per_layer + emb + norm * d
 
 

@@ -135,15 +135,17 @@ class _ReverseGrad(torch.autograd.Function):
 
 class L0Masks(nn.Module):
     def __init__(self, source: Shape, target: Shape, ramp_steps: int, head_dim: int = 1,
-                 sets: tuple[str, ...] | list[str] = SETS, lambda2_init: float = 0.0) -> None:
-        """`head_dim` only weighs heads against channels in the parameter counts behind
-        `expected_sparsity`; it never changes which units are kept. `sets` (config
+                 sets: tuple[str, ...] | list[str] = SETS, lambda2_init: float = 0.0, mlp_matrices: int = 3) -> None:
+        """`head_dim` and `mlp_matrices` (3 for SwiGLU, 2 for GPT-NeoX's MLP) only weigh heads
+        against channels in the parameter counts behind `expected_sparsity`; they never change
+        which units are kept. `sets` (config
         `prune.sets`): the sets that may be trained; the others stay inactive (no log α,
         no λ) even where the target is smaller, and their dimension keeps the source size.
         `lambda2_init` (config `prune.lambda2_init`): every λ2's starting value, λ1 starts at 0."""
         super().__init__()
         self.sets = check_sets(sets)
         self.source, self.target, self.ramp_steps = source, target, max(1, ramp_steps)
+        self.mlp_matrices = mlp_matrices
         self.head_dim = head_dim
         shapes = {
             "layer": (source.layers,),
@@ -203,13 +205,13 @@ class L0Masks(nn.Module):
         Tensors (on the masks' device) or plain numbers alike."""
         s = self.source
         per_kv_group = self.head_dim * (2 * (s.heads // s.kv_heads) + 2)  # q and o per query head, k and v
-        return (layer * hidden * (kv_heads * per_kv_group + 3 * intermediate)).sum()
+        return (layer * hidden * (kv_heads * per_kv_group + self.mlp_matrices * intermediate)).sum()
 
     def source_params(self) -> float:
         """The source's prunable parameters: arithmetic on the config, no tensor."""
         s = self.source
         per_kv_group = self.head_dim * (2 * (s.heads // s.kv_heads) + 2)
-        return float(s.layers * s.hidden * (s.kv_heads * per_kv_group + 3 * s.intermediate))
+        return float(s.layers * s.hidden * (s.kv_heads * per_kv_group + self.mlp_matrices * s.intermediate))
 
     def expected_sparsity(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Expected fraction of the non-embedding prunable parameters removed (SPEC §3.1):

@@ -42,6 +42,12 @@ def _kept(z: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def prune_state_dict(sd: dict[str, torch.Tensor], config, z: dict[str, torch.Tensor]
                      ) -> tuple[dict[str, torch.Tensor], object]:
+    from megadrp.model.families import arch_of
+
+    if arch_of(config) == "neox":  # the same rules on GPT-NeoX's weights (model/neox.py)
+        from megadrp.model import neox
+
+        return neox.prune_state_dict(sd, config, z, _kept)
     hd = head_dim_of(config)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     group = n_heads // n_kv

@@ -53,6 +53,35 @@ def test_masked_forward_backward_on_a_device_that_is_not_the_host(name, mode):
         assert all(p.grad is not None for p in model.l0.log_alpha.values())
 
 
+def _family_config(name: str):
+    """The Qwen3 and GPT-NeoX blocks (per-head q/k norms; LayerNorm with bias, fused q/k/v, partial
+    rotary, parallel residual): tiny configs of transformers' own classes."""
+    from transformers import GPTNeoXConfig, Qwen3Config
+
+    if name == "qwen3":
+        return Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=64)
+    return GPTNeoXConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.25)
+
+
+@pytest.mark.parametrize("family,target", [
+    ("qwen3", Shape(layers=2, hidden=48, heads=2, kv_heads=1, intermediate=64)),
+    ("gpt_neox", Shape(layers=2, hidden=32, heads=2, kv_heads=2, intermediate=64)),
+])
+@pytest.mark.parametrize("mode", ["sample", "final"])
+def test_every_family_runs_on_a_device_that_is_not_the_host(family, target, mode):
+    with META:
+        model = MaskedLlama(_family_config(family), target, ramp_steps=10)
+    model.train(mode == "sample")
+    x = torch.zeros(2, 17, dtype=torch.long, device=META)
+    out = model(x[:, :-1], x[:, 1:], step=3, mask_mode=mode, mask_seed=1, mask_draw=0)
+    assert out.losses.device == META and out.lagrangian.device == META
+    (out.losses.mean() + out.lagrangian).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.device == META for g in grads)
+
+
 @pytest.mark.parametrize("checkpointing", [True, 2])
 def test_checkpointed_forward_backward_on_the_device(checkpointing):
     model = _meta_model(TARGETS["keep all layers"], checkpointing).train()
