@@ -1,0 +1,116 @@
+"""The README's results block, rendered from the committed results files (never typed by hand):
+the ablation on both corpora (benchmarks/results/ablation*.json), scored on the test split.
+
+    python benchmarks/readme_results.py           # print the block
+    python benchmarks/readme_results.py --write   # put it into README.md between its markers
+
+tests/unit/test_readme_results.py keeps README.md equal to what this renders. A difference whose
+95% interval includes zero is written as no measurable difference, never as a lead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+START = "<!-- results: python benchmarks/readme_results.py --write -->"
+END = "<!-- end of results -->"
+CORPORA = (("ablation", "embedded"), ("ablation_debian", "Debian text"))
+COLUMNS = (("mean_ppl", "mean ppl"), ("worst_ppl", "worst domain"), ("worst_ratio", "worst ratio to source"),
+           ("worst_chi2_ppl", "worst χ² mix"))
+# what each step of the ablation adds, paired on the same seeds: (arm, against, what it adds)
+STEPS = (("dro", "constant", "χ² DRO with fixed references"), ("dro_dyloss", "dro", "scaling-law references"),
+         ("drpruning", "dro_dyloss", "the moving reference ratio"))
+
+
+def _ci(p: dict) -> str:
+    lo, hi = p["ci95"]
+    return f"{p['mean']:+.1f}% [{lo:+.1f}, {hi:+.1f}]"
+
+
+def _say(p: dict, better: str = "lower") -> str:
+    """'X% [lo, hi] (lower)' or '... (no measurable difference)'."""
+    lo, hi = p["ci95"]
+    if lo <= 0 <= hi:
+        return f"{_ci(p)}, no measurable difference"
+    return f"{_ci(p)}, {better if hi < 0 else 'higher'}"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def render() -> str:
+    runs = [(label, data) for name, label in CORPORA if (data := _load(name)) is not None]
+    if not runs:
+        return "(no ablation results yet: `python benchmarks/ablation.py`)\n"
+    head = "| arm | " + " | ".join(f"{label}: {c}" for label, _ in runs for _, c in COLUMNS) + " |"
+    lines = [head, "|---" * (1 + len(runs) * len(COLUMNS)) + "|"]
+    arms = list(runs[0][1]["results"])
+    for arm in arms:
+        cells = []
+        for _, data in runs:
+            r = data["results"].get(arm)
+            cells += [f"{r[k]['mean']:.3f}" if k == "worst_ratio" else f"{r[k]['mean']:.2f}" for k, _ in COLUMNS] \
+                if r else ["" for _ in COLUMNS]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    text = ["Test split (documents no run opened), mean over seeds, lower is better; every seed its own corpus "
+            "draw, held-out draw and base model (" + "; ".join(
+                f"{label}: {data['seeds']} seeds, prune {data['prune_steps']} + continue {data['continue_steps']} "
+                f"steps, an update every {data['eval_interval']}" for label, data in runs) + "):", "", *lines, ""]
+    for label, data in runs:
+        r = data["results"]
+        sent = [f"**{label}**, paired over seeds (95% interval):"]
+        for k, c in (("worst_ppl", "worst domain"), ("worst_ratio", "largest ratio to the source"),
+                     ("mean_ppl", "mean")):
+            sent.append(f"drpruning vs constant, {c}: {_say(r['drpruning'][k]['vs_constant_pct'])}; "
+                        f"vs sheared (target-size references): {_say(r['drpruning'][k]['vs_sheared_pct'])}.")
+        sent.append("What each part adds, on the largest ratio to the source: " + "; ".join(
+            f"{what} ({arm} vs {against}): {_say(_pair(r, arm, against, 'worst_ratio'))}"
+            for arm, against, what in STEPS if arm in r and against in r) + ".")
+        if "sheared_source" in r:
+            sent.append("Sheared-LLaMA's schedule with the source's losses as references (megadrp's earlier setup) "
+                        f"against its authors' target-size references, worst domain: "
+                        f"{_say(_pair(r, 'sheared_source', 'sheared', 'worst_ppl'))}.")
+        text += [" ".join(sent), ""]
+    return "\n".join(text).rstrip() + "\n"
+
+
+def _pair(r: dict, arm: str, against: str, key: str) -> dict:
+    """The paired % difference arm vs against: stored for the baselines, else from the per-seed values."""
+    stored = r[arm][key].get(f"vs_{against}_pct")
+    if stored is not None:
+        return stored
+    from _common import paired
+
+    return paired([100.0 * (a / b - 1.0) for a, b in zip(r[arm][key]["per_seed"], r[against][key]["per_seed"])])
+
+
+def readme_block(text: str) -> str:
+    if START not in text or END not in text:
+        raise ValueError(f"README.md has no results block between {START!r} and {END!r}")
+    return text.split(START, 1)[1].split(END, 1)[0].strip() + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    block = render()
+    print(block)
+    if args.write:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        readme_block(text)
+        before, rest = text.split(START, 1)
+        readme.write_text(before + START + "\n" + block + END + rest.split(END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.exit(main())
