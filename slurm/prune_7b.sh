@@ -8,7 +8,8 @@
 #   MODEL_DIR   Hugging Face Llama-2-7B directory       [checkpoints/Llama-2-7b-hf]
 #   DATA_DIR    DATA_DIR from `megadrp preprocess`   [data/redpajama]
 #   TARGET      1.3b | 2.7b (Llama-2-7B) | qwen2-1.8b (Qwen2-7B, SPEC §4's multilingual recipe)
-#               | llama31-4b (Llama-3.1-8B → the Minitron-4B-Width shape)   [1.3b]
+#               | llama31-4b (Llama-3.1-8B → the Minitron-4B-Width shape)
+#               | qwen3-4b (Qwen3-8B → Qwen3-4B's shape)                   [1.3b]
 #   RUN_DIR     where the run writes                     [runs/prune_7b_$TARGET]
 #   CONFIG      recipe                                   [configs/llama2_7b_to_$TARGET.yaml]
 #   DS_CONFIG   DeepSpeed JSON                           [ds_configs/zero3_bf16.json]
@@ -51,7 +52,8 @@ case $TARGET in
   1.3b|2.7b)  recipe=configs/llama2_7b_to_$TARGET.yaml; model=checkpoints/Llama-2-7b-hf; data=data/redpajama ;;
   qwen2-1.8b) recipe=configs/qwen2_7b_to_1.8b.yaml;     model=checkpoints/Qwen2-7B;      data=data/culturax ;;
   llama31-4b) recipe=configs/llama31_8b_to_4b.yaml;     model=checkpoints/Llama-3.1-8B;  data=data/redpajama ;;
-  *) echo "megadrp: TARGET=$TARGET: expected 1.3b, 2.7b, qwen2-1.8b or llama31-4b (or set CONFIG)" >&2; exit 2 ;;
+  qwen3-4b)   recipe=configs/qwen3_8b_to_4b.yaml;       model=checkpoints/Qwen3-8B;      data=data/redpajama ;;
+  *) echo "megadrp: TARGET=$TARGET: expected 1.3b, 2.7b, qwen2-1.8b, llama31-4b or qwen3-4b (or set CONFIG)" >&2; exit 2 ;;
 esac
 MODEL_DIR=${MODEL_DIR:-$model}
 DATA_DIR=${DATA_DIR:-$data}
