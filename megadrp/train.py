@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
     ap = parser()
     args = ap.parse_intermixed_args(argv)  # flags may follow the overrides
     _check_flags(ap, args)
-    stop = stop or _STOP or StopRequest().install()
+    if not args.dry_run:  # a dry run builds nothing to stop at a checkpoint: it keeps the caller's handlers
+        stop = stop or _STOP or StopRequest().install()
     _quiet_libraries()
     from megadrp.config import load_config
 
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
     if args.dry_run:
         return _dry_run(cfg, args)
 
+    assert stop is not None
     from megadrp.engine.trainer import Trainer, TrainingStopped
     from megadrp.runtime import process_group
     from megadrp.runtime.deadline import Deadline

@@ -36,17 +36,28 @@ def _train(cfg: dict, tmp: Path, ranks: int = 1, check: bool = True, extra=()):
     return run(cmd, check=check, timeout=900)
 
 
+@pytest.fixture(scope="module")
+def one_shot_runs(tmp_path_factory, data_dir, base_model) -> dict[tuple[str, int], Path]:
+    """Each one-shot method on 1 and on 2 ranks (the warm start's test reads minitron's too)."""
+    tmp = tmp_path_factory.mktemp("one_shot")
+    out = {}
+    for method, target in (("minitron", TARGET), ("shortgpt", DEPTH)):
+        for ranks in (1, 2):
+            cfg = _cfg(tmp, data_dir, base_model, f"{method}{ranks}", target, method=method)
+            _train(cfg, tmp, ranks)
+            out[method, ranks] = Path(cfg["run_dir"])
+    return out
+
+
 @pytest.mark.parametrize("method,target", [("minitron", TARGET), ("shortgpt", DEPTH)])
-def test_one_shot_exports_the_target_on_one_and_two_ranks(method, target, tmp_path, data_dir, base_model):
+def test_one_shot_exports_the_target_on_one_and_two_ranks(method, target, one_shot_runs, data_dir):
     """No training step: the export is the family's own class with the target shape, its
     evaluation (transformers) equals the masked model's, and 2 ranks keep the units 1 rank keeps."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     kept = {}
     for ranks in (1, 2):
-        cfg = _cfg(tmp_path, data_dir, base_model, f"{method}{ranks}", target, method=method)
-        _train(cfg, tmp_path, ranks)
-        run_dir = Path(cfg["run_dir"])
+        run_dir = one_shot_runs[method, ranks]
         row = metrics(run_dir)[0]
         assert row["method"] == method and row["world_size"] == ranks and row["train_seconds"] == 0.0
         model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
@@ -68,12 +79,11 @@ def test_one_shot_exports_the_target_on_one_and_two_ranks(method, target, tmp_pa
         np.testing.assert_allclose(np.asarray(kept[1][1][k]), np.asarray(kept[2][1][k]), rtol=1e-6, err_msg=k)
 
 
-def test_importance_warm_start_sets_the_masks_the_one_shot_prune_keeps(tmp_path, data_dir, base_model):
+def test_importance_warm_start_sets_the_masks_the_one_shot_prune_keeps(one_shot_runs, tmp_path, data_dir,
+                                                                       base_model):
     """`prune.init: importance`: log α starts high on the units a one-shot minitron prune keeps and
     init_gap lower on the rest; with masks that barely move (a tiny mask lr), the export keeps
     exactly those units."""
-    one = _cfg(tmp_path, data_dir, base_model, "one_shot", TARGET, method="minitron")
-    _train(one, tmp_path)
     cfg = _cfg(tmp_path, data_dir, base_model, "warm", TARGET, init="importance", init_gap=3.0, mask_lr=1e-4,
                lambda_lr=1e-4)
     cfg["train"]["steps"] = 4
@@ -82,7 +92,7 @@ def test_importance_warm_start_sets_the_masks_the_one_shot_prune_keeps(tmp_path,
     assert row0.get("calibrate_seconds", 0) > 0
     from transformers import AutoModelForCausalLM
 
-    a = AutoModelForCausalLM.from_pretrained(Path(one["run_dir"]) / "hf").state_dict()
+    a = AutoModelForCausalLM.from_pretrained(one_shot_runs["minitron", 1] / "hf").state_dict()
     b = AutoModelForCausalLM.from_pretrained(Path(cfg["run_dir"]) / "hf").state_dict()
     # the same units survive: the LM head's columns (sliced, never scaled by a mask) are the same
     # hidden dimensions, and the down projections' rows and columns the same channels (up to 4
@@ -99,16 +109,26 @@ def test_importance_warm_start_sets_the_masks_the_one_shot_prune_keeps(tmp_path,
     ({"method": "minitron", "target": TARGET, "calibration_tokens": 10**9}, "prune.calibration_tokens=1,000,000,000"),
     ({"method": "minitron", "target": TARGET, "init": "importance"}, "prune.init=importance warm-starts learned masks"),
 ])
-def test_unreachable_one_shot_settings_exit_2_naming_the_key(over, needle, tmp_path, data_dir, base_model):
+def test_unreachable_one_shot_settings_exit_2_naming_the_key(over, needle, tmp_path, data_dir, base_model, capsys):
+    """The dry run refuses each (in process); the run's start makes the same plan, shown for the
+    first by a real start."""
+    from megadrp.train import main
+
+    first = over.get("method") == "shortgpt"
     cfg = _cfg(tmp_path, data_dir, base_model, "bad", over.pop("target"), **over)
-    for extra in (["--dry-run"], []):
-        p = _train(cfg, tmp_path, check=False, extra=extra)
+    path = write_config(tmp_path / "bad.yaml", **cfg)
+    assert main(["--config", str(path), "--dry-run"]) == 2
+    assert needle in capsys.readouterr().err
+    if first:
+        p = _train(cfg, tmp_path, check=False)
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr[-1500:]
     assert not (tmp_path / "bad" / "hf").exists()
 
 
-def test_importance_outside_a_prune_stage_is_refused(tmp_path, data_dir, base_model):
+def test_importance_outside_a_prune_stage_is_refused(tmp_path, data_dir, base_model, capsys):
+    from megadrp.train import main
+
     cfg = tiny_run_config(tmp_path, data_dir, "continue", "c", model={"init": str(base_model)},
                           prune={"init": "importance"})
-    p = _train(cfg, tmp_path, check=False, extra=["--dry-run"])
-    assert p.returncode == 2 and "prune.init=importance needs stage: prune" in p.stderr
+    assert main(["--config", str(write_config(tmp_path / "c.yaml", **cfg)), "--dry-run"]) == 2
+    assert "prune.init=importance needs stage: prune" in capsys.readouterr().err

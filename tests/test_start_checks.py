@@ -83,16 +83,19 @@ CASES = ["truncated_train_shard", "missing_eval_shard", "model_without_weights",
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_the_dry_run_refuses_what_the_run_refuses_with_the_same_line(name, tmp_path, data_dir, base_model):
+def test_the_dry_run_refuses_what_the_run_refuses_with_the_same_line(name, tmp_path, data_dir, base_model, capsys):
+    """The dry run in process (what `megadrp train --dry-run` runs), the run as a real start."""
+    from megadrp.train import main
+
     cfg, extra, needle = _case(name, tmp_path, data_dir, base_model)
     path = write_config(tmp_path / "run.yaml", **cfg)
     before = _digest(tmp_path)
-    dry = run([PY, "megadrp/train.py", "--config", str(path), "--dry-run", *extra], check=False)
+    rc = main(["--config", str(path), "--dry-run", *extra])
+    dry = capsys.readouterr().err
     real = run([PY, "megadrp/train.py", "--config", str(path), *extra], check=False, timeout=300)
-    assert dry.returncode == real.returncode == 2, (dry.stderr[-1500:], real.stderr[-1500:])
-    assert "Traceback" not in dry.stderr + real.stderr
-    assert _refusal(dry.stderr) == _refusal(real.stderr) and needle in _refusal(dry.stderr), \
-        (_refusal(dry.stderr), _refusal(real.stderr))
+    assert rc == real.returncode == 2, (dry[-1500:], real.stderr[-1500:])
+    assert "Traceback" not in dry + real.stderr
+    assert _refusal(dry) == _refusal(real.stderr) and needle in _refusal(dry), (_refusal(dry), _refusal(real.stderr))
     assert _digest(tmp_path) == before  # nothing was written or changed
 
 
