@@ -178,3 +178,21 @@ class Replicate:
         return {"seed": self.seed, "path": str(hf.relative_to(ROOT)) if hf.is_relative_to(ROOT) else str(hf),
                 "pretrain_seed": 1234 + self.seed, "corpus_seed": self.seed if self.corpus == "embedded" else None,
                 "holdout_seed": self.seed, "parameters": read_json(hf / "megadrp.json")["parameters"]}
+
+
+def replicate_args(ap, results: str) -> None:
+    """The flags of a study on the ablation's replicates (`Replicate`): its seeds, the stages'
+    lengths and update interval (the ablation's by default), the corpus, the root, the results name."""
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--prune-steps", type=int, default=150)
+    ap.add_argument("--continue-steps", type=int, default=150)
+    ap.add_argument("--eval-interval", type=int, default=4, help="steps between updates (the ablation's)")
+    ap.add_argument("--corpus", choices=("embedded", "debian"), default="embedded")
+    ap.add_argument("--root", type=Path, default=None, help="default runs/ablation (runs/ablation_debian)")
+    ap.add_argument("--name", default=None, help=f"results name (default {results}, {results}_debian)")
+
+
+def replicate_root(args, results: str) -> tuple[Path, str]:
+    """(the replicates' root, the results name) of `replicate_args`' flags."""
+    suffix = "" if args.corpus == "embedded" else f"_{args.corpus}"
+    return (args.root or ROOT / "runs" / f"ablation{suffix}").resolve(), args.name or f"{results}{suffix}"

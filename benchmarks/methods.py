@@ -26,7 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from _common import ROOT, Replicate, commit, first_weights, interval, paired, save, worst_ratio
+from _common import (
+    ROOT,
+    Replicate,
+    commit,
+    first_weights,
+    interval,
+    paired,
+    replicate_args,
+    replicate_root,
+    save,
+    worst_ratio,
+)
 
 from megadrp.engine.metrics import read_metrics
 from megadrp.runtime.files import read_json
@@ -97,18 +108,10 @@ def steps_to_reach(traj: list[tuple[int, float]], goal: float) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--prune-steps", type=int, default=150)
-    ap.add_argument("--continue-steps", type=int, default=150)
-    ap.add_argument("--eval-interval", type=int, default=4)
+    replicate_args(ap, "methods")
     ap.add_argument("--calibration-tokens", type=int, default=16384, help="tokens a domain the one-shot methods score")
-    ap.add_argument("--corpus", choices=("embedded", "debian"), default="embedded")
-    ap.add_argument("--root", type=Path, default=None)
-    ap.add_argument("--name", default=None)
     args = ap.parse_args()
-    suffix = "" if args.corpus == "embedded" else f"_{args.corpus}"
-    root = (args.root or ROOT / "runs" / f"ablation{suffix}").resolve()
-    name = args.name or f"methods{suffix}"
+    root, name = replicate_root(args, "methods")
     t0, commit_id = time.time(), commit()
     arms = MAIN + DEPTH
     pruned: dict[str, list[dict]] = {a: [] for a in arms}

@@ -41,7 +41,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from _common import ROOT, Replicate, commit, first_weights, interval, paired, save, worst_ratio
+from _common import (
+    ROOT,
+    Replicate,
+    commit,
+    first_weights,
+    interval,
+    paired,
+    replicate_args,
+    replicate_root,
+    save,
+    worst_ratio,
+)
 
 from megadrp.runtime.run_dir import RunDir
 
@@ -260,17 +271,11 @@ def markdown(study: str, per_seed: list[dict], sources: list[dict]) -> tuple[dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", choices=list(STUDIES))
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--prune-steps", type=int, default=150)
-    ap.add_argument("--continue-steps", type=int, default=150)
-    ap.add_argument("--eval-interval", type=int, default=4)
-    ap.add_argument("--corpus", choices=("embedded", "debian"), default="embedded")
-    ap.add_argument("--root", type=Path, default=None)
+    replicate_args(ap, "open_questions_<study>")
     args = ap.parse_args()
     if args.study == "posttrain" and args.corpus != "embedded":
         ap.error("posttrain names the embedded corpus's domains (NEW); run it on the embedded corpus")
-    suffix = "" if args.corpus == "embedded" else f"_{args.corpus}"
-    root = (args.root or ROOT / "runs" / f"ablation{suffix}").resolve()
+    root, name = replicate_root(args, f"open_questions_{args.study}")
     t0, commit_id = time.time(), commit()
     per_seed, sources, bases = [], [], []
     for seed in range(args.seeds):
@@ -282,7 +287,7 @@ def main() -> None:
     md += (f"\n\n{args.seeds} seeds, each its own base model ({', '.join(b['path'] for b in bases)}); scored on the "
            "test split; paired: 100·(drpruning / baseline − 1) per seed, mean [95% Student-t interval] (per-seed "
            f"values); an interval that includes zero is no measurable difference. Commit {commit_id}.")
-    save(f"open_questions_{args.study}{suffix}",
+    save(name,
          {"study": args.study, "seeds": args.seeds, "split": "test", "corpus": args.corpus, "commit": commit_id,
           "base_models": bases, "results": table, "per_seed": per_seed, "source_ppl": sources,
           "seconds": round(time.time() - t0)}, md)

@@ -27,7 +27,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, Replicate, commit, first_weights, interval, paired, save, worst_ratio
+from _common import (
+    Replicate,
+    commit,
+    first_weights,
+    interval,
+    paired,
+    replicate_args,
+    replicate_root,
+    save,
+    worst_ratio,
+)
 
 from megadrp.runtime.files import read_json
 from megadrp.runtime.run_dir import RunDir
@@ -84,21 +94,13 @@ def planned_cost(rd: RunDir) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--prune-steps", type=int, default=150)
-    ap.add_argument("--continue-steps", type=int, default=150)
-    ap.add_argument("--eval-interval", type=int, default=4, help="steps between updates (the ablation's)")
+    replicate_args(ap, "signal")
     ap.add_argument("--held-out-every", type=int, default=4, help="training-loss arms: held-out evaluation every Nth update")
     ap.add_argument("--target-se", type=float, default=0.05, help="eval_auto: the standard error to reach (nats)")
     ap.add_argument("--min-tokens", type=int, default=1024, help="eval_auto: the floor, tokens a domain")
     ap.add_argument("--max-tokens", type=int, default=8192, help="eval_auto: the ceiling, tokens a domain")
-    ap.add_argument("--corpus", choices=("embedded", "debian"), default="embedded")
-    ap.add_argument("--root", type=Path, default=None)
-    ap.add_argument("--name", default=None)
     args = ap.parse_args()
-    suffix = "" if args.corpus == "embedded" else f"_{args.corpus}"
-    root = (args.root or ROOT / "runs" / f"ablation{suffix}").resolve()
-    name = args.name or f"signal{suffix}"
+    root, name = replicate_root(args, "signal")
     t0, commit_id = time.time(), commit()
     evals: dict[str, list[dict]] = {a: [] for a in ARMS}
     shares: dict[str, list[dict]] = {a: [] for a in ARMS}

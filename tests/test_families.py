@@ -66,8 +66,15 @@ def _source(tmp_path, name: str, vocab: int = VOCAB):
     """A random checkpoint of the family saved by transformers, loaded back by megadrp."""
     cls, kw, model_cls = FAMILIES[name]
     torch.manual_seed(0)
-    hf = getattr(transformers, model_cls)(cls(**{**BASE, "vocab_size": vocab, **kw})).eval()
-    with torch.no_grad():  # HF initialises biases to 0 and norms to 1: make both matter
+    return _saved_and_loaded(getattr(transformers, model_cls)(cls(**{**BASE, "vocab_size": vocab, **kw})), tmp_path,
+                             name)
+
+
+def _saved_and_loaded(hf, tmp_path, name: str):
+    """`hf` with random biases and norm weights (HF initialises them to 0 and 1: make both
+    matter), saved by transformers and loaded back by megadrp: (hf, ours, our config)."""
+    hf.eval()
+    with torch.no_grad():
         for n, p in hf.named_parameters():
             if n.endswith("bias"):
                 p.normal_(0.0, 0.5)
@@ -283,18 +290,7 @@ def _neox(tmp_path, name: str, vocab: int = VOCAB):
     cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                         num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
                         **NEOX[name])
-    hf = GPTNeoXForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0.0, 0.5)
-            elif "norm" in n:
-                p.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path / name)
-    ours_cfg = load_hf_config(tmp_path / name, seq_len=48)
-    ours = MaskedLlama(ours_cfg).eval()
-    load_weights(ours, tmp_path / name)
-    return hf, ours, ours_cfg
+    return _saved_and_loaded(GPTNeoXForCausalLM(cfg), tmp_path, name)
 
 
 @pytest.mark.parametrize("name", list(NEOX))

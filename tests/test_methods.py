@@ -16,8 +16,6 @@ TARGET = {"num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 2, "
           "intermediate_size": 64}
 DEPTH = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
          "intermediate_size": 128}  # the base's width: depth only
-DS = [str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port"]
-_port = [29750]
 
 
 def _cfg(tmp: Path, data_dir: Path, base_model: Path, name: str, target: dict, **prune) -> dict:
@@ -27,13 +25,9 @@ def _cfg(tmp: Path, data_dir: Path, base_model: Path, name: str, target: dict, *
 
 
 def _train(cfg: dict, tmp: Path, ranks: int = 1, check: bool = True, extra=()):
-    path = write_config(tmp / f"{Path(cfg['run_dir']).name}.yaml", **cfg)
-    if ranks == 1:
-        cmd = [PY, "megadrp/train.py", "--config", str(path), *extra]
-    else:
-        _port[0] += 1
-        cmd = [*DS, str(_port[0]), "megadrp/train.py", "--config", str(path), *extra]
-    return run(cmd, check=check, timeout=900)
+    from test_train import train
+
+    return train(cfg, tmp, ranks, check=check, extra=extra)
 
 
 @pytest.fixture(scope="module")
