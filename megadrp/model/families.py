@@ -201,6 +201,10 @@ def check_config(config, where: str | None = None) -> Family:
                               "dimensions of each head, an odd number; the rotary embedding pairs them")
         from transformers.activations import ACT2FN
 
+        for key in ("hidden_dropout", "attention_dropout"):  # transformers applies them in training; megadrp not
+            if float(getattr(config, key, 0.0) or 0.0) != 0.0:
+                raise FamilyError(f"{w}: {key}={getattr(config, key)} is not supported; megadrp trains without "
+                                  "dropout (Pythia's is 0.0): set it to 0.0")
         act = getattr(config, "hidden_act", "gelu")
         if act not in ACT2FN:
             raise FamilyError(f"{w}: hidden_act={act!r} is not an activation transformers knows")

@@ -101,7 +101,9 @@ class _WeightReader:
             return name
         if "embed_out.weight" in self.where:
             return "embed_out.weight"
-        return f"{DECODER_NAMES[getattr(model, 'arch', 'llama')]}.weight"
+        if getattr(model.config, "tie_word_embeddings", False):  # an untied checkpoint without one is refused
+            return f"{DECODER_NAMES[getattr(model, 'arch', 'llama')]}.weight"
+        return name
 
     def get(self, key: str) -> torch.Tensor:
         f = self.where[key]

@@ -128,8 +128,9 @@ def combine(per_domain: list[dict[str, torch.Tensor]], over_domains: str) -> dic
         normed = []
         for d in per_domain:
             v = d[k]
-            # per-layer sets compete within their layer; the others across the whole set
-            scale = v.mean(-1, keepdim=True) if v.dim() == 2 else v.mean()
+            # per-layer sets compete within their layer; the others across the whole set. The scale
+            # is the mean magnitude: a layer's loss increase when skipped can be negative
+            scale = v.abs().mean(-1, keepdim=True) if v.dim() == 2 else v.abs().mean()
             normed.append(v / scale.clamp(min=torch.finfo(v.dtype).tiny))
         out[k] = torch.stack(normed).max(0).values
     return out

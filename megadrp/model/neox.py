@@ -111,8 +111,8 @@ class NeoXBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, m) -> torch.Tensor:
         a = self.attention(self.input_layernorm(h, m.kept, m.on), cos, sin, m.head, m.out_scale)
-        if self.parallel:
-            return h + a + self.mlp(self.post_attention_layernorm(h, m.kept, m.on), m.intermediate, m.out_scale)
+        if self.parallel:  # summed in transformers' order: (mlp + attention) + residual
+            return self.mlp(self.post_attention_layernorm(h, m.kept, m.on), m.intermediate, m.out_scale) + a + h
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h, m.kept, m.on), m.intermediate, m.out_scale)
 
@@ -192,6 +192,9 @@ def prune_state_dict(sd: dict[str, torch.Tensor], config, z: dict[str, torch.Ten
     new.num_attention_heads = new.num_key_value_heads = heads
     new.intermediate_size = kept_int if kept_int is not None else config.intermediate_size
     new.tie_word_embeddings = tied
+    for key in ("head_dim", "num_key_value_heads"):  # load_hf_config's additions: not GPT-NeoX keys
+        if key in new.__dict__:
+            delattr(new, key)
     prune_layer_fields(new, l_idx.tolist())
     dtype = next(iter(sd.values())).dtype
     return {k: v.to(dtype).contiguous() for k, v in out.items()}, new
