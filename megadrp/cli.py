@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megadrp: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     stop = None
-    if name == "train":  # the stop handlers before anything slow is imported (megadrp/runtime/stop.py)
+    if name == "train" and "--dry-run" not in rest:  # the stop handlers before anything slow is imported
         from megadrp.runtime.stop import StopRequest
 
         stop = StopRequest().install()

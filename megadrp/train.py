@@ -37,7 +37,7 @@ except ModuleNotFoundError as _e:  # run as a script from a checkout that was ne
 
 # Before anything slow (torch and DeepSpeed imports, the rendezvous, a 7B model load): a stop
 # during startup is a clean stop (exit 3, no new checkpoint), never death by SIGUSR1.
-_STOP = StopRequest().install() if __name__ == "__main__" else None
+_STOP = StopRequest().install() if __name__ == "__main__" and "--dry-run" not in sys.argv else None
 
 from megadrp.runtime.build_locks import pin_extensions_dir  # noqa: E402
 
@@ -173,17 +173,15 @@ def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> int:
                 from megadrp.engine.clock import Clock
                 from megadrp.engine.one_shot import OneShotPrune
 
-                trainer = OneShotPrune(cfg, info, Clock())
+                trainer = OneShotPrune(cfg, info, Clock(), stop)
             else:
                 trainer = Trainer(cfg, info, stop, deadline)
         rc = trainer.run()
         if rc != 0 and rank == 0:  # the closing line of a run a signal stopped
-            import signal
-
             from megadrp.engine.checkpoint import latest
 
             last = latest(RunDir(cfg.run_dir).checkpoints)
-            print(f"train: stopped by {signal.Signals(stop.signum).name}; "
+            print(f"train: stopped ({stop.describe()}); "
                   + (f"the last checkpoint is {last}; resume with resume=auto" if last else
                      "no checkpoint was written (stopped before the first step); start again the same way"),
                   file=sys.stderr)

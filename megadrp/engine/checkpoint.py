@@ -110,31 +110,30 @@ def save(engine, root: Path, step: int, states: Mapping[str, Stateful], keep: in
     return final
 
 
-def _rank_files(path: Path, rank: int) -> list[Path]:
-    partitioned = any(path.glob("*zero_pp_rank_*"))  # ZeRO: one file set per rank; else one model file
-    return [f for f in path.glob(f"*zero_pp_rank_{rank}_*" if partitioned else "mp_rank_*_model_states.pt")
-            if f.is_file()]
-
-
 def read_state(path: Path) -> dict:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def problem(path: Path, rank: int, world: int) -> str | None:
-    """Why this rank could not load the checkpoint at `path` (None: it looks loadable). Checked
-    on every rank before any loads, so that a rank missing its files is found before the ranks
-    part ways in a collective load. A checkpoint of another rank count needs every one of its
-    ranks' files (they are converted to the universal form); one of this rank count, this
-    rank's own."""
+def problem(path: Path, rank: int | None, world: int) -> str | None:
+    """Why rank `rank` (None: any of the `world` ranks, the dry run's and the start check's
+    question) could not load the checkpoint at `path` (None: it looks loadable). Checked on
+    every rank before any loads, so that a rank missing its files is found before the ranks part
+    ways in a collective load. A checkpoint of another rank count needs every one of its ranks'
+    files (they are converted to the universal form); one of this rank count, the rank's own.
+    The state is read and the folder listed once, whatever the rank count."""
     if not path.is_dir():
         return f"{path}: not a directory"
     try:
         saved = read_state(path).get("world_size", world)
     except Exception as e:  # truncated, corrupt, unpicklable: all mean "cannot resume from it"
         return f"{path / STATE_FILE}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    for r in ([rank] if saved == world else range(saved)):
-        own = _rank_files(path, r)
-        if not own or any(f.stat().st_size == 0 for f in own):
+    listing = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}
+    partitioned = any("zero_pp_rank_" in n for n in listing)
+    ranks = range(saved) if saved != world or rank is None else [rank]
+    for r in ranks:
+        own = [s for n, s in listing.items() if (f"zero_pp_rank_{r}_" in n if partitioned else
+                                                 n.startswith("mp_rank_") and n.endswith("_model_states.pt"))]
+        if not own or 0 in own:
             return f"{path}: the DeepSpeed files of rank {r} are missing or empty"
     return None
 
@@ -147,7 +146,7 @@ def describe_resume(root: Path, setting: str, world: int, record: dict | None = 
         return "resume: none: starts fresh (status done in run_dir needs overwrite=true)"
     candidates = [p for _, p in reversed(complete_checkpoints(root))] if setting == "auto" else [Path(setting)]
     for path in candidates:
-        why = next((problem(path, r, world) for r in range(world) if problem(path, r, world)), None)
+        why = problem(path, None, world)
         if why is not None:
             if setting != "auto":
                 return f"resume {path}: cannot: {why}"
@@ -264,7 +263,8 @@ def first_problem(problem: str | None, world: int) -> str | None:
 # Everything else made the checkpoint what it is: a change is refused before anything loads.
 RESUMABLE = ("train.steps", "train.micro_batch", "train.num_workers", "train.prefetch_factor", "train.log_interval",
              "train.gpu_memory_gib", "train.max_bad_steps", "eval.micro_batch", "eval.at_start", "save.", "wandb.",
-             "resume", "overwrite", "run_dir", "deepspeed", "model.activation_checkpointing", "allow_tokenizer_mismatch")
+             "resume", "overwrite", "run_dir", "deepspeed", "model.activation_checkpointing", "allow_tokenizer_mismatch",
+             "distill.chunk_tokens")
 
 
 class RunRecord:
@@ -292,11 +292,12 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_changes(saved: dict | None, now: dict) -> list[str]:
     """'key: saved → now' for every setting a resume may not change (RESUMABLE); [] for a
-    checkpoint from before records were saved (nothing to compare)."""
+    checkpoint from before records were saved (nothing to compare). A key the record lacks was
+    added to megadrp after the checkpoint was written: not a change the user made."""
     if not saved:
         return []
     a, b = _flat(saved.get("config", {})), _flat(now["config"])
-    out = [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b))
+    out = [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(a)
            if a.get(k) != b.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)]
     fa, fb = saved.get("tokenizer_fingerprint"), now.get("tokenizer_fingerprint")
     if fa and fb and fa != fb:

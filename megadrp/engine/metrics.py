@@ -73,7 +73,8 @@ def evaluation_record(step: int, stage: str, world: int, names: list[str], state
         "controller_wait_seconds": round(wait_seconds, 4),
         "controller_cpu_seconds": round(controller_cpu_seconds, 4),
         **({"eval_kd": named(ev.kd)} if getattr(ev, "kd", None) is not None else {}),
-        **({"eval_windows": {n: int(x) for n, x in zip(names, ev.windows)}, "eval_se": named(ev.se)}
+        **({"eval_windows": {n: int(x) for n, x in zip(names, ev.windows)},
+            "eval_se": {n: float(x) if math.isfinite(x) else None for n, x in zip(names, ev.se)}}
            if getattr(ev, "windows", None) is not None else {}),
         **({"kd_loss": kd_loss} if kd_loss is not None else {}),
     }
@@ -261,6 +262,7 @@ def pruning_control(rows: list[dict]) -> dict:
     (source − final target); dimensions not pruned are skipped. Issue #20's goals: ≤ 0.25 and
     ≤ 0.10 (benchmarks/pruning_control.py)."""
     src, final = rows[0]["target_shape"], rows[-1]["target_shape"]
+    rows = [r for r in rows if r.get("expected_shape")]  # updates that evaluated (all, with an eval signal)
     out = {}
     for k in SHAPE_DIMS:
         amount = src[k] - final[k]

@@ -25,11 +25,19 @@ from megadrp.model.masks import Shape
 from megadrp.runtime.files import atomic_write_text
 
 
+class Stopped(Exception):
+    """A stop signal reached some rank while the importance was measured (there is no checkpoint:
+    a one-shot prune starts over)."""
+
+
 @torch.no_grad()
-def domain_scores(engine, plan, rank: int, world: int, layer_loss: bool) -> list[dict[str, torch.Tensor]]:
+def domain_scores(engine, plan, rank: int, world: int, layer_loss: bool, stop=None) -> list[dict[str, torch.Tensor]]:
     """Each domain's batch-mean importance (model/importance.py) over its calibration windows.
     `layer_loss`: a layer's score is the loss increase when it is skipped (one more forward per
-    layer), else its Block Influence. Collective."""
+    layer), else its Block Influence. `stop` (a StopRequest): checked on every rank between
+    domains (raises Stopped). Collective."""
+    from megadrp.engine.collectives import any_rank
+
     cfg = plan.cfg
     model = engine.module
     source = shape_of(model.config)
@@ -37,6 +45,8 @@ def domain_scores(engine, plan, rank: int, world: int, layer_loss: bool) -> list
     engine.eval()
     out = []
     for d in plan.domains:
+        if stop is not None and any_rank(stop.signum, engine.device).item() > 0:
+            raise Stopped(stop.describe())
         windows = EvalWindows(d.train, seq, cfg.prune.calibration_tokens, d.name, model.config.vocab_size, "train")
         scores = Scores.zeros(source, engine.device)
         loss = torch.zeros(source.layers + 1, dtype=torch.float64, device=engine.device)  # [skip layer i…, none]
@@ -72,14 +82,15 @@ def domain_scores(engine, plan, rank: int, world: int, layer_loss: bool) -> list
     return out
 
 
-def one_shot_masks(engine, plan, rank: int, world: int, method: str) -> tuple[dict[str, torch.Tensor], dict]:
+def one_shot_masks(engine, plan, rank: int, world: int, method: str, stop=None) -> tuple[dict[str, torch.Tensor], dict]:
     """The masks a one-shot `method` keeps (`minitron`, or `shortgpt`: depth by Block Influence),
     measured on `engine` (the source, unmasked); and what the scores were, for the record.
     Collective."""
     cfg = plan.cfg
-    layer_loss = method == "minitron" and cfg.prune.layer_importance == "loss"
-    per_domain = domain_scores(engine, plan, rank, world, layer_loss)
     source = shape_of(plan.model_config)
+    # a layer's loss when skipped costs a forward a layer: only where depth is pruned (the cost ledger's rule)
+    layer_loss = method == "minitron" and cfg.prune.layer_importance == "loss" and plan.target.layers < source.layers
+    per_domain = domain_scores(engine, plan, rank, world, layer_loss, stop)
     combined = combine(per_domain, cfg.prune.importance_over_domains)
     target = plan.target
     if method == "shortgpt":
@@ -95,12 +106,12 @@ class OneShotPrune:
     model on the eval windows (the record `megadrp eval` of the export must equal), export. No
     training step, no optimizer; seconds on the clock's `calibrate`, `eval` and `export`."""
 
-    def __init__(self, cfg, info, clock) -> None:
+    def __init__(self, cfg, info, clock, stop=None) -> None:
         from megadrp.plan import make_plan
         from megadrp.runtime.process_group import on_rank0
         from megadrp.runtime.run_dir import RunDir
 
-        self.cfg, self.rank, self.world, self.clock = cfg, info.rank, info.world_size, clock
+        self.cfg, self.rank, self.world, self.clock, self.stop = cfg, info.rank, info.world_size, clock, stop
         self.run_dir = RunDir(cfg.run_dir)
         # a one-shot prune is quick and has no checkpoint: a finished one is replaced only with overwrite
         on_rank0(lambda: self.run_dir.check("none", cfg.overwrite or self.run_dir.state() != "done"), self.rank,
@@ -123,8 +134,19 @@ class OneShotPrune:
             atomic_write_text(self.run_dir.cost, json.dumps(cost_ledger.ledger(plan, self.world), indent=1) + "\n")
         engine = zero3.build_inference_engine(cfg.model.init, plan, self.rank)
         self.clock.end_startup()
-        with self.clock.part("calibrate"):
-            z, scores = one_shot_masks(engine, plan, self.rank, self.world, cfg.prune.method)
+        try:
+            with self.clock.part("calibrate"):
+                z, scores = one_shot_masks(engine, plan, self.rank, self.world, cfg.prune.method, self.stop)
+        except Stopped as e:
+            if self.rank == 0:
+                import logging
+
+                logging.getLogger("megadrp").warning("stopped (%s) while measuring importance; a one-shot prune has "
+                                                     "no checkpoint: run it again", e)
+                self.run_dir.write_state("interrupted")
+            zero3.release_engine(engine)
+            process_group.shutdown()
+            return self.stop.exit_code
         z_dev = {k: v.to(engine.device) for k, v in z.items()}
         with self.clock.part("eval"):
             ev = Evaluator.for_plan(plan, self.rank, self.world)(_WithMasks(engine, z_dev), 0, None)

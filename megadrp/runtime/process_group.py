@@ -159,6 +159,8 @@ def on_rank0(check: Callable[[], None], rank: int, world: int) -> None:
             check()
         except (OSError, UserError) as e:
             msg = str(e)
+        except Exception as e:  # noqa: BLE001 — the other ranks must hear of any failure, not wait forever
+            msg = f"{type(e).__name__} on rank 0: {e}"
     box = [msg]
     if dist.is_initialized() and world > 1:
         dist.broadcast_object_list(box, src=0)

@@ -21,6 +21,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
+        self.reason: str | None = None  # a stop the run requested itself (`request`), in words
 
     def install(self) -> "StopRequest":
         for s in self.SIGNALS:
@@ -36,8 +37,15 @@ class StopRequest:
         resume with resume=auto; the Slurm scripts requeue), for a reason found by the run itself
         (the job's end time coming, megadrp/runtime/deadline.py)."""
         if not self.signum:
-            self.signum = signal.SIGUSR1
+            self.signum, self.reason = signal.SIGUSR1, why
             log.warning("%s: will save a checkpoint and exit after this step", why)
+
+    def describe(self) -> str:
+        """What stopped the run, for its closing line: this process's signal, the run's own
+        reason (the job's end coming), or a stop another rank received (shared at each step)."""
+        if self.reason:
+            return self.reason
+        return signal.Signals(self.signum).name if self.signum else "a stop another rank received"
 
     @property
     def exit_code(self) -> int:

@@ -122,7 +122,8 @@ def prepare_data(out: Path, corpus: Path | None = None, vocab: int = 4096, docs_
     if not files:
         raise SystemExit(f"megadrp: {corpus} has no NAME.jsonl files (one file a domain)")
     log("data: training the tokenizer")
-    sh(megadrp("tokenizer", "--input", *map(str, files), "--vocab-size", str(vocab), "--out", str(out / "tokenizer")))
+    sh(megadrp("tokenizer", "--input", *map(str, files), "--vocab-size", str(vocab), "--out", str(out / "tokenizer"),
+               "--overwrite"))
     inputs = [a for f in files for a in ("--input", f"{f.name.split('.')[0]}={f}")]
     log("data: tokenizing into shards")
     sh(megadrp("preprocess", *inputs, "--tokenizer", str(out / "tokenizer"), "--out", str(data),
