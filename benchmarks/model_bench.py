@@ -3,10 +3,13 @@ with masks sampling, megadrp's model without masks, and transformers' LlamaForCa
 the same shape — side by side in one run; and the pruned export against a freshly built
 model of the target shape.
 
-    python benchmarks/model_bench.py [--rounds 15] [--threads N] [--batch 4] [--family llama|qwen2] [--name NAME]
+    python benchmarks/model_bench.py [--rounds 15] [--threads N] [--batch 4] [--family llama|qwen2|qwen3|gpt_neox]
 
 `--family qwen2`: a Qwen2-shaped model (GQA 8/2, q/k/v biases, tied embeddings) against
-`Qwen2ForCausalLM`; results under model_step_qwen2 unless --name says otherwise.
+`Qwen2ForCausalLM`; `qwen3`: GQA 8/2 with per-head q/k norms and head_dim 80 against
+`Qwen3ForCausalLM`; `gpt_neox`: Pythia's layout (LayerNorm with bias, fused q/k/v, a quarter of each
+head rotated, parallel residual, GELU) against `GPTNeoXForCausalLM`. Results under
+model_step_<family> (model_step for llama) unless --name says otherwise.
 
 Variants run interleaved, one step each per round, so machine noise hits each alike; a
 ratio is the median over rounds of the two variants' same-round ratio.
@@ -28,14 +31,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="rounds of one step per variant")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--batch", type=int, default=4, help="sequences of 256 tokens per step")
-    ap.add_argument("--family", choices=("llama", "qwen2"), default="llama")
+    ap.add_argument("--family", choices=("llama", "qwen2", "qwen3", "gpt_neox"), default="llama")
     ap.add_argument("--name", default=None, help="results file name under benchmarks/results "
-                    "(default model_step, or model_step_qwen2)")
+                    "(default model_step, or model_step_<family>)")
     args = ap.parse_args()
-    args.name = args.name or ("model_step" if args.family == "llama" else "model_step_qwen2")
+    args.name = args.name or ("model_step" if args.family == "llama" else f"model_step_{args.family}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     from megadrp.model.hf_io import export_hf
     from megadrp.model.llama import MaskedLlama, count_parameters
@@ -47,11 +51,16 @@ def main() -> None:
     if args.family == "qwen2":
         cfg = Qwen2Config(**shape, num_key_value_heads=2, tie_word_embeddings=True)
         target = Shape(layers=4, hidden=384, heads=4, kv_heads=1, intermediate=688)
-        hf_cls = Qwen2ForCausalLM
+    elif args.family == "qwen3":
+        cfg = Qwen3Config(**shape, num_key_value_heads=2, head_dim=80)
+        target = Shape(layers=4, hidden=384, heads=4, kv_heads=1, intermediate=688)
+    elif args.family == "gpt_neox":
+        cfg = GPTNeoXConfig(**shape, rotary_pct=0.25)
+        target = Shape(layers=4, hidden=384, heads=6, kv_heads=6, intermediate=688)  # hidden = heads × 64
     else:
         cfg = LlamaConfig(**shape, num_key_value_heads=8, head_dim=64)
         target = Shape(layers=4, hidden=384, heads=6, kv_heads=6, intermediate=688)
-        hf_cls = LlamaForCausalLM
+    hf_cls = getattr(transformers, type(cfg).__name__.replace("Config", "ForCausalLM"))
     n = count_parameters(cfg)
     hf = hf_cls(cfg)
     ours = MaskedLlama(cfg, target, ramp_steps=10)

@@ -92,7 +92,7 @@ def test_the_dry_run_refuses_what_the_run_refuses_with_the_same_line(name, tmp_p
     before = _digest(tmp_path)
     rc = main(["--config", str(path), "--dry-run", *extra])
     dry = capsys.readouterr().err
-    real = run([PY, "megadrp/train.py", "--config", str(path), *extra], check=False, timeout=300)
+    real = run([PY, "megadrp/train.py", "--config", str(path), *extra], check=False, timeout=900)
     assert rc == real.returncode == 2, (dry[-1500:], real.stderr[-1500:])
     assert "Traceback" not in dry + real.stderr
     assert _refusal(dry) == _refusal(real.stderr) and needle in _refusal(dry), (_refusal(dry), _refusal(real.stderr))
