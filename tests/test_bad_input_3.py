@@ -155,9 +155,12 @@ def test_eval_checks_its_out_before_work_and_caps_what_the_split_holds(tmp_path,
 def test_extensions_folder_is_per_environment(monkeypatch):
     from megadrp.runtime.build_locks import pin_extensions_dir
 
-    env: dict[str, str] = {}
+    env: dict[str, str] = {"PATH": "/usr/bin:/bin"}
     here = pin_extensions_dir(env)
     assert env["TORCH_EXTENSIONS_DIR"] == here and "/torch_extensions/megadrp-" in here
+    own = Path(sys.executable).parent
+    if (own / "ninja").is_file():  # this environment's ninja builds, whatever the shell's PATH says
+        assert env["PATH"].split(os.pathsep)[0] == str(own)
     monkeypatch.setattr(sys, "prefix", "/another/venv")
     assert pin_extensions_dir({}) != here
     assert pin_extensions_dir({"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"  # the user's own wins

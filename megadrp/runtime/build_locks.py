@@ -64,16 +64,24 @@ def pin_extensions_dir(env=None) -> str:
     (TORCH_EXTENSIONS_DIR): torch's default, ~/.cache/torch_extensions/py311_cpu, is shared by
     every environment of one Python version, so two environments (a venv and a CI checkout's, two
     torch or DeepSpeed versions) rebuild each other's DeepSpeed ops on every start (60–120 s each).
-    The folder is named by the interpreter's prefix and the torch and DeepSpeed versions; it is
-    inherited by every rank and tool this process starts. Returns the folder in force."""
+    The folder is named by the interpreter's prefix, the torch and DeepSpeed versions and the ninja
+    that builds. Two ninjas alternating in one folder (a venv's pip `ninja` 1.13 and the system's
+    1.11, as an activated and a plain shell find them) read each other's build log as changed
+    commands and rebuild every time: where the environment has its own ninja, it is put first on
+    PATH, so every rank and tool this process starts builds with it. Returns the folder in force."""
     import hashlib
+    import shutil
     import sys
     from importlib import metadata
 
     env = os.environ if env is None else env
+    own = Path(sys.executable).parent
+    if (own / "ninja").is_file() and not env.get("PATH", "").startswith(str(own) + os.pathsep):
+        env["PATH"] = os.pathsep.join([str(own), env.get("PATH", "")])
     if env.get("TORCH_EXTENSIONS_DIR"):
         return env["TORCH_EXTENSIONS_DIR"]
-    versions = []
+    ninja = shutil.which("ninja", path=env.get("PATH")) or "-"
+    versions = [str(Path(ninja).resolve()) if ninja != "-" else ninja]
     for dist in ("torch", "deepspeed"):
         try:
             versions.append(metadata.version(dist))
