@@ -178,9 +178,9 @@ def test_data_dir_follows_the_umask(tmp_path, corpus, tokenizer):
 
 @pytest.mark.slow
 def test_ctrl_c_on_the_demo_stops_every_rank_and_says_so(tmp_path):
-    """SIGINT to the demo's process group (what Ctrl-C sends) while a stage trains: the stage stops,
-    the demo waits for it, exits 130 with one line, no traceback, and no rank is left running;
-    the launcher's INFO lines were not on the console."""
+    """SIGINT to the demo's process group (what Ctrl-C sends) once a stage's ranks are starting:
+    the stage stops, the demo waits for it, exits 130 with one line, no traceback, and no rank is
+    left running; the launcher's INFO lines were not on the console."""
     p = subprocess.Popen([PY, "-m", "megadrp", "demo", "--out", str(tmp_path / "d"), "--scale", "0.2"], cwd=ROOT,
                          stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -189,7 +189,8 @@ def test_ctrl_c_on_the_demo_stops_every_rank_and_says_so(tmp_path):
     while time.time() < deadline:
         line = p.stderr.readline()
         lines.append(line)
-        if "step " in line and "/50" in line:  # the pretrain stage is training (progress line)
+        if "pretrain: training" in line:  # the launcher is starting the ranks
+            time.sleep(5)  # into their start-up (the stop handlers are installed first thing)
             break
     os.killpg(p.pid, signal.SIGINT)
     rest, _ = p.communicate(timeout=300)
