@@ -298,6 +298,7 @@ def test_report_from_a_real_run(prune2, tmp_path, data_dir):
     stage = tmp_path / "prune"
     stage.mkdir()
     (stage / "metrics.jsonl").write_text((Path(cfg["run_dir"]) / "metrics.jsonl").read_text())
+    (stage / "cost.json").write_text((Path(cfg["run_dir"]) / "cost.json").read_text())
     (stage / "eval.json").write_text(json.dumps(evaluate(Path(cfg["run_dir"]) / "hf", data_dir, cfg)))
     out = tmp_path / "report"
     out.mkdir()
@@ -307,6 +308,8 @@ def test_report_from_a_real_run(prune2, tmp_path, data_dir):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"({png})" in text
     assert "Final expected shape" in text and "Final domain weights of pruning" in text
+    # the cost ledger's plan beside the clock's measurement (#40)
+    assert "## Cost: the plan beside the measurement" in text and "| prune | held-out evaluation |" in text
     for name in metrics(Path(cfg["run_dir"]))[-1]["eval_loss"]:
         assert f"| {name} " in text, name
 
