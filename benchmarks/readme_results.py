@@ -1,5 +1,6 @@
-"""The README's results block, rendered from the committed results files (never typed by hand):
-the ablation on both corpora (benchmarks/results/ablation*.json), scored on the test split.
+"""The README's results blocks, rendered from the committed results files (never typed by hand):
+the ablation on both corpora (benchmarks/results/ablation*.json), the pruning methods side by side
+(methods.json) and the cheaper signals (signal.json), all scored on the test split.
 
     python benchmarks/readme_results.py           # print the block
     python benchmarks/readme_results.py --write   # put it into README.md between its markers
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START = "<!-- results: python benchmarks/readme_results.py --write -->"
 END = "<!-- end of results -->"
+BLOCKS = ("results", "methods", "signal")  # each between <!-- NAME: ... --> and <!-- end of NAME -->
 CORPORA = (("ablation", "embedded"), ("ablation_debian", "Debian text"))
 COLUMNS = (("mean_ppl", "mean ppl"), ("worst_ppl", "worst domain"), ("worst_ratio", "worst ratio to source"),
            ("worst_chi2_ppl", "worst χ² mix"))
@@ -90,24 +92,76 @@ def _pair(r: dict, arm: str, against: str, key: str) -> dict:
     return paired([100.0 * (a / b - 1.0) for a, b in zip(r[arm][key]["per_seed"], r[against][key]["per_seed"])])
 
 
-def readme_block(text: str) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"README.md has no results block between {START!r} and {END!r}")
-    return text.split(START, 1)[1].split(END, 1)[0].strip() + "\n"
+def render_methods() -> str:
+    data = _load("methods")
+    if data is None:
+        return "(no results yet: `python benchmarks/methods.py`)\n"
+    r = data["results"]
+    lines = ["| method | prune cost (PFLOP) | after pruning: worst ratio to source | after continuing: worst ppl "
+             "| worst ratio to source | vs reference (ratio) |", "|---|---|---|---|---|---|"]
+    for arm, v in r.items():
+        ratio = v["continued"]["ratio_vs_ref_pct"]
+        lines.append(f"| {arm} | {v['prune_flops'] / 1e15:.4f} | {sum(v['pruned']['worst_ratio']) / len(v['pruned']['worst_ratio']):.3f} "
+                     f"| {sum(v['continued']['worst_ppl']) / len(v['continued']['worst_ppl']):.2f} "
+                     f"| {sum(v['continued']['worst_ratio']) / len(v['continued']['worst_ratio']):.3f} | "
+                     + ("reference" if arm == v["vs"] else f"vs {v['vs']}: {_say(ratio)}") + " |")
+    warm = data["warm_start"]
+    reach = [w["warm_steps"] for w in warm]
+    text = [f"{data['seeds']} seeds on the embedded corpus, each its own base model; the same continue stage "
+            "(drpruning) after every prune; test split, means over seeds, paired 95% intervals:", "", *lines, "",
+            f"Domain-robust importance (`worst` against `mean`), largest ratio to the source after continuing: "
+            f"{_say(data['worst_vs_mean_pct'])}; after the prune alone: {_say(data['worst_vs_mean_pruned_pct'])}. "
+            "Prune steps the warm start needs to reach the cold start's final worst ratio (its own evaluations): "
+            + ", ".join("never" if s is None else str(s) for s in reach) + "."]
+    return "\n".join(text) + "\n"
+
+
+def render_signal() -> str:
+    data = _load("signal")
+    if data is None:
+        return "(no results yet: `python benchmarks/signals.py`)\n"
+    lines = ["| signal | worst domain vs `eval` | largest ratio to the source vs `eval` | evaluation share of the "
+             "FLOPs | of the wall-clock |", "|---|---|---|---|---|"]
+    for arm, v in data["results"].items():
+        lines.append(f"| {arm} | {'reference' if arm == 'eval' else _say(v['worst_ppl']['vs_eval_pct'])} | "
+                     f"{'reference' if arm == 'eval' else _say(v['worst_ratio']['vs_eval_pct'])} | "
+                     f"{v['eval_share_flops']:.1%} | {v['eval_share_wall']:.1%} |")
+    return (f"{data['seeds']} seeds on the embedded corpus, drpruning at equal training tokens; the training-loss "
+            f"signals evaluate held-out windows at every {data['held_out_every']}th update; test split, paired 95% "
+            "intervals:\n\n" + "\n".join(lines) + "\n")
+
+
+RENDER = {"results": render, "methods": render_methods, "signal": render_signal}
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return (START, END) if name == "results" else (f"<!-- {name}: python benchmarks/readme_results.py --write -->",
+                                                   f"<!-- end of {name} -->")
+
+
+def readme_block(text: str, name: str = "results") -> str:
+    start, end = _markers(name)
+    if start not in text or end not in text:
+        raise ValueError(f"README.md has no {name} block between {start!r} and {end!r}")
+    return text.split(start, 1)[1].split(end, 1)[0].strip() + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    block = render()
-    print(block)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name in BLOCKS:
+        block = RENDER[name]()
+        print(block)
+        if args.write:
+            readme_block(text, name)
+            start, end = _markers(name)
+            before, rest = text.split(start, 1)
+            text = before + start + "\n" + block + end + rest.split(end, 1)[1]
     if args.write:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        readme_block(text)
-        before, rest = text.split(START, 1)
-        readme.write_text(before + START + "\n" + block + END + rest.split(END, 1)[1])
+        readme.write_text(text)
     return 0
 
 
