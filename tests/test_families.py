@@ -87,6 +87,19 @@ def _saved_and_loaded(hf, tmp_path, name: str):
     return hf, ours, cfg
 
 
+def _masked_and_pruned(ours, sd: dict, cfg, target: Shape, combo, ids, **masks):
+    """Random final masks on `combo`'s sets (seeded by the combination): the masked model's logits
+    on `ids`, the masks, and the pruned state dict and config they give."""
+    ours.l0 = L0Masks(shape_of(cfg), target, 10, head_dim_of(cfg), sets=combo, **masks)
+    torch.manual_seed(len(combo))
+    with torch.no_grad():
+        for p in ours.l0.log_alpha.values():
+            p.normal_(1.0, 2.0)
+        masked = ours(ids, mask_mode="final")
+        z, _, _ = ours.l0(0, "final")
+    return (masked, z, *prune_state_dict(sd, cfg, z))
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_unmasked_equals_transformers(tmp_path, name):
     hf, ours, cfg = _source(tmp_path, name, vocab=65600 if name == "llama3.1" else VOCAB)  # 128k-style: > uint16
@@ -114,15 +127,8 @@ def test_export_equals_masked_model_for_every_set_combination(tmp_path, name):
     target = _target(shape_of(cfg))
     worst = 0.0
     for combo in COMBOS:
-        ours.l0 = L0Masks(shape_of(cfg), target, 10, head_dim_of(cfg), sets=combo)
+        masked, z, small, small_cfg = _masked_and_pruned(ours, sd, cfg, target, combo, ids)
         assert sorted(ours.l0.active) == sorted(combo)
-        torch.manual_seed(len(combo))
-        with torch.no_grad():
-            for p in ours.l0.log_alpha.values():
-                p.normal_(1.0, 2.0)
-            masked = ours(ids, mask_mode="final")
-            z, _, _ = ours.l0(0, "final")
-            small, small_cfg = prune_state_dict(sd, cfg, z)
         want = {k: getattr(target if m in combo else shape_of(cfg), k)
                 for m, k in (("layer", "layers"), ("hidden", "hidden"), ("head", "heads"), ("head", "kv_heads"),
                              ("intermediate", "intermediate"))}
@@ -322,14 +328,7 @@ def test_neox_export_equals_masked_model(tmp_path, name):
     ids = torch.randint(0, VOCAB, (2, 24))
     target = Shape(layers=2, hidden=32, heads=2, kv_heads=2, intermediate=48)
     for combo in NEOX_COMBOS:
-        ours.l0 = L0Masks(shape_of(cfg), target, 10, head_dim_of(cfg), sets=combo, mlp_matrices=2)
-        torch.manual_seed(len(combo))
-        with torch.no_grad():
-            for p in ours.l0.log_alpha.values():
-                p.normal_(1.0, 2.0)
-            masked = ours(ids, mask_mode="final")
-            z, _, _ = ours.l0(0, "final")
-            small, small_cfg = prune_state_dict(sd, cfg, z)
+        masked, z, small, small_cfg = _masked_and_pruned(ours, sd, cfg, target, combo, ids, mlp_matrices=2)
         if combo == SETS:
             exported = AutoModelForCausalLM.from_pretrained(export_hf(small, small_cfg, tmp_path / "hf")).eval()
             saved = json.loads((tmp_path / "hf" / "config.json").read_text())
