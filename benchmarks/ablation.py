@@ -221,6 +221,11 @@ def markdown(table: dict, per_seed: list[dict], arms: list[str], args, spent: fl
                 md.append(f"| {arm} | " + " | ".join(
                     f"law {p[c]['law']:.2f}%, naive {p[c]['naive']:.2f}%; {interval(p[c]['law_minus_naive'])}"
                     .replace("%;", "%:") if c in p else "" for c in cols) + " |")
+        missing = [c for c in (f"{st} {f}" for st in STAGES for f in ("25%", "50%", "75%")) if c not in cols]
+        if missing:
+            md += ["", f"No column for {', '.join(missing)}: no law was fitted yet there (a fit needs more than 10 "
+                   "evaluations, SPEC §3.1; the table above gives the step from which the first one set the "
+                   "weights), so there is no prediction to score."]
     refs = [s["sheared_references"] for s in per_seed if s.get("sheared_references")]
     if refs:
         md += ["", "`sheared`'s references (the target-shape model trained from scratch on the base's data and "
