@@ -193,7 +193,7 @@ def test_ctrl_c_on_the_demo_stops_every_rank_and_says_so(tmp_path):
             time.sleep(5)  # into their start-up (the stop handlers are installed first thing)
             break
     os.killpg(p.pid, signal.SIGINT)
-    rest, _ = p.communicate(timeout=300)
+    _, rest = p.communicate(timeout=300)
     err = "".join(lines) + rest
     assert p.returncode == 130 and "interrupted; rerun the same command" in err, err[-3000:]
     assert "Traceback" not in err and "[INFO]" not in err

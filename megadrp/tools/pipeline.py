@@ -38,11 +38,25 @@ VERBOSE = bool(os.environ.get("MEGADRP_VERBOSE"))
 
 
 def _relay(stream, sink) -> None:
+    """Copy a step's stderr to `sink`, without NOISE, and without a traceback that ends in
+    KeyboardInterrupt: Ctrl-C while the launcher is still importing makes DeepSpeed's command print
+    one, and `sh` already says what happened in one line. Any other traceback is copied whole."""
+    held: list[str] = []  # a traceback, until its last line says which exception it was
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
-        if VERBOSE or not NOISE.search(line):
+        if VERBOSE:
             sink.write(line)
-            sink.flush()
+        elif held or line.startswith("Traceback (most recent call last):"):
+            held.append(line)
+            if not line[:1].isspace() and not line.startswith("Traceback"):  # the exception's line
+                if not line.startswith("KeyboardInterrupt"):
+                    sink.writelines(held)
+                held = []
+        elif not NOISE.search(line):
+            sink.write(line)
+        sink.flush()
+    sink.writelines(held)  # a traceback cut short: show what there was
+    sink.flush()
 
 
 def sh(cmd: list[str], env: dict | None = None, quiet: bool = False) -> None:

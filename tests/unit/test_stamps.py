@@ -101,3 +101,18 @@ def test_demo_refuses_bad_flags_before_any_work(tmp_path, args, needle):
     p = subprocess.run([sys.executable, "-m", "megadrp", "demo", "--out", str(tmp_path / "d"), *args],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2 and needle in p.stderr and not (tmp_path / "d").exists(), p.stderr[-1500:]
+
+
+def test_the_console_relay_drops_launcher_noise_and_a_ctrl_c_traceback_only(monkeypatch):
+    """What `sh` copies from a step's stderr: INFO lines and a traceback ending in
+    KeyboardInterrupt are left out; any other traceback is copied whole, and so is a cut one."""
+    import io
+
+    monkeypatch.setattr(pipeline, "VERBOSE", False)
+    tb = ["Traceback (most recent call last):\n", '  File "x.py", line 3, in <module>\n', "    import y\n"]
+    err = "".join(tb) + "RuntimeError: the rank failed\n"
+    text = ("[2026-01-01] [INFO] [launch.py:1] cmd = python train.py\nstep 1\n" + "".join(tb) + "KeyboardInterrupt\n"
+            + "\nstep 2\n" + err + "".join(tb))
+    sink = io.StringIO()
+    pipeline._relay(io.BytesIO(text.encode()), sink)
+    assert sink.getvalue() == "step 1\n\nstep 2\n" + err + "".join(tb)
