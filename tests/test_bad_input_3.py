@@ -196,6 +196,6 @@ def test_ctrl_c_on_the_demo_stops_every_rank_and_says_so(tmp_path):
     _, rest = p.communicate(timeout=300)
     err = "".join(lines) + rest
     assert p.returncode == 130 and "interrupted; rerun the same command" in err, err[-3000:]
-    assert "Traceback" not in err and "[INFO]" not in err
+    assert "Traceback" not in err and "[INFO]" not in err, err[-3000:]
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "d")], capture_output=True, text=True).stdout.split()
-    assert left == []
+    assert left == [], (left, err[-2000:])

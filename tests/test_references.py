@@ -118,10 +118,12 @@ def test_the_expected_shape_follows_the_ramped_target(long_prune):
 
 
 def _continue(tmp: Path, data_dir: Path, prune_dir: Path, name: str, top: dict | None = None, **dro) -> Path:
+    """A short continue stage from `prune_dir`; `top` replaces whole top-level sections."""
+    sections = {"train": {"steps": 4, "global_batch": 8, "micro_batch": 4, "seq_len": 32, "num_workers": 1},
+                "eval": {"interval": 2, "tokens_per_domain": 256, "micro_batch": 8},
+                "save": {"interval": 0, "keep": 1}, **(top or {})}
     cfg = tiny_run_config(tmp, data_dir, "continue", name, model={"init": str(prune_dir / "hf")},
-                          train={"steps": 4, "global_batch": 8, "micro_batch": 4, "seq_len": 32, "num_workers": 1},
-                          eval={"interval": 2, "tokens_per_domain": 256, "micro_batch": 8},
-                          save={"interval": 0, "keep": 1}, dro={"mode": "drpruning", **dro}, **(top or {}))
+                          dro={"mode": "drpruning", **dro}, **sections)
     _train(cfg, tmp)
     return Path(cfg["run_dir"])
 

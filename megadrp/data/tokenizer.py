@@ -80,7 +80,16 @@ def fingerprint_of(path: str | os.PathLike) -> str | None:
         return None
     key = (str(p.resolve()), tuple(sorted((str(f), Path(p, f).stat().st_mtime_ns) for f in files)))
     if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = fingerprint(load_tokenizer(p).hf)
+        # the tokenizer files alone: in a model directory transformers picks the tokenizer class
+        # by config.json's model_type over tokenizer_config.json's (a Qwen2 export of a Llama
+        # tokenizer would load as Qwen2's, with a padding token added), which is not the
+        # tokenizer the files describe or the data was made with
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="megadrp-tok-") as tmp:
+            for f in files:
+                os.symlink(Path(p, f).resolve(), Path(tmp, Path(f).name))
+            _FINGERPRINTS[key] = fingerprint(load_tokenizer(tmp).hf)
     return _FINGERPRINTS[key]
 
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -37,10 +38,12 @@ NOISE = re.compile(r"\[(INFO|DEBUG)\]|built successfully|Setting ds_accelerator|
 VERBOSE = bool(os.environ.get("MEGADRP_VERBOSE"))
 
 
-def _relay(stream, sink) -> None:
-    """Copy a step's stderr to `sink`, without NOISE, and without a traceback that ends in
-    KeyboardInterrupt: Ctrl-C while the launcher is still importing makes DeepSpeed's command print
-    one, and `sh` already says what happened in one line. Any other traceback is copied whole."""
+def _relay(stream, sink, interrupted: threading.Event | None = None) -> None:
+    """Copy a step's stderr to `sink`, without NOISE, and without the tracebacks an interruption
+    makes: one that ends in KeyboardInterrupt (Ctrl-C while the launcher is still importing), and,
+    once `interrupted` is set, any (Ctrl-C during a JIT build of DeepSpeed's ops ends in ninja's
+    RuntimeError, then an ImportError). `sh` says what happened in one line; MEGADRP_VERBOSE
+    shows everything. Any other traceback is copied whole."""
     held: list[str] = []  # a traceback, until its last line says which exception it was
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
@@ -49,14 +52,58 @@ def _relay(stream, sink) -> None:
         elif held or line.startswith("Traceback (most recent call last):"):
             held.append(line)
             if not line[:1].isspace() and not line.startswith("Traceback"):  # the exception's line
-                if not line.startswith("KeyboardInterrupt"):
+                if not line.startswith("KeyboardInterrupt") and not (interrupted and interrupted.is_set()):
                     sink.writelines(held)
                 held = []
         elif not NOISE.search(line):
             sink.write(line)
         sink.flush()
-    sink.writelines(held)  # a traceback cut short: show what there was
+    if not (interrupted and interrupted.is_set()):
+        sink.writelines(held)  # a traceback cut short: show what there was
     sink.flush()
+
+
+def _adopt_orphans() -> None:
+    """Linux: become a child subreaper, so a descendant whose parent exits is re-parented here,
+    not to init. DeepSpeed's runner returns on Ctrl-C while its launcher is still stopping the
+    ranks; this is how `sh` can wait for those ranks too."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        except (OSError, AttributeError):
+            pass
+
+
+def _children() -> list[int]:
+    """Our live children, from /proc (the orphans `_adopt_orphans` gave us have no Popen)."""
+    me, kids = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it exited meanwhile
+        if int(fields[1]) == me:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _wait_for_orphans() -> None:
+    """Wait until every child is gone (the ranks of an interrupted step); Ctrl-C kills them."""
+    import signal
+
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except KeyboardInterrupt:
+            for pid in _children():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def sh(cmd: list[str], env: dict | None = None, quiet: bool = False) -> None:
@@ -64,23 +111,26 @@ def sh(cmd: list[str], env: dict | None = None, quiet: bool = False) -> None:
     stage then stops at a checkpoint, and this waits for it (a second Ctrl-C kills it), so the
     command never returns while ranks still run; exit 130 with one line. The launcher's INFO
     lines are left out of stderr unless MEGADRP_VERBOSE is set (`megadrp demo --verbose`)."""
-    import threading
 
     e = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), **(env or {}))
     out = subprocess.DEVNULL if quiet else None
+    _adopt_orphans()
     p = subprocess.Popen(cmd, env=e, stdout=out, stderr=subprocess.PIPE)
-    relay = threading.Thread(target=_relay, args=(p.stderr, sys.stderr), daemon=True)
+    interrupted = threading.Event()
+    relay = threading.Thread(target=_relay, args=(p.stderr, sys.stderr, interrupted), daemon=True)
     relay.start()
     try:
         rc = p.wait()
         relay.join(timeout=10)
     except KeyboardInterrupt:
+        interrupted.set()
         log("interrupted: waiting for the step to stop (a training stage saves a checkpoint; Ctrl-C again kills it)")
         try:
             p.wait()
         except KeyboardInterrupt:
             p.kill()
             p.wait()
+        _wait_for_orphans()  # the runner may return before its launcher has stopped the ranks
         log("interrupted; rerun the same command to go on from where it stopped")
         raise SystemExit(130) from None
     if rc != 0:

@@ -116,3 +116,14 @@ def test_the_console_relay_drops_launcher_noise_and_a_ctrl_c_traceback_only(monk
     sink = io.StringIO()
     pipeline._relay(io.BytesIO(text.encode()), sink)
     assert sink.getvalue() == "step 1\n\nstep 2\n" + err + "".join(tb)
+
+    # once the user has pressed Ctrl-C, every traceback is a consequence of it (ninja's build
+    # stopped, then the op's ImportError): none is copied, the other lines are
+    import threading
+
+    stopped = threading.Event()
+    stopped.set()
+    sink = io.StringIO()
+    pipeline._relay(io.BytesIO(("ninja: build stopped: interrupted by user.\n" + err + err + "".join(tb)).encode()),
+                    sink, stopped)
+    assert sink.getvalue() == "ninja: build stopped: interrupted by user.\n"
