@@ -233,7 +233,9 @@ def markdown(table: dict, per_seed: list[dict], arms: list[str], args, spent: fl
                + ", ".join(f"{n} {v:.3f}" for n, v in zip(refs[0].get("domains", names), refs[0]["losses"]))
                + "; source: " + ", ".join(f"{n} {per_seed[0]['source']['domain_loss'][n]:.3f}" for n in names)
                + " (test split)."]
-    md += ["", f"{len(per_seed)} seeds, each its own corpus draw (embedded), held-out draw and base model "
+    drawn = ("its own corpus draw (embedded), " if args.corpus == "embedded"
+             else "one corpus (Debian's text, shared by the seeds), each seed its own ")
+    md += ["", f"{len(per_seed)} seed{'s' * (len(per_seed) != 1)}, {drawn}held-out draw and base model "
            f"({', '.join(s['base_model']['path'] for s in per_seed)}); prune {args.prune_steps} + continue "
            f"{args.continue_steps} steps of 16 × 128 tokens, evaluation (on the eval split) every "
            f"{args.eval_interval}, 2 ranks ZeRO-3 on CPU; {spent:.0f} s of training and evaluation in all (the "

@@ -33,9 +33,17 @@ def _ci(p: dict) -> str:
     return f"{p['mean']:+.1f}% [{lo:+.1f}, {hi:+.1f}]"
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
 def _say(p: dict, better: str = "lower") -> str:
-    """'X% [lo, hi] (lower)' or '... (no measurable difference)'."""
+    """'X% [lo, hi] (lower)' or '... (no measurable difference)'; one seed has no interval."""
+    import math
+
     lo, hi = p["ci95"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{p['mean']:+.1f}% on one seed, no interval yet"
     if lo <= 0 <= hi:
         return f"{_ci(p)}, no measurable difference"
     return f"{_ci(p)}, {better if hi < 0 else 'higher'}"
@@ -60,9 +68,9 @@ def render() -> str:
             cells += [f"{r[k]['mean']:.3f}" if k == "worst_ratio" else f"{r[k]['mean']:.2f}" for k, _ in COLUMNS] \
                 if r else ["" for _ in COLUMNS]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    text = ["Test split (documents no run opened), mean over seeds, lower is better; every seed its own corpus "
-            "draw, held-out draw and base model (" + "; ".join(
-                f"{label}: {data['seeds']} seeds, prune {data['prune_steps']} + continue {data['continue_steps']} "
+    text = ["Test split (documents no run opened), mean over seeds, lower is better; every seed its own "
+            "held-out draw and base model, and on the embedded corpus its own corpus draw (" + "; ".join(
+                f"{label}: {_seeds(data['seeds'])}, prune {data['prune_steps']} + continue {data['continue_steps']} "
                 f"steps, an update every {data['eval_interval']}" for label, data in runs) + "):", "", *lines, ""]
     for label, data in runs:
         r = data["results"]
