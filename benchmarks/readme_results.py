@@ -82,12 +82,34 @@ def render() -> str:
         sent.append("What each part adds, on the largest ratio to the source: " + "; ".join(
             f"{what} ({arm} vs {against}): {_say(_pair(r, arm, against, 'worst_ratio'))}"
             for arm, against, what in STEPS if arm in r and against in r) + ".")
+        sent.append(_measurable(r) if data["seeds"] > 1 else "One seed: no intervals yet.")
         if "sheared_source" in r:
             sent.append("Sheared-LLaMA's schedule with the source's losses as references (megadrp's earlier setup) "
                         f"against its authors' target-size references, worst domain: "
                         f"{_say(_pair(r, 'sheared_source', 'sheared', 'worst_ppl'))}.")
         text += [" ".join(sent), ""]
     return "\n".join(text).rstrip() + "\n"
+
+
+LABELS = {"mean_ppl": "mean", "worst_ppl": "worst domain", "worst_ratio": "largest ratio to the source",
+          "worst_chi2_ppl": "worst χ² mix", "uniform_ppl": "uniform mix"}
+
+
+def _measurable(r: dict) -> str:
+    """Every paired difference against a baseline whose interval excludes zero, on any metric:
+    the sentences above pick three metrics, and a difference elsewhere must not go unsaid."""
+    import math
+
+    found = []
+    for arm, rows in r.items():
+        for key, label in LABELS.items():
+            for base in ("constant", "sheared"):
+                p = rows.get(key, {}).get(f"vs_{base}_pct")
+                if p and all(math.isfinite(x) for x in p["ci95"]) and not p["ci95"][0] <= 0 <= p["ci95"][1]:
+                    found.append(f"{arm} vs {base}, {label}: {_ci(p)}")
+    if not found:
+        return "No arm differs measurably from `constant` or `sheared` on any of the five metrics."
+    return "Every difference whose interval excludes zero, on any metric: " + "; ".join(found) + "."
 
 
 def _pair(r: dict, arm: str, against: str, key: str) -> dict:
