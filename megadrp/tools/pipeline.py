@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -111,7 +111,6 @@ def sh(cmd: list[str], env: dict | None = None, quiet: bool = False) -> None:
     stage then stops at a checkpoint, and this waits for it (a second Ctrl-C kills it), so the
     command never returns while ranks still run; exit 130 with one line. The launcher's INFO
     lines are left out of stderr unless MEGADRP_VERBOSE is set (`megadrp demo --verbose`)."""
-
     e = dict(os.environ, PYTHONWARNINGS="ignore", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), **(env or {}))
     out = subprocess.DEVNULL if quiet else None
     _adopt_orphans()
