@@ -298,9 +298,10 @@ def markdown(study: str, per_seed: list[dict], sources: list[dict]) -> tuple[dic
         keys = ("worst_ppl", "mean_ppl")
         c, d = [s["constant"] for s in per_seed], [s["drpruning"] for s in per_seed]
         table = {k: paired([_pct(a[k], b[k]) for a, b in zip(d, c)]) for k in keys}
-        if study == "posttrain":
-            for n in NEW:
-                table[f"{n}_ppl"] = paired([_pct(a["domain_ppl"][n], b["domain_ppl"][n]) for a, b in zip(d, c)])
+        # every domain: a lower worst domain is bought with the others' tokens, and what that
+        # costs each of them is part of the answer
+        for n in c[0]["domain_ppl"]:
+            table[f"{n}_ppl"] = paired([_pct(a["domain_ppl"][n], b["domain_ppl"][n]) for a, b in zip(d, c)])
         md = ["| measure | constant | drpruning | drpruning − constant [95%] |", "|---|---|---|---|"]
         for k, p in table.items():
             get = (lambda e, k=k: e[k]) if k in keys else (lambda e, k=k: e["domain_ppl"][k[:-4]])
