@@ -124,3 +124,21 @@ def test_a_resume_refuses_settings_it_may_not_change(tmp_path, data_dir, base_mo
     assert "resume: from" in ok.stdout
     meta = json.loads((run_dir / "hf" / "megadrp.json").read_text())
     assert "tokenizer_fingerprint" in meta
+
+
+def test_a_fingerprint_reads_the_tokenizer_files_not_the_model_type(tmp_path, tokenizer):
+    """A model folder's config.json makes transformers pick the tokenizer class by model_type (a
+    Llama tokenizer beside a Qwen2 config loads as Qwen2's, a padding token added): the
+    fingerprint of the folder is still the fingerprint of the files the data was made with."""
+    from megadrp.data.tokenizer import fingerprint_of
+    from megadrp.model.hf_io import tokenizer_files
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for f in tokenizer_files(tokenizer):
+        shutil.copy(f, folder / f.name)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+                                                   "vocab_size": 1024}))
+    assert fingerprint_of(folder) == fingerprint_of(tokenizer) is not None
+    (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text().replace('"<unk>"', '"<unk2>"', 1))
+    assert fingerprint_of(folder) != fingerprint_of(tokenizer)
