@@ -91,12 +91,18 @@ def _pct(a: float, b: float) -> float:
     return 100.0 * (a / b - 1.0)
 
 
-def _ablation_arm(rep: Replicate, arm: str, args, ref: list[str] | None = None) -> Path:
-    """The ablation's `arm` on this seed (benchmarks/ablation.py's overrides, so a finished run is
-    reused and a missing one is built exactly as the ablation would): its continued export."""
-    over = [f"dro.mode={arm}", f"eval.interval={args.eval_interval}", *(ref or [])]
-    return rep.prune_continue(rep.work / arm, over, over + (["dro.initial_proportion=carried"] if arm == "sheared" else []),
+def _arm(rep: Replicate, run: Path, arm: str, args, extra: list[str] | None = None) -> Path:
+    """`arm` pruned and continued under `run` with benchmarks/ablation.py's overrides (`sheared`
+    continues from its prune stage's final mix), plus `extra`: its continued export."""
+    over = [f"dro.mode={arm}", f"eval.interval={args.eval_interval}", *(extra or [])]
+    return rep.prune_continue(run, over, over + (["dro.initial_proportion=carried"] if arm == "sheared" else []),
                               args.prune_steps, args.continue_steps)
+
+
+def _ablation_arm(rep: Replicate, arm: str, args, ref: list[str] | None = None) -> Path:
+    """The ablation's `arm` on this seed (its run folder and overrides, so a finished run is reused
+    and a missing one is built exactly as the ablation would): its continued export."""
+    return _arm(rep, rep.work / arm, arm, args, ref)
 
 
 def _target_scratch(rep: Replicate, name: str) -> Path:
@@ -121,9 +127,7 @@ def study_ratio(rep: Replicate, args) -> dict:
                 run, model = rep.work / arm, _ablation_arm(rep, arm, args, ref)
             else:
                 run = rep.work / f"ratio{name.rstrip('%')}_{arm}"
-                over = [f"dro.mode={arm}", f"eval.interval={args.eval_interval}", *ref, *_target(name)]
-                model = rep.prune_continue(run, over, over + (["dro.initial_proportion=carried"] if arm == "sheared"
-                                                              else []), args.prune_steps, args.continue_steps)
+                model = _arm(rep, run, arm, args, [*ref, *_target(name)])
             evals[arm] = rep.test_eval(model, run / "test_eval.json", first_weights(RunDir(run / "prune").metrics))
         out[name] = {"kept_non_embedding": _non_embedding(hidden, layers, kv, inter) / full, "evals": evals}
     return out

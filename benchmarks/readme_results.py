@@ -23,6 +23,9 @@ BLOCKS = ("results", "methods", "signal")  # each between <!-- NAME: ... --> and
 CORPORA = (("ablation", "embedded"), ("ablation_debian", "Debian text"))
 COLUMNS = (("mean_ppl", "mean ppl"), ("worst_ppl", "worst domain"), ("worst_ratio", "worst ratio to source"),
            ("worst_chi2_ppl", "worst χ² mix"))
+# every metric the ablation pairs, as the sentences name it
+LABELS = {"mean_ppl": "mean", "worst_ppl": "worst domain", "worst_ratio": "largest ratio to the source",
+          "worst_chi2_ppl": "worst χ² mix", "uniform_ppl": "uniform mix"}
 # what each step of the ablation adds, paired on the same seeds: (arm, against, what it adds)
 STEPS = (("dro", "constant", "χ² DRO with fixed references"), ("dro_dyloss", "dro", "scaling-law references"),
          ("drpruning", "dro_dyloss", "the moving reference ratio"))
@@ -75,9 +78,8 @@ def render() -> str:
     for label, data in runs:
         r = data["results"]
         sent = [f"**{label}**, paired over seeds (95% interval):"]
-        for k, c in (("worst_ppl", "worst domain"), ("worst_ratio", "largest ratio to the source"),
-                     ("mean_ppl", "mean")):
-            sent.append(f"drpruning vs constant, {c}: {_say(r['drpruning'][k]['vs_constant_pct'])}; "
+        for k in ("worst_ppl", "worst_ratio", "mean_ppl"):
+            sent.append(f"drpruning vs constant, {LABELS[k]}: {_say(r['drpruning'][k]['vs_constant_pct'])}; "
                         f"vs sheared (target-size references): {_say(r['drpruning'][k]['vs_sheared_pct'])}.")
         sent.append("What each part adds, on the largest ratio to the source: " + "; ".join(
             f"{what} ({arm} vs {against}): {_say(_pair(r, arm, against, 'worst_ratio'))}"
@@ -89,10 +91,6 @@ def render() -> str:
                         f"{_say(_pair(r, 'sheared_source', 'sheared', 'worst_ppl'))}.")
         text += [" ".join(sent), ""]
     return "\n".join(text).rstrip() + "\n"
-
-
-LABELS = {"mean_ppl": "mean", "worst_ppl": "worst domain", "worst_ratio": "largest ratio to the source",
-          "worst_chi2_ppl": "worst χ² mix", "uniform_ppl": "uniform mix"}
 
 
 def _measurable(r: dict) -> str:
@@ -122,6 +120,10 @@ def _pair(r: dict, arm: str, against: str, key: str) -> dict:
     return paired([100.0 * (a / b - 1.0) for a, b in zip(r[arm][key]["per_seed"], r[against][key]["per_seed"])])
 
 
+def _mean(per_seed: list[float]) -> float:
+    return sum(per_seed) / len(per_seed)
+
+
 def render_methods() -> str:
     data = _load("methods")
     if data is None:
@@ -131,9 +133,8 @@ def render_methods() -> str:
              "| worst ratio to source | vs reference (ratio) |", "|---|---|---|---|---|---|"]
     for arm, v in r.items():
         ratio = v["continued"]["ratio_vs_ref_pct"]
-        lines.append(f"| {arm} | {v['prune_flops'] / 1e15:.4f} | {sum(v['pruned']['worst_ratio']) / len(v['pruned']['worst_ratio']):.3f} "
-                     f"| {sum(v['continued']['worst_ppl']) / len(v['continued']['worst_ppl']):.2f} "
-                     f"| {sum(v['continued']['worst_ratio']) / len(v['continued']['worst_ratio']):.3f} | "
+        lines.append(f"| {arm} | {v['prune_flops'] / 1e15:.4f} | {_mean(v['pruned']['worst_ratio']):.3f} "
+                     f"| {_mean(v['continued']['worst_ppl']):.2f} | {_mean(v['continued']['worst_ratio']):.3f} | "
                      + ("reference" if arm == v["vs"] else f"vs {v['vs']}: {_say(ratio)}") + " |")
     warm = data["warm_start"]
     reach = [w["warm_steps"] for w in warm]

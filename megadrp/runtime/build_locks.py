@@ -80,8 +80,8 @@ def pin_extensions_dir(env=None) -> str:
         env["PATH"] = os.pathsep.join([str(own), env.get("PATH", "")])
     if env.get("TORCH_EXTENSIONS_DIR"):
         return env["TORCH_EXTENSIONS_DIR"]
-    ninja = shutil.which("ninja", path=env.get("PATH")) or "-"
-    versions = [str(Path(ninja).resolve()) if ninja != "-" else ninja]
+    ninja = shutil.which("ninja", path=env.get("PATH"))
+    versions = [str(Path(ninja).resolve()) if ninja else "-"]
     for dist in ("torch", "deepspeed"):
         try:
             versions.append(metadata.version(dist))
