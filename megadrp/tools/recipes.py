@@ -9,6 +9,7 @@ README's memory table and the recipe tests come from the memory plan itself:
 
     megadrp recipes                # the memory table (Markdown)
     megadrp recipes --write-readme # ... and put it into README.md (a checkout's)
+    megadrp recipes dro.signal=eval eval.held_out_every=1   # every recipe with overrides (a what-if)
 """
 from __future__ import annotations
 
@@ -129,9 +130,10 @@ def plan(recipe: Recipe, root: Path, gpu_gib: float = GPU_GIB, overrides: list[s
     return dry_run(cfg, recipe.ranks, int(gpu_gib * GIB), check_disk=False)
 
 
-def table(root: Path) -> str:
+def table(root: Path, overrides: list[str] | None = None) -> str:
     """The README's memory table: every recipe's plan at its documented layout, with its cost
-    (cost_ledger.py: GPU-hours on H100s at MFU 0.4, and evaluation's share of the FLOPs)."""
+    (cost_ledger.py: GPU-hours on H100s at MFU 0.4, and evaluation's share of the FLOPs);
+    `overrides` (KEY=VALUE, applied to every recipe) answer what-ifs such as the paper's signal."""
     from megadrp.plan import GIB
 
     head = ["| recipe | GPUs | micro-batch × accumulation | checkpointed layers | weights + master + Adam (+ teacher) "
@@ -140,7 +142,7 @@ def table(root: Path) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for r in RECIPES:
-        d = plan(r, root).data
+        d = plan(r, root, overrides=overrides).data
         t, lay = d["memory"]["terms"], d["layout"]
 
         teacher = ["teacher_weights"] if "teacher_weights" in t else []
@@ -173,9 +175,15 @@ def readme_block(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-readme", action="store_true", help="replace the table in README.md")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="config overrides applied to every recipe (not with --write-readme)")
     args = ap.parse_args(argv)
+    if args.overrides and args.write_readme:
+        print("recipes: --write-readme writes the shipped recipes' table; drop the overrides "
+              f"({' '.join(args.overrides)}) or --write-readme", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
-        md = table(Path(tmp))
+        md = table(Path(tmp), args.overrides)
     print(md)
     if args.write_readme:
         from megadrp.runtime.files import atomic_write_text

@@ -56,11 +56,14 @@ def test_every_recipe_states_its_cost(stand_ins, recipe):
     assert cost["gpu_hours"] > 0 and cost["wall_hours"] * recipe.ranks == pytest.approx(cost["gpu_hours"])
     if recipe.teacher:  # a 7B teacher's forward on every token of a 1.3–2.7B student
         assert cost["flops"]["teacher"] > 0.5 * cost["flops"]["train"]
+    # #40: the shipped recipes spend at most 5% of their FLOPs evaluating (the prune recipes by a
+    # training-loss signal with a sparse held-out evaluation, docs/benchmarks.md says why).
+    assert cost["share"]["eval"] <= 0.05, cost["share"]
 
 
 def test_held_out_evaluations_follow_the_signal(stand_ins):
     r = recipes.recipe("llama2_7b_to_1.3b.yaml")  # 3200 steps, an update every 50: 64 updates and step 0
-    every = recipes.plan(r, stand_ins).data["cost"]
+    every = recipes.plan(r, stand_ins, overrides=["dro.signal=eval", "eval.held_out_every=1"]).data["cost"]
     assert every["held_out_evaluations"] == 65
     sparse = recipes.plan(r, stand_ins, overrides=["dro.signal=train", "eval.held_out_every=8"]).data["cost"]
     assert sparse["held_out_evaluations"] == 1 + 8  # step 0, every 8th update (the last among them)
@@ -103,3 +106,14 @@ def test_dry_run_prints_and_json_carries_the_cost(stand_ins, capsys):
     assert main(common) == 0
     out = capsys.readouterr().out
     assert "GPU-hours on h100 at MFU 0.4" in out and "teacher" in out.split("cost:")[1]
+
+
+def test_recipes_what_if_overrides(capsys):
+    """`megadrp recipes KEY=VALUE ...` plans every recipe with the overrides (the paper's signal
+    costs a third of a prune recipe's FLOPs), and refuses to write them into the README's table."""
+    assert recipes.main(["dro.signal=eval", "eval.held_out_every=1"]) == 0
+    shares = [float(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in capsys.readouterr().out.splitlines()
+              if "_to_" in line]
+    assert len(shares) == 5 and min(shares) > 30, shares
+    assert recipes.main(["--write-readme", "dro.signal=eval"]) == 2
+    assert "drop the overrides" in capsys.readouterr().err
