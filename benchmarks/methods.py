@@ -96,10 +96,13 @@ def _ledger(rd: RunDir) -> dict:
 
 def trajectory(run: Path) -> list[tuple[int, float]]:
     """(step, largest ratio of a domain's eval-split perplexity to the source's) along a prune,
-    from its own evaluations and its reference losses (the source's, `auto`)."""
+    from its own evaluations and its reference losses (the source's, `auto`), at the evaluations
+    where the target has reached the final shape (the sparsity ramp is over): before that the
+    evaluated model is larger than the target, and its ratio says nothing about the target's."""
     rows = [r for r in read_metrics(RunDir(run / "prune").metrics) if r.get("eval_loss") and r.get("reference_loss")]
-    src = rows[0]["reference_loss"]
-    return [(r["step"], max(float(np.exp(r["eval_loss"][n] - src[n])) for n in src)) for r in rows if r["step"] > 0]
+    src, final = rows[0]["reference_loss"], rows[-1].get("target_sparsity", 0.0)
+    return [(r["step"], max(float(np.exp(r["eval_loss"][n] - src[n])) for n in src)) for r in rows
+            if r["step"] > 0 and r.get("target_sparsity", 0.0) >= final - 1e-9]
 
 
 def steps_to_reach(traj: list[tuple[int, float]], goal: float) -> int | None:
@@ -180,7 +183,7 @@ def main() -> None:
            f"- `worst` against `mean` (the largest ratio to the source): after the prune {interval(worst_vs_mean_pruned)}, "
            f"after continuing {interval(worst_vs_mean)}.",
            "- prune steps the warm start needs to reach the cold start's final worst ratio (eval split, its own "
-           "evaluations): " + ", ".join(f"seed {i}: {r['warm_steps'] if r['warm_steps'] is not None else 'never'} "
+           "evaluations once the sparsity ramp has reached the target shape): " + ", ".join(f"seed {i}: {r['warm_steps'] if r['warm_steps'] is not None else 'never'} "
                                         f"(cold {r['cold_steps']}, goal ≤ {args.prune_steps // 2})"
                                         for i, r in enumerate(reach)) + ".",
            "", f"{args.seeds} seeds, each its own base model ({', '.join(b['path'] for b in bases)}); prune "
