@@ -181,8 +181,11 @@ def test_ctrl_c_on_the_demo_stops_every_rank_and_says_so(tmp_path):
     """SIGINT to the demo's process group (what Ctrl-C sends) once a stage's ranks are starting:
     the stage stops, the demo waits for it, exits 130 with one line, no traceback, and no rank is
     left running; the launcher's INFO lines were not on the console."""
+    # SIGINT as a terminal leaves it: a test run started in the background (`cmd &` in a script)
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
     p = subprocess.Popen([PY, "-m", "megadrp", "demo", "--out", str(tmp_path / "d"), "--scale", "0.2"], cwd=ROOT,
                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     lines = []
     deadline = time.time() + 600

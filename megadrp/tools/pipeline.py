@@ -35,6 +35,8 @@ def log(msg: str) -> None:
 # The DeepSpeed launcher's INFO lines (CUDA_VISIBLE_DEVICES on a CPU machine, the ranks' command
 # lines) and its op loader's notes: left out of the demo's and benchmarks' console unless VERBOSE.
 NOISE = re.compile(r"\[(INFO|DEBUG)\]|built successfully|Setting ds_accelerator|Unable to find hostfile")
+_GRACE_S = 2.0  # how long a step's traceback waits to learn whether Ctrl-C caused it
+RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # torch.distributed's prefix on a rank's uncaught traceback
 VERBOSE = bool(os.environ.get("MEGADRP_VERBOSE"))
 
 
@@ -47,12 +49,15 @@ def _relay(stream, sink, interrupted: threading.Event | None = None) -> None:
     held: list[str] = []  # a traceback, until its last line says which exception it was
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace")
+        core = RANK_PREFIX.sub("", line)  # "[rank1]: Traceback ..." is a traceback too
         if VERBOSE:
             sink.write(line)
-        elif held or line.startswith("Traceback (most recent call last):"):
+        elif held or core.startswith("Traceback (most recent call last):"):
             held.append(line)
-            if not line[:1].isspace() and not line.startswith("Traceback"):  # the exception's line
-                if not line.startswith("KeyboardInterrupt") and not (interrupted and interrupted.is_set()):
+            if not core[:1].isspace() and not core.startswith("Traceback"):  # the exception's line
+                # Ctrl-C reaches the ranks and this process at once; a rank's traceback can come
+                # out before `sh` has set `interrupted`, so a traceback waits a moment for it
+                if not core.startswith("KeyboardInterrupt") and not (interrupted and interrupted.wait(_GRACE_S)):
                     sink.writelines(held)
                 held = []
         elif not NOISE.search(line):

@@ -127,3 +127,12 @@ def test_the_console_relay_drops_launcher_noise_and_a_ctrl_c_traceback_only(monk
     pipeline._relay(io.BytesIO(("ninja: build stopped: interrupted by user.\n" + err + err + "".join(tb)).encode()),
                     sink, stopped)
     assert sink.getvalue() == "ninja: build stopped: interrupted by user.\n"
+
+    # torch.distributed prefixes a rank's uncaught traceback with "[rankN]: ": still a traceback
+    ranked = "".join(f"[rank1]: {line}" for line in [*tb, "RuntimeError: Connection closed by peer\n"])
+    sink = io.StringIO()
+    pipeline._relay(io.BytesIO(("step 3\n" + ranked).encode()), sink, stopped)
+    assert sink.getvalue() == "step 3\n"
+    sink = io.StringIO()
+    pipeline._relay(io.BytesIO(ranked.encode()), sink)
+    assert sink.getvalue() == ranked  # not interrupted: copied whole
