@@ -183,9 +183,9 @@ def main() -> None:
            f"- `worst` against `mean` (the largest ratio to the source): after the prune {interval(worst_vs_mean_pruned)}, "
            f"after continuing {interval(worst_vs_mean)}.",
            "- prune steps the warm start needs to reach the cold start's final worst ratio (eval split, its own "
-           "evaluations once the sparsity ramp has reached the target shape): " + ", ".join(f"seed {i}: {r['warm_steps'] if r['warm_steps'] is not None else 'never'} "
-                                        f"(cold {r['cold_steps']}, goal ≤ {args.prune_steps // 2})"
-                                        for i, r in enumerate(reach)) + ".",
+           "evaluations once the sparsity ramp has reached the target shape): "
+           + ", ".join(f"seed {i}: {r['warm_steps'] if r['warm_steps'] is not None else 'never'} "
+                       f"(cold {r['cold_steps']}, goal ≤ {args.prune_steps // 2})" for i, r in enumerate(reach)) + ".",
            "", f"{args.seeds} seeds, each its own base model ({', '.join(b['path'] for b in bases)}); prune "
            f"{args.prune_steps} steps (l0) or one shot on {args.calibration_tokens} calibration tokens a domain, then "
            f"continue {args.continue_steps} steps with drpruning, evaluation every {args.eval_interval}; 2 CPU ranks; "
